@@ -1,0 +1,1 @@
+"""gift-quant: GIFT-SW quantization recovery for Hugging Face causal LMs."""

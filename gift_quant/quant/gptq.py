@@ -1,0 +1,161 @@
+"""Salient-aware GPTQ (GPTQ with OWQ/QUIK-style full-precision columns). Pure tensor code.
+
+Columns are processed in the order ``[non-salient (act-order or natural)] + [salient]``. GPTQ rounds
+the non-salient columns one at a time and spreads each rounding error over the not-yet-processed
+columns through the inverse Hessian; the salient columns come last, are never rounded, and so absorb
+the compensation of every rounding before them. They are returned in full precision with those
+compensated values. With no salient columns this is exactly GPTQ (Frantar et al. 2022, Alg. 1 with
+lazy batch updates and a Cholesky-factored inverse Hessian).
+
+Groups are runs of ``group_size`` consecutive *non-salient* columns in processing order; their grids
+are fitted when the run starts (lazily, from the error-updated weights) or, with ``static_groups``,
+upfront from the original weights over the natural column order, which keeps groups contiguous in
+the checkpoint while act-order permutes the processing. Salient columns store the zero point of
+their group, so the quantized part holds exactly 0 there and the full layer is
+``dequant(codes) + scatter(salient_weight)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..grid import GridSpec, dequantize, fit_rows, quantize_codes
+
+
+@dataclass
+class GPTQResult:
+    codes: torch.Tensor  # (out, in) int32 in [0, maxq]; salient columns hold their group's zero
+    scales: torch.Tensor  # (out, n_groups) float32, float16-representable
+    zeros: torch.Tensor  # (out, n_groups) float32, integer-valued
+    g_idx: torch.Tensor  # (in,) int32, group of each input column
+    salient_idx: torch.Tensor  # (K,) int64, ascending
+    salient_weight: torch.Tensor  # (out, K) float32, GPTQ-compensated values
+    loss: float  # GPTQ's own objective: sum over rounded columns of err^2 / (2 d^2)
+
+    def dequantized(self) -> torch.Tensor:
+        """The effective weight: dequantized codes with the salient columns inserted."""
+        g = self.g_idx.long()
+        w = dequantize(self.codes.float(), self.scales[:, g], self.zeros[:, g])
+        w[:, self.salient_idx] = self.salient_weight
+        return w
+
+
+def processing_order(diag_h: torch.Tensor, salient_idx: torch.Tensor, act_order: bool) -> torch.Tensor:
+    """Non-salient columns (by descending Hessian diagonal under act-order), then salient ones."""
+    n = diag_h.numel()
+    is_salient = torch.zeros(n, dtype=torch.bool)
+    is_salient[salient_idx] = True
+    rest = torch.nonzero(~is_salient).squeeze(1)
+    if act_order:
+        rest = rest[torch.sort(-diag_h[rest].cpu(), stable=True).indices]
+    return torch.cat([rest, salient_idx.sort().values])
+
+
+def damped_inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, as GPTQ uses it."""
+    h = h.clone()
+    h.diagonal().add_(damp * torch.mean(torch.diag(h)))
+    try:
+        low = torch.linalg.cholesky(h)
+    except torch.linalg.LinAlgError as exc:
+        raise ValueError(
+            f"Hessian is not positive definite even with dampening {damp}: increase --damp "
+            "or use more calibration data") from exc
+    return torch.linalg.cholesky(torch.cholesky_inverse(low), upper=True)
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    spec: GridSpec,
+    salient_idx: torch.Tensor | None = None,
+    act_order: bool = False,
+    static_groups: bool = False,
+    block_size: int = 128,
+    damp: float = 0.01,
+    dtype: torch.dtype = torch.float32,
+) -> GPTQResult:
+    out_f, in_f = weight.shape
+    dev = weight.device
+    sal = (torch.zeros(0, dtype=torch.long) if salient_idx is None else salient_idx.long().cpu()).sort().values
+    W = weight.to(dtype).clone()
+    H = hessian.to(dev, dtype).clone()
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    order = processing_order(torch.diag(H), sal, act_order).to(dev)
+    n_rounded = in_f - sal.numel()
+    natural_rest = order[:n_rounded].sort().values
+    per_row = spec.group_size <= 0 or spec.group_size >= n_rounded
+    gs = n_rounded if per_row else spec.group_size
+    n_groups = max(1, -(-n_rounded // gs))
+
+    scales = torch.ones(out_f, n_groups, dtype=torch.float32, device=dev)
+    zeros = torch.zeros(out_f, n_groups, dtype=torch.float32, device=dev)
+    g_idx = torch.full((in_f,), n_groups - 1, dtype=torch.int32, device=dev)
+    # group of each processing position (lazy) or of each natural position (static / per-row)
+    upfront = per_row or static_groups
+    if upfront:
+        for g in range(n_groups):
+            cols = natural_rest[g * gs : (g + 1) * gs]
+            s, z = fit_rows(W[:, cols], spec)
+            scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
+            g_idx[cols] = g
+    else:
+        g_idx[order[:n_rounded]] = (torch.arange(n_rounded, device=dev) // gs).to(torch.int32)
+
+    Wp = W[:, order]
+    Hinv = damped_inverse_cholesky(H[order][:, order], damp)
+    codes_p = torch.empty(out_f, n_rounded, dtype=dtype, device=dev)
+    g_pos = g_idx[order[:n_rounded]].long()
+    loss = torch.zeros((), dtype=torch.float64, device=dev)
+
+    for i1 in range(0, n_rounded, block_size):
+        i2 = min(i1 + block_size, n_rounded)
+        W1 = Wp[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            pos = i1 + i
+            g = int(g_pos[pos])
+            if not upfront and pos % gs == 0:
+                # fit on the current (error-updated) values of this group's columns
+                current = torch.cat([W1[:, i:], Wp[:, i2:n_rounded]], dim=1)[:, :gs]
+                s, z = fit_rows(current, spec)
+                scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            s_g = scales[:, g].to(dtype)
+            z_g = zeros[:, g].to(dtype)
+            c = quantize_codes(w, s_g, z_g, spec.maxq)
+            q = dequantize(c, s_g, z_g)
+            codes_p[:, pos] = c
+            loss += ((w - q) ** 2).sum().double() / (2 * d * d).double()
+            err = (w - q) / d
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        Wp[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    codes = torch.empty(out_f, in_f, dtype=torch.int32, device=dev)
+    codes[:, order[:n_rounded]] = codes_p.to(torch.int32)
+    salient_cols = order[n_rounded:]
+    codes[:, salient_cols] = zeros[:, g_idx[salient_cols].long()].to(torch.int32)
+    return GPTQResult(
+        codes=codes,
+        scales=scales,
+        zeros=zeros,
+        g_idx=g_idx,
+        salient_idx=salient_cols.cpu(),
+        salient_weight=Wp[:, n_rounded:].float().contiguous(),
+        loss=float(loss),
+    )
+
+
+def layer_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
+    """||(W - Q) X||_F^2 / n  =  tr((W-Q) H (W-Q)^T) / 2 with H = 2/n XᵀX."""
+    d = (weight.double() - approx.double())
+    return float(torch.einsum("oi,ij,oj->", d, hessian.double().to(d.device), d) / 2)
