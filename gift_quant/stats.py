@@ -22,19 +22,20 @@ class ColumnStats:
 
     def update(self, x: torch.Tensor) -> None:
         """Add a batch of inputs of shape (..., in_features)."""
-        x = x.reshape(-1, x.shape[-1]).to(self.abs_sum.device, torch.float64)
+        x = x.reshape(-1, x.shape[-1]).to(self.abs_sum.device, torch.float32)
         n = x.shape[0]
         if n == 0:
             return
         if self.hessian is not None:
-            # Running mean of 2 XᵀX / n, as the GPTQ reference keeps it.
+            # Running mean of 2 XᵀX / n as the GPTQ reference keeps it; the batch product in float32
+            # (fast), the running sum in float64 (no drift over many batches).
             self.hessian *= self.n_tokens / (self.n_tokens + n)
-            self.hessian += (2.0 / (self.n_tokens + n)) * (x.T @ x)
+            self.hessian += (2.0 / (self.n_tokens + n)) * (x.T @ x).double()
         self.n_tokens += n
         ax = x.abs()
-        self.abs_sum += ax.sum(0)
-        self.sq_sum += (x * x).sum(0)
-        self.abs_max = torch.maximum(self.abs_max, ax.max(0).values)
+        self.abs_sum += ax.sum(0, dtype=torch.float64)
+        self.sq_sum += (x * x).sum(0, dtype=torch.float64)
+        self.abs_max = torch.maximum(self.abs_max, ax.max(0).values.double())
 
     def column_norm(self, p: str) -> torch.Tensor:
         """||X_:,j||_p for p in {'1', '2', 'inf'} over all tokens seen."""

@@ -1,0 +1,111 @@
+"""The native gift-quant checkpoint: save and ``load``.
+
+Layout of a checkpoint folder::
+
+    config.json, generation_config.json, tokenizer files   (copied from the source model)
+    model.safetensors        every tensor: QuantLinear buffers for quantized linears, the rest as is
+    gift_quant_config.json   format version, settings, per-layer K and effective bits, provenance;
+                             written last, so its presence means the checkpoint is complete
+
+Only safetensors is read or written; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_model, save_model
+
+from .cache import atomic_write_text
+from .errors import GiftQuantError
+from .models import parse_dtype
+from .qlinear import QuantLinear
+
+FORMAT = "gift-quant"
+FORMAT_VERSION = 1
+CONFIG_NAME = "gift_quant_config.json"
+WEIGHTS_NAME = "model.safetensors"
+_COPY_PATTERNS = ("tokenizer*", "special_tokens_map.json", "vocab.*", "merges.txt", "chat_template*",
+                  "generation_config.json", "*.model", "added_tokens.json")
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    return (Path(path) / CONFIG_NAME).is_file()
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> None:
+    for pattern in _COPY_PATTERNS:
+        for f in src.glob(pattern):
+            if f.is_file():
+                shutil.copy2(f, dst / f.name)
+
+
+def save_checkpoint(model: nn.Module, out_dir: Path, source_dir: Path, gift_config: dict) -> None:
+    """Write the checkpoint files into ``out_dir``, each atomically, the gift config last."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / CONFIG_NAME).unlink(missing_ok=True)  # incomplete until rewritten below
+    tmp = out_dir / f".{WEIGHTS_NAME}.tmp"
+    # save_model drops the duplicate of tied tensors (embeddings / lm_head) that save_file rejects
+    save_model(model, str(tmp))
+    os.replace(tmp, out_dir / WEIGHTS_NAME)
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    atomic_write_text(out_dir / "config.json", json.dumps(cfg, indent=2, default=str))
+    copy_tokenizer_files(source_dir, out_dir)
+    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, **gift_config}
+    atomic_write_text(out_dir / CONFIG_NAME, json.dumps(doc, indent=1))
+
+
+def read_gift_config(path: Path) -> dict:
+    f = Path(path) / CONFIG_NAME
+    if not f.is_file():
+        raise GiftQuantError(f"{path} is not a gift-quant checkpoint (no {CONFIG_NAME})")
+    doc = json.loads(f.read_text())
+    if doc.get("format") != FORMAT or doc.get("format_version", 0) > FORMAT_VERSION:
+        raise GiftQuantError(
+            f"{f}: format {doc.get('format')} v{doc.get('format_version')} is not readable by this gift-quant "
+            f"(reads {FORMAT} v{FORMAT_VERSION}); upgrade gift-quant")
+    return doc
+
+
+def build_quant_skeleton(model: nn.Module, layers: dict, bits: int, sym: bool, salient_dtype: torch.dtype) -> None:
+    """Swap the linears named in ``layers`` (name -> per-layer info) for empty QuantLinears."""
+    for name, info in layers.items():
+        lin = model.get_submodule(name)
+        q = QuantLinear(lin.in_features, lin.out_features, bits, info["groups"], info["salient"], sym,
+                        lin.bias is not None, lin.bias.dtype if lin.bias is not None else torch.float32,
+                        salient_dtype)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, q)
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+         trust_remote_code: bool = False):
+    """A transformers model whose quantized linears are QuantLinear modules, ready for inference."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    path = Path(path)
+    doc = read_gift_config(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model_dtype = dtype or parse_dtype(doc.get("dtype", "float32"))
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=model_dtype, trust_remote_code=trust_remote_code)
+    q = doc["quantize"]
+    build_quant_skeleton(model, doc["layers"], q["bits"], q["sym"], parse_dtype(q["salient_dtype"]))
+    missing, unexpected = load_model(model, str(path / WEIGHTS_NAME), strict=False)
+    # rotary inv_freq and similar non-persistent buffers are rebuilt by the constructor, not stored
+    missing = [m for m in missing if not m.endswith("inv_freq")]
+    if missing or unexpected:
+        raise GiftQuantError(
+            f"{path / WEIGHTS_NAME} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    model.eval()
+    model.config.use_cache = False
+    return model.to(device)

@@ -1,0 +1,128 @@
+"""Command line: flags -> config objects -> pipeline calls. No logic lives here.
+
+Every user-facing failure is a GiftQuantError (or a few well-understood OS errors), printed as one
+line ``gift-quant: error: ...`` with exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .cache import atomic_write_text
+from .config import EvalConfig, QuantizeConfig, build, read_recipe
+from .errors import GiftQuantError
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--json", dest="json_out", default=None, metavar="FILE", help="also write the result as JSON")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _add_quantize_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_dir", nargs="?", default=None,
+                   help="local Hugging Face model folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--out", required=True, help="output folder (created; resumable)")
+    p.add_argument("--recipe", default=None, help="YAML recipe (see recipes/); flags override it")
+    p.add_argument("--bits", type=int, default=None, help="2, 3, 4 or 8 (default 3)")
+    p.add_argument("--group-size", type=int, default=None, help="columns per grid; -1 = per row (default)")
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", default=None, help="symmetric grid (default)")
+    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid with zero points")
+    p.add_argument("--act-order", action="store_true", default=None, help="GPTQ act-order among non-salient columns")
+    p.add_argument("--static-groups", action="store_true", default=None, help="fit groups before act-order")
+    p.add_argument("--clip", choices=["mse", "minmax"], default=None, help="grid range search (default mse)")
+    p.add_argument("--damp", type=float, default=None, help="GPTQ dampening fraction (default 0.01)")
+    sal = p.add_mutually_exclusive_group()
+    sal.add_argument("--salient", type=int, default=None, metavar="K", help="salient columns per linear")
+    sal.add_argument("--salient-fraction", type=float, default=None, metavar="F",
+                     help="salient columns as a fraction of in_features")
+    p.add_argument("--metric", default=None,
+                   help="gift (default), owq, quik, wanda, or tau=..,rho=..,gamma=..,d=quant|weight")
+    p.add_argument("--calib-data", default=None, help="named dataset, .txt/.jsonl/.parquet file or folder, or HF name")
+    p.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default 128)")
+    p.add_argument("--seq-len", type=int, default=None, help="calibration window length (default 256)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dtype", default=None, help="compute dtype of the model: float32 (default) or bfloat16")
+    p.add_argument("--overwrite", action="store_true", help="discard an earlier gift-quant run in --out")
+
+
+def _quantize_overrides(a) -> dict:
+    return {"bits": a.bits, "group_size": a.group_size, "sym": a.sym, "act_order": a.act_order,
+            "static_groups": a.static_groups, "clip": a.clip, "damp": a.damp, "salient": a.salient,
+            "salient_fraction": a.salient_fraction, "metric": a.metric, "calib_data": a.calib_data,
+            "calib_samples": a.calib_samples, "seq_len": a.seq_len, "seed": a.seed, "dtype": a.dtype,
+            "device": a.device}
+
+
+def cmd_quantize(a) -> dict:
+    from .pipeline import run_quantize
+    from .sensitivity import parse_metric
+
+    recipe = read_recipe(a.recipe)
+    cfg = build(QuantizeConfig, recipe, "quantize", _quantize_overrides(a))
+    try:
+        parse_metric(cfg.metric)
+    except ValueError as exc:
+        raise GiftQuantError(str(exc)) from exc
+    res = run_quantize(a.model_dir, a.out, cfg, overwrite=a.overwrite, trust_remote_code=a.trust_remote_code,
+                       progress=not a.no_progress)
+    print(f"wrote {res['out']}: {cfg.bits}-bit, {res['effective_bits']:.3f} effective bits/weight, "
+          f"mean relative layer error {res['mean_relative_error']:.4f}, {res['total_seconds']:.0f} s")
+    return res
+
+
+def cmd_eval(a) -> dict:
+    from .pipeline import run_eval_ppl
+
+    recipe = read_recipe(a.recipe)
+    cfg = build(EvalConfig, recipe, "eval", {"ppl_data": a.ppl_data, "seq_len": a.seq_len,
+                                             "max_windows": a.max_windows})
+    res = run_eval_ppl(a.path, cfg, a.device or "auto", a.trust_remote_code, progress=not a.no_progress)
+    print(f"perplexity {res['perplexity']:.3f} on {res['ppl_data']} ({res['windows']} x {res['seq_len']} tokens), "
+          f"{res['effective_bits']:.3f} effective bits/weight ({res['kind']})")
+    return res
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gift-quant", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="salient-aware GPTQ -> native checkpoint")
+    _add_quantize_flags(q)
+    _add_common(q)
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity of a model folder or gift checkpoint")
+    e.add_argument("path", nargs="?", default=None, help="model folder or checkpoint (default: embedded model)")
+    e.add_argument("--ppl-data", default=None, help="named dataset, file or HF name (default boolq-passages:test)")
+    e.add_argument("--seq-len", type=int, default=None, help="window length (default 512)")
+    e.add_argument("--max-windows", type=int, default=None, help="score at most N windows (default 40)")
+    e.add_argument("--recipe", default=None)
+    _add_common(e)
+    e.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    a = parser.parse_args(argv)
+    try:
+        result = a.func(a)
+        if getattr(a, "json_out", None):
+            atomic_write_text(Path(a.json_out), json.dumps(result, indent=1, default=str))
+        return 0
+    except GiftQuantError as exc:
+        print(f"gift-quant: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gift-quant: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Frozen configuration per stage, YAML recipes, and CLI overrides.
+
+A recipe is a YAML mapping with one section per stage (``quantize``, ``recover``, ``eval``) whose keys
+are the dataclass fields below; unknown sections or keys are errors (a typo must not silently fall
+back to a default). Precedence: dataclass defaults < recipe < flags given on the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import GiftQuantError
+
+DEFAULT_CALIB_DATA = "sotu"
+DEFAULT_PPL_DATA = "boolq-passages:test"
+DEFAULT_TRAIN_DATA = "natural-instructions"
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    bits: int = 3
+    group_size: int = -1  # <= 0: one grid per output row (the paper's per-row setting)
+    sym: bool = True
+    act_order: bool = False
+    static_groups: bool = False
+    clip: str = "mse"
+    damp: float = 0.01
+    block_size: int = 128
+    metric: str = "gift"
+    metric_bits: int | None = None  # bits of Q_b in the metric; None = the target bits
+    salient: int | None = None  # columns per linear; None -> salient_fraction
+    salient_fraction: float = 0.0
+    salient_dtype: str = "float16"
+    calib_data: str = DEFAULT_CALIB_DATA
+    calib_samples: int = 128
+    seq_len: int = 256
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "auto"
+
+    def __post_init__(self):
+        if self.bits not in (2, 3, 4, 8):
+            raise GiftQuantError(f"--bits {self.bits} is not supported: use 2, 3, 4 or 8")
+        if self.salient is not None and self.salient < 0:
+            raise GiftQuantError(f"--salient must be >= 0 (got {self.salient})")
+        if not 0.0 <= self.salient_fraction < 1.0:
+            raise GiftQuantError(f"--salient-fraction must be in [0, 1) (got {self.salient_fraction})")
+        if self.clip not in ("mse", "minmax"):
+            raise GiftQuantError(f"clip must be mse or minmax (got {self.clip!r})")
+        if not 0 <= self.damp < 1:
+            raise GiftQuantError(f"damp must be in [0, 1) (got {self.damp})")
+        if self.calib_samples <= 0 or self.seq_len <= 1:
+            raise GiftQuantError("--calib-samples must be > 0 and --seq-len > 1")
+
+    def salient_count(self, in_features: int, layer: str = "") -> int:
+        k = self.salient if self.salient is not None else int(round(self.salient_fraction * in_features))
+        if k >= in_features:
+            raise GiftQuantError(
+                f"salient count {k} >= in_features {in_features} of layer {layer}: choose a smaller --salient "
+                "(at most in_features - 1) or --salient-fraction")
+        return k
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    ppl_data: str = DEFAULT_PPL_DATA
+    seq_len: int = 512
+    max_windows: int | None = 40
+
+
+SECTIONS = {"quantize": QuantizeConfig, "eval": EvalConfig}
+
+
+def register_section(name: str, cls: type) -> None:
+    """Later stages (recover, compare) add their own recipe sections."""
+    SECTIONS[name] = cls
+
+
+def read_recipe(path: str | Path | None) -> dict[str, dict[str, Any]]:
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise GiftQuantError(f"recipe {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise GiftQuantError(f"recipe {p} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise GiftQuantError(f"recipe {p} must be a mapping of sections ({', '.join(SECTIONS)})")
+    data = {k: v for k, v in data.items() if k not in ("description", "source", "notes")}
+    for section, values in data.items():
+        if section not in SECTIONS:
+            raise GiftQuantError(f"recipe {p}: unknown section {section!r}; known: {', '.join(SECTIONS)}")
+        if not isinstance(values, dict):
+            raise GiftQuantError(f"recipe {p}: section {section!r} must be a mapping")
+        known = {f.name for f in dataclasses.fields(SECTIONS[section])}
+        unknown = set(values) - known
+        if unknown:
+            raise GiftQuantError(
+                f"recipe {p}: unknown key(s) {sorted(unknown)} in section {section!r}; known: {sorted(known)}")
+    return data
+
+
+def build(cls: type, recipe: dict[str, dict[str, Any]], section: str, overrides: dict[str, Any]):
+    """Defaults < recipe section < overrides whose value is not None."""
+    values: dict[str, Any] = dict(recipe.get(section, {}))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in dataclasses.fields(cls)}
+    try:
+        return cls(**{k: v for k, v in values.items() if k in known})
+    except TypeError as exc:
+        raise GiftQuantError(f"bad {section} settings: {exc}") from exc
+
+
+def as_dict(cfg) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+__all__ = ["QuantizeConfig", "EvalConfig", "read_recipe", "build", "as_dict", "register_section", "field"]

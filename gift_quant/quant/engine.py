@@ -1,0 +1,188 @@
+"""Quantize a loaded model in place, block by block (plumbing around the pure GPTQ core).
+
+For block i: move it to the device; find its linears' true-sequential groups (q/k/v, o, gate/up,
+down); for each group collect input statistics with the already-quantized earlier groups in place,
+score columns, pick the salient set, run salient-aware GPTQ and swap in a packed ``QuantLinear``;
+then compute the block's outputs, which are block i+1's calibration inputs; move it back.
+
+Each finished block is written to ``run_dir/blocks/`` (packed tensors, JSON metrics) and its
+sensitivity scores and salient indices to ``run_dir/sensitivity/``; a rerun with the same settings
+loads finished blocks instead of recomputing them (only their forward pass is redone).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..arch import block_linears, find_blocks
+from ..cache import atomic_write_text
+from ..capture import capture_block_inputs, collect_inputs, move_kwargs, run_block, sequential_groups
+from ..config import QuantizeConfig
+from ..errors import GiftQuantError
+from ..grid import GridSpec
+from ..models import parse_dtype
+from ..qlinear import QuantLinear, effective_bits
+from ..sensitivity import column_scores, parse_metric, select_salient
+from ..stats import ColumnStats
+from .gptq import gptq_quantize, layer_error
+
+_QL_BUFFERS = ("qweight", "scales", "qzeros", "g_idx", "salient_idx", "salient_weight", "bias")
+
+
+@dataclass
+class QuantizeReport:
+    layers: dict[str, dict] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def mean_effective_bits(self) -> float:
+        n = sum(v["in_features"] * v["out_features"] for v in self.layers.values())
+        return sum(v["effective_bits"] * v["in_features"] * v["out_features"] for v in self.layers.values()) / n
+
+
+def check_finite(model: nn.Module, source: str) -> None:
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            bad = (~torch.isfinite(p)).sum().item()
+            raise GiftQuantError(f"{source}: parameter {name} has {bad} NaN/Inf values; the checkpoint is corrupt")
+
+
+def target_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Qualified name -> linear for every linear inside the decoder blocks."""
+    prefix, blocks = find_blocks(model)
+    return {f"{prefix}.{i}.{n}": m for i, b in enumerate(blocks) for n, m in block_linears(b).items()}
+
+
+def validate_salient_counts(model: nn.Module, cfg: QuantizeConfig) -> None:
+    for name, lin in target_linears(model).items():
+        cfg.salient_count(lin.in_features, name)
+
+
+def _set_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent_name, _, child = dotted.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def quantize_layer(linear: nn.Linear, stats: ColumnStats, cfg: QuantizeConfig, name: str):
+    """Score, select and GPTQ one linear -> (QuantLinear, scores, metrics dict)."""
+    metric = parse_metric(cfg.metric)
+    spec = GridSpec(bits=cfg.bits, sym=cfg.sym, group_size=cfg.group_size, clip=cfg.clip)
+    weight = linear.weight.detach().float()
+    k = cfg.salient_count(linear.in_features, name)
+    scores = column_scores(weight, stats.column_norm(metric.rho), metric, cfg.metric_bits or cfg.bits)
+    salient = select_salient(scores, k)
+    res = gptq_quantize(weight, stats.hessian.float(), spec, salient, act_order=cfg.act_order,
+                        static_groups=cfg.static_groups, block_size=cfg.block_size, damp=cfg.damp)
+    sal_dtype = parse_dtype(cfg.salient_dtype)
+    # the in-memory model computes with exactly what the checkpoint will store
+    res.salient_weight = res.salient_weight.to(sal_dtype).float()
+    qlin = QuantLinear.from_parts(res.codes, res.scales, res.zeros, res.g_idx, res.salient_idx,
+                                  res.salient_weight, cfg.bits, cfg.sym, linear.bias, sal_dtype)
+    h = stats.hessian
+    ref = layer_error(weight, torch.zeros_like(weight), h)
+    err = layer_error(weight, res.dequantized(), h)
+    metrics = {
+        "in_features": linear.in_features, "out_features": linear.out_features, "salient": k,
+        "groups": int(res.scales.shape[1]), "layer_error": err, "relative_error": err / max(ref, 1e-30),
+        "gptq_loss": res.loss,
+        "effective_bits": effective_bits(linear.in_features, linear.out_features, cfg.bits,
+                                         int(res.scales.shape[1]), k, cfg.sym, torch.finfo(sal_dtype).bits),
+    }
+    return qlin.to(linear.weight.device), scores, salient, metrics
+
+
+def _block_files(run_dir: Path, i: int) -> tuple[Path, Path, Path]:
+    return (run_dir / "blocks" / f"block_{i:03d}.safetensors", run_dir / "blocks" / f"block_{i:03d}.json",
+            run_dir / "sensitivity" / f"block_{i:03d}.safetensors")
+
+
+def _save_block(run_dir: Path, i: int, qlins: dict[str, QuantLinear], scores: dict, salient: dict,
+                metrics: dict) -> None:
+    tensors_path, json_path, sens_path = _block_files(run_dir, i)
+    tensors_path.parent.mkdir(parents=True, exist_ok=True)
+    sens_path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, q in qlins.items():
+        for b in _QL_BUFFERS:
+            t = getattr(q, b, None)
+            if t is not None:
+                tensors[f"{name}.{b}"] = t.detach().cpu().contiguous()
+    # write tensors first, the JSON last: the JSON's presence marks the block as finished
+    tmp = tensors_path.with_suffix(".tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(tensors_path)
+    tmp = sens_path.with_suffix(".tmp")
+    save_file({**{f"{n}.scores": s.float().cpu() for n, s in scores.items()},
+               **{f"{n}.salient_idx": s.cpu() for n, s in salient.items()}}, str(tmp))
+    tmp.replace(sens_path)
+    atomic_write_text(json_path, json.dumps(metrics, indent=1))
+
+
+def _load_block(run_dir: Path, i: int, block: nn.Module, cfg: QuantizeConfig) -> tuple[dict, dict] | None:
+    tensors_path, json_path, _ = _block_files(run_dir, i)
+    if not json_path.is_file() or not tensors_path.is_file():
+        return None
+    metrics = json.loads(json_path.read_text())
+    tensors = load_file(str(tensors_path))
+    qlins = {}
+    for name, lin in block_linears(block).items():
+        m = metrics[name]
+        q = QuantLinear(lin.in_features, lin.out_features, cfg.bits, m["groups"], m["salient"], cfg.sym,
+                        lin.bias is not None, lin.bias.dtype if lin.bias is not None else torch.float32,
+                        parse_dtype(cfg.salient_dtype))
+        q.load_state_dict({b: tensors[f"{name}.{b}"] for b in _QL_BUFFERS if f"{name}.{b}" in tensors})
+        qlins[name] = q
+    return qlins, metrics
+
+
+def quantize_model(model: nn.Module, windows: torch.Tensor, cfg: QuantizeConfig, device: torch.device,
+                   run_dir: Path, progress: bool = True) -> QuantizeReport:
+    """Replace every block linear of ``model`` (on CPU) by a QuantLinear; returns per-layer metrics."""
+    t0 = time.perf_counter()
+    prefix, blocks = find_blocks(model)
+    validate_salient_counts(model, cfg)
+    report = QuantizeReport()
+    inputs, all_kwargs = capture_block_inputs(model, blocks, windows, device)
+    bar = tqdm(range(len(blocks)), desc=f"GPTQ w{cfg.bits}", unit="block", disable=not progress)
+    for i in bar:
+        block = blocks[i].to(device)
+        kwargs = move_kwargs(all_kwargs[i], device)
+        loaded = _load_block(run_dir, i, block, cfg)
+        if loaded is not None:
+            qlins, metrics = loaded
+            for name, q in qlins.items():
+                _set_module(block, name, q.to(device))
+        else:
+            metrics, scores, salient = {}, {}, {}
+            qlins = {}
+            for group in sequential_groups(block, inputs[0], kwargs):
+                linears = block_linears(block)
+                first = linears[group[0]]
+                # members of a group share one input: accumulate its statistics once
+                stats = ColumnStats(first.in_features, device=device)
+                collect_inputs(block, group[:1], inputs, kwargs, lambda _n, x: stats.update(x))
+                for name in group:
+                    lin = linears[name]
+                    q, s, sal, m = quantize_layer(lin, stats, cfg, f"{prefix}.{i}.{name}")
+                    _set_module(block, name, q)
+                    qlins[name], scores[name], salient[name], metrics[name] = q, s, sal, m
+                del stats
+            _save_block(run_dir, i, qlins, scores, salient, metrics)
+        for name, m in metrics.items():
+            report.layers[f"{prefix}.{i}.{name}"] = m
+        inputs = run_block(block, inputs, kwargs)
+        blocks[i] = block.to("cpu")
+        mean_rel = sum(m["relative_error"] for m in metrics.values()) / max(len(metrics), 1)
+        bar.set_postfix(rel_err=f"{mean_rel:.4f}")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    report.seconds = time.perf_counter() - t0
+    return report

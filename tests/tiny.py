@@ -1,0 +1,66 @@
+"""Tiny random Hugging Face models and a tiny tokenizer, built inside the tests (no downloads)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt_neox"]
+
+WORDS = ("the of and to in a is that for it as was with be by on not he this are or his from at which but "
+         "have an they you were her she there been one all we their has would when if so no will more can "
+         "model weight column quantize salient noise gradient layer block token window matrix error scale").split()
+
+
+def corpus(n_words: int = 6000, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_words // 12):
+        lines.append(" ".join(rng.choice(WORDS) for _ in range(12)).capitalize() + ".")
+    return "\n".join(lines)
+
+
+def make_tokenizer(path: Path):
+    """A byte-level BPE tokenizer trained on the corpus, saved as a PreTrainedTokenizerFast."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([corpus()], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+    fast.save_pretrained(path)
+    return fast
+
+
+def tiny_config(arch: str, vocab_size: int = 320):
+    from transformers import AutoConfig
+
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=256, tie_word_embeddings=False)
+    if arch == "gpt_neox":
+        return AutoConfig.for_model("gpt_neox", **common, rotary_pct=0.5)
+    extra = dict(num_key_value_heads=2, head_dim=16)
+    if arch in ("gemma2", "gemma3_text"):
+        extra.update(sliding_window=16, query_pre_attn_scalar=16)
+    if arch == "phi3":
+        extra.pop("head_dim")
+        extra.update(pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    return AutoConfig.for_model(arch, **common, **extra)
+
+
+def make_model_dir(arch: str, path: Path, seed: int = 0) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = make_tokenizer(path)
+    cfg = tiny_config(arch, vocab_size=max(320, len(tok)))
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.save_pretrained(path)
+    return path
