@@ -13,6 +13,11 @@ import torch.nn as nn
 from .errors import GiftQuantError
 
 
+def is_linear(m: nn.Module) -> bool:
+    """nn.Linear, or one of gift-quant's replacements for it (QuantLinear, SalientLinear)."""
+    return isinstance(m, nn.Linear) or getattr(m, "is_gift_linear", False)
+
+
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """(qualified name, ModuleList) of the decoder blocks."""
     cfg = getattr(model, "config", None)
@@ -21,7 +26,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     candidates = []
     for name, mod in model.named_modules():
         if isinstance(mod, nn.ModuleList) and len(mod) > 0 and any(
-            isinstance(m, nn.Linear) for m in mod[0].modules()
+            is_linear(m) for m in mod[0].modules()
         ):
             candidates.append((name, mod))
     exact = [c for c in candidates if n_layers is None or len(c[1]) == n_layers]
@@ -35,4 +40,9 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
     """The block's linear layers by name relative to the block, in registration order."""
-    return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+    found = {}
+    for name, m in block.named_modules():
+        # a gift linear may wrap an nn.Linear: do not descend into it
+        if is_linear(m) and not any(name.startswith(f"{p}.") for p in found):
+            found[name] = m
+    return found

@@ -93,6 +93,12 @@ def calibration_set(tokenizer, cfg: QuantizeConfig) -> torch.Tensor:
 def run_quantize(model_dir: str | None, out: str | Path, cfg: QuantizeConfig, overwrite: bool = False,
                  trust_remote_code: bool = False, progress: bool = True) -> dict:
     """quantize: calibrate -> sensitivity -> salient-aware GPTQ -> native checkpoint in ``out``."""
+    return quantize_to_checkpoint(model_dir, out, cfg, overwrite, trust_remote_code, progress)[1]
+
+
+def quantize_to_checkpoint(model_dir: str | None, out: str | Path, cfg: QuantizeConfig, overwrite: bool = False,
+                           trust_remote_code: bool = False, progress: bool = True):
+    """(in-memory quantized model, summary dict); the checkpoint is written to ``out``."""
     t0 = time.perf_counter()
     out = Path(out)
     src = resolve_model_dir(model_dir)
@@ -126,7 +132,7 @@ def run_quantize(model_dir: str | None, out: str | Path, cfg: QuantizeConfig, ov
                        "calibration_tokens": int(windows.numel())},
     }
     save_checkpoint(model, out, src, gift_config)
-    return {"out": str(out), "effective_bits": report.mean_effective_bits(),
+    return model, {"out": str(out), "effective_bits": report.mean_effective_bits(),
             "quantize_seconds": report.seconds, "total_seconds": time.perf_counter() - t0,
             "mean_relative_error": sum(m["relative_error"] for m in report.layers.values()) / len(report.layers)}
 

@@ -18,6 +18,8 @@ from .pack import pack_cols, pack_rows, packed_length, unpack_cols, unpack_rows
 
 
 class QuantLinear(nn.Module):
+    is_gift_linear = True  # recognized by arch.block_linears like an nn.Linear
+
     def __init__(self, in_features: int, out_features: int, bits: int, n_groups: int, n_salient: int,
                  sym: bool, bias: bool, bias_dtype: torch.dtype = torch.float32,
                  salient_dtype: torch.dtype = torch.float16):
