@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from .cache import atomic_write_text
-from .config import EvalConfig, QuantizeConfig, build, read_recipe
+from .config import EvalConfig, QuantizeConfig, RecoverConfig, build, read_recipe
 from .errors import GiftQuantError
 
 
@@ -88,6 +88,46 @@ def cmd_eval(a) -> dict:
     return res
 
 
+def _add_recover_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--variant", choices=["post", "pre"], default=None,
+                   help="post: quantize then train (default, best at 2-3 bits); pre: train then quantize")
+    p.add_argument("--no-noise", dest="noise", action="store_const", const="none", default=None,
+                   help="plain salient fine-tuning (ablation)")
+    p.add_argument("--noise", dest="noise", choices=["normal", "uniform", "none"], help="noise distribution")
+    p.add_argument("--noise-bits", type=int, default=None, help="bits of the noise step (post default 4)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 100)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-4)")
+    p.add_argument("--batch-size", type=int, default=None, help="windows per micro-batch per process")
+    p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per step")
+    p.add_argument("--warmup-ratio", type=float, default=None)
+    p.add_argument("--train-data", default=None, help="named dataset, file or HF name (default natural-instructions)")
+    p.add_argument("--eval-data", default=None, help="held-out text for periodic eval during training")
+    p.add_argument("--save-every", type=int, default=None, help="save resumable state every N steps")
+    p.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    p.add_argument("--ppl-data", default=None, help="perplexity text (default boolq-passages:test)")
+    p.add_argument("--ppl-seq-len", type=int, default=None, help="perplexity window (default 512)")
+    p.add_argument("--max-windows", type=int, default=None, help="perplexity windows (default 40)")
+
+
+def cmd_recover(a) -> dict:
+    from .pipeline import run_recover
+
+    recipe = read_recipe(a.recipe)
+    qcfg = build(QuantizeConfig, recipe, "quantize", _quantize_overrides(a))
+    rcfg = build(RecoverConfig, recipe, "recover", {
+        "variant": a.variant, "noise": a.noise, "noise_bits": a.noise_bits, "steps": a.steps, "lr": a.lr,
+        "batch_size": a.batch_size, "grad_accum": a.grad_accum, "warmup_ratio": a.warmup_ratio,
+        "seq_len": a.seq_len, "train_data": a.train_data, "eval_data": a.eval_data, "save_every": a.save_every,
+        "gradient_checkpointing": a.gradient_checkpointing, "seed": a.seed})
+    ecfg = build(EvalConfig, recipe, "eval", {"ppl_data": a.ppl_data, "seq_len": a.ppl_seq_len,
+                                              "max_windows": a.max_windows})
+    res = run_recover(a.model_dir, a.out, qcfg, rcfg, ecfg, overwrite=a.overwrite,
+                      trust_remote_code=a.trust_remote_code, progress=not a.no_progress)
+    print(f"wrote {res['out']}: GIFT-SW {res['variant']} w{res['bits']} ({res['effective_bits']:.3f} bits/weight), "
+          f"perplexity {res['ppl_before']:.3f} before recovery -> {res['ppl_after']:.3f} after")
+    return res
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gift-quant", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -96,6 +136,12 @@ def make_parser() -> argparse.ArgumentParser:
     _add_quantize_flags(q)
     _add_common(q)
     q.set_defaults(func=cmd_quantize)
+
+    r = sub.add_parser("recover", help="quantize + GIFT-SW recovery of the salient columns -> native checkpoint")
+    _add_quantize_flags(r)
+    _add_recover_flags(r)
+    _add_common(r)
+    r.set_defaults(func=cmd_recover)
 
     e = sub.add_parser("eval", help="perplexity of a model folder or gift checkpoint")
     e.add_argument("path", nargs="?", default=None, help="model folder or checkpoint (default: embedded model)")

@@ -34,7 +34,7 @@ class QuantizeConfig:
     metric: str = "gift"
     metric_bits: int | None = None  # bits of Q_b in the metric; None = the target bits
     salient: int | None = None  # columns per linear; None -> salient_fraction
-    salient_fraction: float = 0.0
+    salient_fraction: float = 0.03125  # the paper: 128 of 4096 columns (LLaMA-2-7B)
     salient_dtype: str = "float16"
     calib_data: str = DEFAULT_CALIB_DATA
     calib_samples: int = 128
@@ -73,7 +73,49 @@ class EvalConfig:
     max_windows: int | None = 40
 
 
-SECTIONS = {"quantize": QuantizeConfig, "eval": EvalConfig}
+@dataclass(frozen=True)
+class RecoverConfig:
+    """Noise-injected fine-tuning of the salient columns (GIFT-SW, DESIGN.md item 3)."""
+
+    variant: str = "post"  # post: quantize then train; pre: train with noise at the target bits, then quantize
+    noise: str = "normal"  # normal | uniform | none (--no-noise: plain salient fine-tuning)
+    noise_bits: int | None = None  # None: 4 for post (the paper), the target bits for pre
+    steps: int = 100
+    lr: float = 1e-4
+    batch_size: int = 4
+    grad_accum: int = 1
+    seq_len: int = 256
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    train_data: str = DEFAULT_TRAIN_DATA
+    eval_data: str | None = None  # held-out text for periodic eval; None: the train data's validation split
+    eval_every: int = 25
+    eval_windows: int = 8
+    save_every: int = 10
+    seed: int = 0
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        if self.variant not in ("post", "pre"):
+            raise GiftQuantError(f"--variant must be post or pre (got {self.variant!r})")
+        if self.noise not in ("normal", "uniform", "none"):
+            raise GiftQuantError(f"noise must be normal, uniform or none (got {self.noise!r})")
+        if self.noise_bits is not None and not 1 <= self.noise_bits <= 16:
+            raise GiftQuantError(f"--noise-bits must be in 1..16 (got {self.noise_bits})")
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "save_every"):
+            if getattr(self, name) <= 0:
+                raise GiftQuantError(f"{name} must be positive (got {getattr(self, name)})")
+        if self.lr <= 0:
+            raise GiftQuantError(f"--lr must be positive (got {self.lr})")
+
+    def resolved_noise_bits(self, target_bits: int) -> int:
+        if self.noise_bits is not None:
+            return self.noise_bits
+        return 4 if self.variant == "post" else target_bits
+
+
+SECTIONS = {"quantize": QuantizeConfig, "eval": EvalConfig, "recover": RecoverConfig}
 
 
 def register_section(name: str, cls: type) -> None:
@@ -122,4 +164,4 @@ def as_dict(cfg) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-__all__ = ["QuantizeConfig", "EvalConfig", "read_recipe", "build", "as_dict", "register_section", "field"]
+__all__ = ["QuantizeConfig", "EvalConfig", "RecoverConfig", "read_recipe", "build", "as_dict", "register_section", "field"]

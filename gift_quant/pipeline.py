@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from .cache import atomic_write_text
-from .checkpoint import CONFIG_NAME, is_checkpoint, load, read_gift_config, save_checkpoint
+from .checkpoint import is_checkpoint, load, read_gift_config, save_checkpoint
 from .config import EvalConfig, QuantizeConfig
-from .data import calibration_windows, eval_windows, fingerprint_tokens, load_documents
+from .data import calibration_windows, eval_windows, fingerprint_tokens, load_documents, load_records
 from .errors import GiftQuantError
 from .eval.perplexity import perplexity
 from .models import load_model, load_tokenizer, parse_dtype, resolve_device, resolve_model_dir
@@ -116,21 +116,7 @@ def quantize_to_checkpoint(model_dir: str | None, out: str | Path, cfg: Quantize
     }
     run_dir = claim_run(out, identity)
     report = quantize_model(model, windows, cfg, device, run_dir, progress=progress)
-    gift_config = {
-        "tool": "gift-quant",
-        "version": tool_version(),
-        "dtype": cfg.dtype,
-        "quantize": identity["settings"],
-        "bits": cfg.bits,
-        "group_size": cfg.group_size,
-        "metric": cfg.metric,
-        "effective_bits": report.mean_effective_bits(),
-        "salient_per_layer": {n: m["salient"] for n, m in report.layers.items()},
-        "layers": report.layers,
-        "provenance": {"source_model": str(src), "model_fingerprint": identity["model"],
-                       "calibration_data": cfg.calib_data, "calibration_fingerprint": identity["calibration"],
-                       "calibration_tokens": int(windows.numel())},
-    }
+    gift_config = _gift_config(cfg, report, src, identity, windows)
     save_checkpoint(model, out, src, gift_config)
     return model, {"out": str(out), "effective_bits": report.mean_effective_bits(),
             "quantize_seconds": report.seconds, "total_seconds": time.perf_counter() - t0,
@@ -159,3 +145,180 @@ def run_eval_ppl(path: str | None, cfg: EvalConfig, device_name: str = "auto", t
     result = perplexity(model, windows, device, progress=progress)
     return {"model": str(path) if path else "default", "kind": kind, "effective_bits": bits,
             "ppl_data": cfg.ppl_data, **result}
+
+
+# ---------------------------------------------------------------------------- recover
+
+
+class Stages:
+    """``run/stages.json``: which stages finished, with their results; written atomically."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "stages.json"
+        self.done: dict = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def finished(self, name: str) -> bool:
+        return name in self.done
+
+    def mark(self, name: str, result: dict) -> None:
+        self.done[name] = result
+        atomic_write_text(self.path, json.dumps(self.done, indent=1, default=str))
+
+
+def training_windows(tokenizer, rcfg, n_windows: int):
+    from .recover.data import pack_examples
+
+    records = load_records(rcfg.train_data, default_split="train")
+    train = pack_examples(tokenizer, records, rcfg.seq_len, n_windows, rcfg.seed, source=rcfg.train_data)
+    if rcfg.eval_data is not None:
+        held = load_records(rcfg.eval_data, default_split="validation")
+    else:
+        from . import datasets as named
+
+        if not named.is_named(rcfg.train_data):
+            return train, None
+        held = load_records(rcfg.train_data.split(":")[0] + ":validation", default_split="validation")
+    held_out = pack_examples(tokenizer, held, rcfg.seq_len, rcfg.eval_windows, rcfg.seed + 1, source="held-out data")
+    return train, held_out
+
+
+def _train_stage(model, tokenizer, rcfg, run_dir: Path, device, progress: bool) -> dict:
+    from .recover.train import TrainSettings, train
+
+    n_windows = rcfg.steps * rcfg.batch_size * rcfg.grad_accum
+    (ids, labels), held = training_windows(tokenizer, rcfg, n_windows)
+    settings = TrainSettings(steps=rcfg.steps, lr=rcfg.lr, batch_size=rcfg.batch_size, grad_accum=rcfg.grad_accum,
+                             warmup_ratio=rcfg.warmup_ratio, max_grad_norm=rcfg.max_grad_norm,
+                             weight_decay=rcfg.weight_decay, eval_every=rcfg.eval_every,
+                             save_every=rcfg.save_every, seed=rcfg.seed,
+                             gradient_checkpointing=rcfg.gradient_checkpointing)
+    return train(model, ids, labels, settings, run_dir, held[0] if held else None, held[1] if held else None,
+                 device=device, progress=progress)
+
+
+def _ppl(model, tokenizer, ecfg: EvalConfig, device, progress: bool, desc: str) -> dict:
+    docs = load_documents(ecfg.ppl_data, default_split="test")
+    windows = eval_windows(tokenizer, docs, ecfg.seq_len, ecfg.max_windows, source=ecfg.ppl_data)
+    return perplexity(model.to(device), windows, device, progress=progress, desc=desc)
+
+
+def run_recover(model_dir: str | None, out: str | Path, qcfg: QuantizeConfig, rcfg, ecfg: EvalConfig,
+                overwrite: bool = False, trust_remote_code: bool = False, progress: bool = True) -> dict:
+    """recover: calibrate -> sensitivity -> quantize -> recover -> pack -> eval, resumable by stage.
+
+    post: GPTQ with salient columns, then noise-injected training of those columns (noise at
+    ``noise_bits``, 4 by default). pre: train the salient columns of the full-precision model with
+    noise at the target bits, then quantize with the same columns.
+    """
+    from .recover.model import convert_to_dense, convert_to_quant, prepare_dense, prepare_quantized
+
+    out = Path(out)
+    src = resolve_model_dir(model_dir)
+    prepare_output(out, overwrite)
+    device = resolve_device(qcfg.device)
+    tokenizer = load_tokenizer(src, trust_remote_code)
+    model = load_model(src, parse_dtype(qcfg.dtype), trust_remote_code)
+    check_finite(model, str(src))
+    validate_salient_counts(model, qcfg)
+    windows = calibration_set(tokenizer, qcfg)
+    identity = {
+        "model": model_fingerprint(src), "calibration": fingerprint_tokens(windows),
+        "settings": {k: v for k, v in dataclasses.asdict(qcfg).items() if k != "device"},
+        "recover": dataclasses.asdict(rcfg), "eval": dataclasses.asdict(ecfg),
+    }
+    run_dir = claim_run(out, identity)
+    stages = Stages(run_dir)
+    noise_bits = rcfg.resolved_noise_bits(qcfg.bits)
+    timings = {}
+
+    def quantized_checkpoint(name: str, source_model, fixed=None) -> Path:
+        """Quantize ``source_model`` into run/<name> (a native checkpoint); resumable per block."""
+        path = run_dir / name
+        if not stages.finished(name):
+            t0 = time.perf_counter()
+            qmodel = source_model
+            report = quantize_model(qmodel, windows, qcfg, device, path / RUN_DIR, progress=progress,
+                                    fixed_salient=fixed)
+            save_checkpoint(qmodel, path, src, _gift_config(qcfg, report, src, identity, windows))
+            stages.mark(name, {"seconds": time.perf_counter() - t0, "effective_bits": report.mean_effective_bits()})
+        return path
+
+    if rcfg.variant == "post":
+        qpath = quantized_checkpoint("quantized", model)
+        del model
+        before = None
+        if not stages.finished("eval_before"):
+            before = _ppl(load(qpath), tokenizer, ecfg, device, progress, "ppl before")
+            stages.mark("eval_before", before)
+        before = stages.done["eval_before"]
+        if not stages.finished("recover"):
+            t0 = time.perf_counter()
+            qmodel = prepare_quantized(load(qpath), noise=rcfg.noise, noise_bits=noise_bits, seed=rcfg.seed)
+            summary = _train_stage(qmodel, tokenizer, rcfg, run_dir / "recover", device, progress)
+            convert_to_quant(qmodel.cpu(), qcfg.bits, qcfg.sym, parse_dtype(qcfg.salient_dtype))
+            save_checkpoint(qmodel, run_dir / "recovered", src,
+                            {**read_gift_config(qpath), "recover": dataclasses.asdict(rcfg)})
+            stages.mark("recover", {"seconds": time.perf_counter() - t0, "noise_bits": noise_bits,
+                                    "final_loss": summary["history"][-1]["loss"] if summary["history"] else None})
+        final_src = run_dir / "recovered"
+    else:
+        # pre: pick the salient columns on the full-precision model, train them with noise, quantize
+        if not stages.finished("select"):
+            sel_model = load_model(src, parse_dtype(qcfg.dtype), trust_remote_code)
+            report = quantize_model(sel_model, windows, qcfg, device, None, progress=progress, score_only=True)
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in report.salient.items()}, str(run_dir / "salient.safetensors"))
+            stages.mark("select", {"layers": len(report.salient)})
+        from safetensors.torch import load_file
+
+        salient = load_file(str(run_dir / "salient.safetensors"))
+        quantized_checkpoint("quantized", load_model(src, parse_dtype(qcfg.dtype), trust_remote_code), salient)
+        if not stages.finished("eval_before"):
+            stages.mark("eval_before", _ppl(load(run_dir / "quantized"), tokenizer, ecfg, device, progress,
+                                            "ppl before"))
+        before = stages.done["eval_before"]
+        if not stages.finished("recover"):
+            t0 = time.perf_counter()
+            prepare_dense(model, salient, noise=rcfg.noise, noise_bits=noise_bits, seed=rcfg.seed)
+            summary = _train_stage(model, tokenizer, rcfg, run_dir / "recover", device, progress)
+            convert_to_dense(model.cpu())
+            model.save_pretrained(run_dir / "trained")
+            stages.mark("recover", {"seconds": time.perf_counter() - t0, "noise_bits": noise_bits,
+                                    "final_loss": summary["history"][-1]["loss"] if summary["history"] else None})
+        del model
+        trained = load_model(run_dir / "trained", parse_dtype(qcfg.dtype))
+        final_src = quantized_checkpoint("recovered", trained, salient)
+
+    if not stages.finished("pack"):
+        t0 = time.perf_counter()
+        final = load(final_src)
+        doc = read_gift_config(final_src)
+        doc.update({"recover": dataclasses.asdict(rcfg), "variant": rcfg.variant})
+        doc.pop("format", None)
+        doc.pop("format_version", None)
+        save_checkpoint(final, out, src, doc)
+        stages.mark("pack", {"seconds": time.perf_counter() - t0})
+    if not stages.finished("eval_after"):
+        stages.mark("eval_after", _ppl(load(out), tokenizer, ecfg, device, progress, "ppl after"))
+    after = stages.done["eval_after"]
+    timings = {k: v.get("seconds") for k, v in stages.done.items() if isinstance(v, dict) and "seconds" in v}
+    summary = {"out": str(out), "variant": rcfg.variant, "bits": qcfg.bits, "noise": rcfg.noise,
+               "noise_bits": noise_bits, "effective_bits": read_gift_config(out)["effective_bits"],
+               "ppl_before": before["perplexity"], "ppl_after": after["perplexity"], "ppl_data": ecfg.ppl_data,
+               "seconds": timings}
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    return summary
+
+
+def _gift_config(cfg: QuantizeConfig, report, src: Path, identity: dict, windows: torch.Tensor) -> dict:
+    return {
+        "tool": "gift-quant", "version": tool_version(), "dtype": cfg.dtype, "quantize": identity["settings"],
+        "bits": cfg.bits, "group_size": cfg.group_size, "metric": cfg.metric,
+        "effective_bits": report.mean_effective_bits(),
+        "salient_per_layer": {n: m["salient"] for n, m in report.layers.items()},
+        "layers": report.layers,
+        "provenance": {"source_model": str(src), "model_fingerprint": identity["model"],
+                       "calibration_data": cfg.calib_data, "calibration_fingerprint": identity["calibration"],
+                       "calibration_tokens": int(windows.numel())},
+    }

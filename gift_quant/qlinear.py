@@ -2,7 +2,7 @@
 
 Computes ``dequant(codes) x + W_s x[S]``. Because salient columns store their group's zero point the
 dequantized part is exactly zero there, so the layer equals ``F.linear(x, dequant(codes) with the
-salient columns scattered in)``; that dense weight is built once and cached in eval mode (inference
+salient columns scattered in)``; that dense weight is built once and cached on first use (inference
 on CPU or GPU through plain matmuls, no custom kernels). Buffers use the GPTQ layout (qweight packed
 along in-features, scales (groups, out) in float16, qzeros packed along out-features) so exporting to
 GPTQ is a relabelling, not a recomputation.
@@ -85,11 +85,10 @@ class QuantLinear(nn.Module):
         return w.to(dtype or self.salient_weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training or self._dense is None or self._dense.dtype != x.dtype or self._dense.device != x.device:
-            w = self.dense_weight(x.dtype).to(x.device)
-            self._dense = None if self.training else w
-        else:
-            w = self._dense
+        # buffers only change through load_state_dict / _apply, which drop the cache
+        if self._dense is None or self._dense.dtype != x.dtype or self._dense.device != x.device:
+            self._dense = self.dense_weight(x.dtype).to(x.device)
+        w = self._dense
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, w, bias)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .grid import GridSpec, fit_rows, fake_quantize
+from .grid import GridSpec, fake_quantize, fit_rows
 
 NORMS = ("1", "2", "inf")
 GAMMAS = (0.0, 0.5, 1.0, 2.0)

@@ -15,7 +15,7 @@ class ColumnStats:
     def __init__(self, in_features: int, device: torch.device | str = "cpu", hessian: bool = True):
         self.in_features = in_features
         self.n_tokens = 0
-        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float64, device=device) if hessian else None
+        self._xtx = torch.zeros(in_features, in_features, dtype=torch.float64, device=device) if hessian else None
         self.abs_sum = torch.zeros(in_features, dtype=torch.float64, device=device)
         self.sq_sum = torch.zeros(in_features, dtype=torch.float64, device=device)
         self.abs_max = torch.zeros(in_features, dtype=torch.float64, device=device)
@@ -26,16 +26,21 @@ class ColumnStats:
         n = x.shape[0]
         if n == 0:
             return
-        if self.hessian is not None:
-            # Running mean of 2 XᵀX / n as the GPTQ reference keeps it; the batch product in float32
-            # (fast), the running sum in float64 (no drift over many batches).
-            self.hessian *= self.n_tokens / (self.n_tokens + n)
-            self.hessian += (2.0 / (self.n_tokens + n)) * (x.T @ x).double()
+        if self._xtx is not None:
+            # the batch product in float32 (fast), the running sum in float64 (no drift)
+            self._xtx += (x.T @ x).double()
         self.n_tokens += n
         ax = x.abs()
         self.abs_sum += ax.sum(0, dtype=torch.float64)
         self.sq_sum += (x * x).sum(0, dtype=torch.float64)
         self.abs_max = torch.maximum(self.abs_max, ax.max(0).values.double())
+
+    @property
+    def hessian(self) -> torch.Tensor | None:
+        """H = 2/n XᵀX (the GPTQ reference's scaling), float64."""
+        if self._xtx is None:
+            return None
+        return self._xtx * (2.0 / max(self.n_tokens, 1))
 
     def column_norm(self, p: str) -> torch.Tensor:
         """||X_:,j||_p for p in {'1', '2', 'inf'} over all tokens seen."""

@@ -40,6 +40,7 @@ _QL_BUFFERS = ("qweight", "scales", "qzeros", "g_idx", "salient_idx", "salient_w
 @dataclass
 class QuantizeReport:
     layers: dict[str, dict] = field(default_factory=dict)
+    salient: dict[str, torch.Tensor] = field(default_factory=dict)
     seconds: float = 0.0
 
     def mean_effective_bits(self) -> float:
@@ -71,24 +72,36 @@ def _set_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def quantize_layer(linear: nn.Linear, stats: ColumnStats, cfg: QuantizeConfig, name: str):
-    """Score, select and GPTQ one linear -> (QuantLinear, scores, metrics dict)."""
+def score_layer(linear: nn.Linear, stats: ColumnStats, cfg: QuantizeConfig, name: str):
+    """(sensitivity scores, salient indices) of one linear."""
     metric = parse_metric(cfg.metric)
-    spec = GridSpec(bits=cfg.bits, sym=cfg.sym, group_size=cfg.group_size, clip=cfg.clip)
     weight = linear.weight.detach().float()
     k = cfg.salient_count(linear.in_features, name)
     scores = column_scores(weight, stats.column_norm(metric.rho), metric, cfg.metric_bits or cfg.bits)
-    salient = select_salient(scores, k)
-    res = gptq_quantize(weight, stats.hessian.float(), spec, salient, act_order=cfg.act_order,
+    return scores, select_salient(scores, k)
+
+
+def quantize_layer(linear: nn.Linear, stats: ColumnStats, hessian: torch.Tensor, cfg: QuantizeConfig, name: str,
+                   fixed_salient: torch.Tensor | None = None):
+    """Score, select and GPTQ one linear -> (QuantLinear, scores, salient, metrics dict).
+
+    ``fixed_salient`` skips the selection (pre-GIFT-SW quantizes with the columns it trained).
+    """
+    spec = GridSpec(bits=cfg.bits, sym=cfg.sym, group_size=cfg.group_size, clip=cfg.clip)
+    weight = linear.weight.detach().float()
+    scores, salient = score_layer(linear, stats, cfg, name)
+    if fixed_salient is not None:
+        salient = fixed_salient.long().sort().values
+    k = salient.numel()
+    res = gptq_quantize(weight, hessian, spec, salient, act_order=cfg.act_order,
                         static_groups=cfg.static_groups, block_size=cfg.block_size, damp=cfg.damp)
     sal_dtype = parse_dtype(cfg.salient_dtype)
     # the in-memory model computes with exactly what the checkpoint will store
     res.salient_weight = res.salient_weight.to(sal_dtype).float()
     qlin = QuantLinear.from_parts(res.codes, res.scales, res.zeros, res.g_idx, res.salient_idx,
                                   res.salient_weight, cfg.bits, cfg.sym, linear.bias, sal_dtype)
-    h = stats.hessian
-    ref = layer_error(weight, torch.zeros_like(weight), h)
-    err = layer_error(weight, res.dequantized(), h)
+    ref = layer_error(weight, torch.zeros_like(weight), hessian)
+    err = layer_error(weight, res.dequantized(), hessian)
     metrics = {
         "in_features": linear.in_features, "out_features": linear.out_features, "salient": k,
         "groups": int(res.scales.shape[1]), "layer_error": err, "relative_error": err / max(ref, 1e-30),
@@ -96,7 +109,7 @@ def quantize_layer(linear: nn.Linear, stats: ColumnStats, cfg: QuantizeConfig, n
         "effective_bits": effective_bits(linear.in_features, linear.out_features, cfg.bits,
                                          int(res.scales.shape[1]), k, cfg.sym, torch.finfo(sal_dtype).bits),
     }
-    return qlin.to(linear.weight.device), scores, salient, metrics
+    return qlin.to(linear.weight.device).eval(), scores, salient, metrics
 
 
 def _block_files(run_dir: Path, i: int) -> tuple[Path, Path, Path]:
@@ -144,8 +157,14 @@ def _load_block(run_dir: Path, i: int, block: nn.Module, cfg: QuantizeConfig) ->
 
 
 def quantize_model(model: nn.Module, windows: torch.Tensor, cfg: QuantizeConfig, device: torch.device,
-                   run_dir: Path, progress: bool = True) -> QuantizeReport:
-    """Replace every block linear of ``model`` (on CPU) by a QuantLinear; returns per-layer metrics."""
+                   run_dir: Path | None, progress: bool = True, score_only: bool = False,
+                   fixed_salient: dict[str, torch.Tensor] | None = None) -> QuantizeReport:
+    """Replace every block linear of ``model`` (on CPU) by a QuantLinear; returns per-layer metrics.
+
+    ``score_only``: only select salient columns (``report.salient``), leave the weights untouched;
+    ``fixed_salient``: qualified name -> salient indices to use instead of selecting them.
+    ``run_dir`` None disables the per-block artifacts (and so resuming).
+    """
     t0 = time.perf_counter()
     prefix, blocks = find_blocks(model)
     validate_salient_counts(model, cfg)
@@ -155,7 +174,7 @@ def quantize_model(model: nn.Module, windows: torch.Tensor, cfg: QuantizeConfig,
     for i in bar:
         block = blocks[i].to(device)
         kwargs = move_kwargs(all_kwargs[i], device)
-        loaded = _load_block(run_dir, i, block, cfg)
+        loaded = None if run_dir is None or score_only else _load_block(run_dir, i, block, cfg)
         if loaded is not None:
             qlins, metrics = loaded
             for name, q in qlins.items():
@@ -169,19 +188,27 @@ def quantize_model(model: nn.Module, windows: torch.Tensor, cfg: QuantizeConfig,
                 # members of a group share one input: accumulate its statistics once
                 stats = ColumnStats(first.in_features, device=device)
                 collect_inputs(block, group[:1], inputs, kwargs, lambda _n, x: stats.update(x))
+                hessian = stats.hessian.float()
                 for name in group:
-                    lin = linears[name]
-                    q, s, sal, m = quantize_layer(lin, stats, cfg, f"{prefix}.{i}.{name}")
+                    lin, qualified = linears[name], f"{prefix}.{i}.{name}"
+                    if score_only:
+                        _, report.salient[qualified] = score_layer(lin, stats, cfg, qualified)
+                        continue
+                    fixed = None if fixed_salient is None else fixed_salient[qualified]
+                    q, s, sal, m = quantize_layer(lin, stats, hessian, cfg, qualified, fixed)
                     _set_module(block, name, q)
                     qlins[name], scores[name], salient[name], metrics[name] = q, s, sal, m
+                    report.salient[qualified] = sal
                 del stats
-            _save_block(run_dir, i, qlins, scores, salient, metrics)
+            if run_dir is not None and not score_only:
+                _save_block(run_dir, i, qlins, scores, salient, metrics)
         for name, m in metrics.items():
             report.layers[f"{prefix}.{i}.{name}"] = m
         inputs = run_block(block, inputs, kwargs)
         blocks[i] = block.to("cpu")
-        mean_rel = sum(m["relative_error"] for m in metrics.values()) / max(len(metrics), 1)
-        bar.set_postfix(rel_err=f"{mean_rel:.4f}")
+        if metrics:
+            mean_rel = sum(m["relative_error"] for m in metrics.values()) / len(metrics)
+            bar.set_postfix(rel_err=f"{mean_rel:.4f}")
         if device.type == "cuda":
             torch.cuda.empty_cache()
     report.seconds = time.perf_counter() - t0

@@ -158,4 +158,4 @@ def gptq_quantize(
 def layer_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
     """||(W - Q) X||_F^2 / n  =  tr((W-Q) H (W-Q)^T) / 2 with H = 2/n XᵀX."""
     d = (weight.double() - approx.double())
-    return float(torch.einsum("oi,ij,oj->", d, hessian.double().to(d.device), d) / 2)
+    return float(((d @ hessian.double().to(d.device)) * d).sum() / 2)

@@ -1,0 +1,73 @@
+"""Training examples -> packed (input_ids, labels) windows, prompts masked out of the loss.
+
+Instruction records (``prompt``/``response``) and chat records (``messages``) are rendered with the
+tokenizer's chat template when it has one (else ``prompt\\nresponse``); every token up to the start of
+the answer gets label -100. Plain text trains on every token. Examples are concatenated with EOS and
+cut into ``seq_len`` windows, the labels travelling with their tokens.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from ..errors import GiftQuantError
+
+IGNORE = -100
+
+
+def _chat_parts(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """(prompt ids, answer ids) of a conversation whose last message is the assistant's answer."""
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages, tokenize=True)
+    prompt = list(prompt["input_ids"] if isinstance(prompt, dict) or hasattr(prompt, "keys") else prompt)
+    full = list(full["input_ids"] if isinstance(full, dict) or hasattr(full, "keys") else full)
+    if full[:len(prompt)] != prompt:  # templates that re-render earlier turns: mask nothing rather than wrongly
+        return [], full
+    return prompt, full[len(prompt):]
+
+
+def encode_record(tokenizer, record: dict) -> tuple[list[int], list[int]]:
+    """(input ids, labels) of one record."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if "messages" in record or ("prompt" in record and "response" in record):
+        messages = record.get("messages") or [{"role": "user", "content": str(record["prompt"])},
+                                              {"role": "assistant", "content": str(record["response"])}]
+        if has_template:
+            prompt, answer = _chat_parts(tokenizer, messages)
+        else:
+            prompt = tokenizer("\n".join(m["content"] for m in messages[:-1]) + "\n", add_special_tokens=False)["input_ids"]
+            answer = tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"]
+        return prompt + answer, [IGNORE] * len(prompt) + answer
+    if "text" in record:
+        ids = tokenizer(str(record["text"]), add_special_tokens=False)["input_ids"]
+        return ids, list(ids)
+    raise GiftQuantError(f"training record has none of text, prompt/response, messages: {sorted(record)[:8]}")
+
+
+def pack_examples(tokenizer, records: list[dict], seq_len: int, n_windows: int, seed: int,
+                  source: str = "training data") -> tuple[torch.Tensor, torch.Tensor]:
+    """(n_windows, seq_len) input ids and labels from seeded-shuffled records (fewer if data runs out)."""
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    labels: list[int] = []
+    need = n_windows * seq_len
+    for i in order:
+        x, y = encode_record(tokenizer, records[i])
+        if eos is not None:
+            x, y = x + [eos], y + [eos]
+        ids.extend(x)
+        labels.extend(y)
+        if len(ids) >= need:
+            break
+    n = min(n_windows, len(ids) // seq_len)
+    if n == 0:
+        raise GiftQuantError(f"{source} is too short: {len(ids)} tokens for one window of {seq_len}")
+    t_ids = torch.tensor(ids[:n * seq_len]).view(n, seq_len)
+    t_lab = torch.tensor(labels[:n * seq_len]).view(n, seq_len)
+    if (t_lab != IGNORE).sum() == 0:
+        raise GiftQuantError(f"{source}: every token is masked (prompts only?); nothing to train on")
+    return t_ids, t_lab

@@ -1,0 +1,106 @@
+"""prepare -> train -> convert: swap SalientLinear layers in, and the packed or merged form back.
+
+* ``prepare_quantized``: QuantLinear (post-training quantized) -> SalientLinear with a codes base.
+* ``prepare_dense``: nn.Linear + chosen salient indices -> SalientLinear with a dense base
+  (pre-GIFT-SW and PEFT fine-tuning of full-precision models).
+* ``convert_to_quant`` / ``convert_to_dense``: back to QuantLinear (trained salient columns stored)
+  or to nn.Linear with the trained columns merged in.
+Everything but the ``gift_`` parameters is frozen.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..arch import block_linears, find_blocks
+from ..qlinear import QuantLinear
+from .layer import SalientLinear
+
+TRAINABLE_PREFIX = "gift_"
+
+
+def _replace(root: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent, _, child = dotted.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+def named_block_linears(model: nn.Module) -> dict[str, nn.Module]:
+    prefix, blocks = find_blocks(model)
+    return {f"{prefix}.{i}.{n}": m for i, b in enumerate(blocks) for n, m in block_linears(b).items()}
+
+
+def freeze_all_but_gift(model: nn.Module) -> list[nn.Parameter]:
+    params = []
+    for name, p in model.named_parameters():
+        trainable = name.rsplit(".", 1)[-1].startswith(TRAINABLE_PREFIX)
+        p.requires_grad_(trainable)
+        if trainable:
+            params.append(p)
+    return params
+
+
+def prepare_quantized(model: nn.Module, noise: str = "normal", noise_bits: int = 4, seed: int = 0) -> nn.Module:
+    for i, (name, q) in enumerate(named_block_linears(model).items()):
+        if not isinstance(q, QuantLinear):
+            raise TypeError(f"{name} is {type(q).__name__}, expected a QuantLinear (quantize first)")
+        layer = SalientLinear(
+            q.in_features, q.out_features, q.salient_idx.long(),
+            codes=q.codes(), scales=q.scales.T.float(), zeros=q.zero_points().T, g_idx=q.g_idx,
+            salient_weight=q.salient_weight.float(), bias=q.bias, noise=noise, noise_bits=noise_bits,
+            seed=seed * 100_003 + i)
+        _replace(model, name, layer.to(q.qweight.device))
+    freeze_all_but_gift(model)
+    return model
+
+
+def prepare_dense(model: nn.Module, salient: dict[str, torch.Tensor], noise: str = "normal", noise_bits: int = 4,
+                  seed: int = 0) -> nn.Module:
+    for i, (name, lin) in enumerate(named_block_linears(model).items()):
+        idx = salient[name].long()
+        w = lin.weight.detach()
+        layer = SalientLinear(lin.in_features, lin.out_features, idx, dense=w.float(),
+                              salient_weight=w[:, idx].float(), bias=lin.bias, noise=noise,
+                              noise_bits=noise_bits, seed=seed * 100_003 + i)
+        layer.source_dtype = w.dtype
+        _replace(model, name, layer.to(w.device))
+    freeze_all_but_gift(model)
+    return model
+
+
+def salient_layers(model: nn.Module) -> dict[str, SalientLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, SalientLinear)}
+
+
+def convert_to_quant(model: nn.Module, bits: int, sym: bool, salient_dtype: torch.dtype = torch.float16) -> nn.Module:
+    for name, s in salient_layers(model).items():
+        if s.codes is None:
+            raise TypeError(f"{name} has a dense base; use convert_to_dense")
+        q = QuantLinear.from_parts(s.codes.long(), s.scales, s.zeros, s.g_idx, s.salient_idx,
+                                   s.gift_salient.detach().float(), bits, sym, s.bias, salient_dtype)
+        _replace(model, name, q.to(s.delta.device).eval())
+    return model
+
+
+def convert_to_dense(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    for name, s in salient_layers(model).items():
+        out_dtype = dtype or getattr(s, "source_dtype", torch.float32)
+        lin = nn.Linear(s.in_features, s.out_features, bias=s.bias is not None, device=s.delta.device,
+                        dtype=out_dtype)
+        with torch.no_grad():
+            lin.weight.copy_(s.merged_weight().to(out_dtype))
+            if s.bias is not None:
+                lin.bias.copy_(s.bias.to(out_dtype))
+        lin.requires_grad_(False)
+        _replace(model, name, lin)
+    return model
+
+
+def set_noise_key(model: nn.Module, key: int | None) -> None:
+    for s in salient_layers(model).values():
+        s.noise_key = key
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters()
+            if n.rsplit(".", 1)[-1].startswith(TRAINABLE_PREFIX)}

@@ -1,0 +1,193 @@
+"""The training loop for salient columns: AdamW, cosine schedule, accumulation, resume, accelerate.
+
+Data-parallel through accelerate (``accelerate launch`` / ``torchrun``): the global batch of step s
+is a fixed, seeded slice of the training windows, split into contiguous per-rank micro-batches, so
+N processes reproduce one process with the same global batch. Noise is keyed by (step, global
+micro-batch index), never by process state, for the same reason and for exact resume.
+
+State (trainable tensors, optimizer, scheduler, step, RNG) is saved every ``save_every`` steps into
+``state_dir`` atomically; ``train`` resumes from it when present. Metrics go to ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..cache import atomic_dir
+from .model import set_noise_key, trainable_state
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    steps: int = 100
+    lr: float = 1e-4
+    batch_size: int = 4
+    grad_accum: int = 1
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    eval_every: int = 50
+    save_every: int = 25
+    seed: int = 0
+    gradient_checkpointing: bool = False
+
+
+def cosine_schedule(optimizer, total_steps: int, warmup_ratio: float):
+    from transformers import get_cosine_schedule_with_warmup
+
+    return get_cosine_schedule_with_warmup(optimizer, int(math.ceil(warmup_ratio * total_steps)), total_steps)
+
+
+def token_loss(model, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Mean next-token cross-entropy over unmasked labels, and the number of such tokens."""
+    logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1].float()
+    target = labels[:, 1:]
+    n = int((target != IGNORE).sum())
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE,
+                           reduction="sum")
+    return loss / max(n, 1), n
+
+
+@torch.no_grad()
+def eval_loss(model, windows: torch.Tensor, labels: torch.Tensor, device, batch_size: int = 4) -> float:
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(windows), batch_size):
+        ids, lab = windows[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)
+        loss, n = token_loss(model, ids, lab)
+        total += float(loss) * n
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def step_rows(step: int, global_batch: int, n_windows: int, seed: int) -> torch.Tensor:
+    """Window indices of the global batch of ``step``: consecutive slices of seeded epoch permutations."""
+    start = step * global_batch
+    rows = []
+    while len(rows) < global_batch:
+        epoch, offset = divmod(start + len(rows), n_windows)
+        perm = torch.randperm(n_windows, generator=torch.Generator().manual_seed(seed * 7_777 + epoch))
+        take = min(global_batch - len(rows), n_windows - offset)
+        rows.extend(perm[offset:offset + take].tolist())
+    return torch.tensor(rows)
+
+
+def _save_state(state_dir: Path, model, optimizer, scheduler, step: int, extra: dict) -> None:
+    with atomic_dir(state_dir) as tmp:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
+        torch.save({"cpu": torch.get_rng_state()}, tmp / "rng.pt")
+        (tmp / "step.json").write_text(json.dumps({"step": step, **extra}))
+
+
+def _load_state(state_dir: Path, model, optimizer, scheduler) -> tuple[int, dict]:
+    tensors = load_file(str(state_dir / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, t in tensors.items():
+            params[n].copy_(t)
+    # our own file, written by _save_state; weights_only keeps it from executing anything
+    optimizer.load_state_dict(torch.load(state_dir / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(json.loads((state_dir / "scheduler.json").read_text()))
+    torch.set_rng_state(torch.load(state_dir / "rng.pt", weights_only=True)["cpu"])
+    meta = json.loads((state_dir / "step.json").read_text())
+    return int(meta["step"]), meta
+
+
+def train(model, windows: torch.Tensor, labels: torch.Tensor, settings: TrainSettings, run_dir: Path,
+          eval_windows: torch.Tensor | None = None, eval_labels: torch.Tensor | None = None,
+          device: torch.device | str = "cpu", progress: bool = True) -> dict:
+    """Train the ``gift_`` parameters of ``model`` in place; returns a summary (losses, timings)."""
+    from accelerate import Accelerator
+
+    dev = torch.device(device)
+    accelerator = Accelerator(cpu=dev.type == "cpu", mixed_precision="bf16" if dev.type == "cuda" else "no")
+    world, rank = accelerator.num_processes, accelerator.process_index
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state_dir, metrics_path = run_dir / "state", run_dir / "metrics.jsonl"
+    torch.manual_seed(settings.seed)
+    model.to(accelerator.device)
+    if settings.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable gift_ parameters: the model has no salient columns (K = 0)")
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    scheduler = cosine_schedule(optimizer, settings.steps, settings.warmup_ratio)
+    start, history = 0, []
+    if (state_dir / "step.json").is_file():
+        start, meta = _load_state(state_dir, model, optimizer, scheduler)
+        history = meta.get("history", [])
+    # Only the model goes through accelerate (device placement, DDP). Accumulation, clipping and the
+    # scheduler are explicit: accelerate's scheduler wrapper steps once per process under DDP, which
+    # would make N processes diverge from one.
+    wrapped = accelerator.prepare(model)
+    micro_per_rank = settings.grad_accum
+    global_batch = settings.batch_size * micro_per_rank * world
+    if rank == 0 and metrics_path.exists():  # drop lines logged after the state we resume from
+        kept = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start]
+        metrics_path.write_text("".join(k + "\n" for k in kept))
+    bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc="recover",
+               unit="step", disable=not progress or rank != 0)
+    for step in bar:
+        t0 = time.perf_counter()
+        rows = step_rows(step, global_batch, len(windows), settings.seed)
+        per_rank = settings.batch_size * micro_per_rank
+        local = rows[rank * per_rank:(rank + 1) * per_rank]
+        step_loss, step_tokens = 0.0, 0
+        for a in range(micro_per_rank):
+            mb = local[a * settings.batch_size:(a + 1) * settings.batch_size]
+            set_noise_key(model, step * micro_per_rank * world + rank * micro_per_rank + a)
+            last = a == micro_per_rank - 1
+            sync = contextlib.nullcontext() if last or world == 1 else accelerator.no_sync(wrapped)
+            with sync, accelerator.autocast():
+                loss, _ = token_loss(wrapped, windows[mb].to(accelerator.device), labels[mb].to(accelerator.device))
+                accelerator.backward(loss / micro_per_rank)
+            step_loss += float(loss) / micro_per_rank
+            step_tokens += int(windows[mb].numel())
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        set_noise_key(model, None)
+        step_loss = float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "mean"))
+        seconds = time.perf_counter() - t0
+        record = {"step": step + 1, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
+                  "grad_norm": float(grad_norm),
+                  "tokens_per_s": step_tokens * world / seconds}
+        if eval_windows is not None and settings.eval_every and ((step + 1) % settings.eval_every == 0
+                                                                or step + 1 == settings.steps):
+            record["eval_loss"] = eval_loss(model, eval_windows, eval_labels, accelerator.device)
+        history.append({k: record[k] for k in ("step", "loss") if k in record})
+        if rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        done = step + 1
+        if done % settings.save_every == 0 or done == settings.steps:
+            accelerator.wait_for_everyone()
+            if rank == 0:
+                _save_state(state_dir, model, optimizer, scheduler, done,
+                            {"history": history})
+            accelerator.wait_for_everyone()
+    model.eval()
+    if settings.gradient_checkpointing:
+        model.gradient_checkpointing_disable()
+    return {"steps": settings.steps, "resumed_from": start, "history": history, "world_size": world}

@@ -1,0 +1,22 @@
+"""Shared test settings: quiet transformers, never reach the network (explicit env values win)."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="module")
+def torch_single_thread():
+    """One intra-op thread for a module of tiny-model runs: on a small, busy machine OpenMP's spinning
+    threads make those runs many times slower than one thread does."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
