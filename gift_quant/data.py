@@ -21,8 +21,13 @@ from .errors import GiftQuantError
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 
-def load_records(spec: str, default_split: str = "train") -> list[dict]:
-    """Records from any supported source (see module docstring)."""
+def load_records(spec: str, default_split: str = "train", limit: int | None = None) -> list[dict]:
+    """Records from any supported source (see module docstring); at most ``limit`` when given."""
+    records = _load_records(spec, default_split, limit)
+    return records if limit is None else records[:limit]
+
+
+def _load_records(spec: str, default_split: str, limit: int | None) -> list[dict]:
     path = Path(spec)
     if path.exists():
         files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES) if path.is_dir() else [path]
@@ -37,7 +42,7 @@ def load_records(spec: str, default_split: str = "train") -> list[dict]:
     from . import datasets as named
 
     if named.is_named(spec):
-        return named.load_named_records(spec, default_split)
+        return named.load_named_records(spec, default_split, limit)
     return _load_hf(spec, default_split)
 
 

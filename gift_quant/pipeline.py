@@ -168,16 +168,18 @@ class Stages:
 def training_windows(tokenizer, rcfg, n_windows: int):
     from .recover.data import pack_examples
 
-    records = load_records(rcfg.train_data, default_split="train")
+    # a few records per window is plenty; named sets are stored shuffled, so the first N are a fair sample
+    records = load_records(rcfg.train_data, default_split="train", limit=max(2000, 8 * n_windows))
     train = pack_examples(tokenizer, records, rcfg.seq_len, n_windows, rcfg.seed, source=rcfg.train_data)
     if rcfg.eval_data is not None:
-        held = load_records(rcfg.eval_data, default_split="validation")
+        held = load_records(rcfg.eval_data, default_split="validation", limit=max(200, 8 * rcfg.eval_windows))
     else:
         from . import datasets as named
 
         if not named.is_named(rcfg.train_data):
             return train, None
-        held = load_records(rcfg.train_data.split(":")[0] + ":validation", default_split="validation")
+        held = load_records(rcfg.train_data.split(":")[0] + ":validation", default_split="validation",
+                            limit=max(200, 8 * rcfg.eval_windows))
     held_out = pack_examples(tokenizer, held, rcfg.seq_len, rcfg.eval_windows, rcfg.seed + 1, source="held-out data")
     return train, held_out
 

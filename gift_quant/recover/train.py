@@ -160,7 +160,7 @@ def train(model, windows: torch.Tensor, labels: torch.Tensor, settings: TrainSet
             with sync, accelerator.autocast():
                 loss, _ = token_loss(wrapped, windows[mb].to(accelerator.device), labels[mb].to(accelerator.device))
                 accelerator.backward(loss / micro_per_rank)
-            step_loss += float(loss) / micro_per_rank
+            step_loss += float(loss.detach()) / micro_per_rank
             step_tokens += int(windows[mb].numel())
         grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
         optimizer.step()
