@@ -8,7 +8,7 @@ Embeddings, norms and the LM head live outside the blocks and are never quantize
 
 from __future__ import annotations
 
-import torch.nn as nn
+from torch import nn
 
 from .errors import GiftQuantError
 

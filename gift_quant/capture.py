@@ -11,7 +11,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .arch import block_linears
 

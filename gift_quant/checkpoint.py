@@ -18,8 +18,8 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 from safetensors.torch import load_model, save_model
+from torch import nn
 
 from .cache import atomic_write_text
 from .errors import GiftQuantError

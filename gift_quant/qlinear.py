@@ -11,8 +11,8 @@ GPTQ is a relabelling, not a recomputation.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from .pack import pack_cols, pack_rows, packed_length, unpack_cols, unpack_rows
 

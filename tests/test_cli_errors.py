@@ -203,8 +203,6 @@ def test_unreadable_config(world, capsys, tmp_path):
     assert_cli_error(rc, err, "bad_json", "config.json")
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: a folder with config.json but no weight files raises "
-                   "OSError from from_pretrained (traceback) instead of a GiftQuantError")
 def test_folder_without_weights(world, capsys, tmp_path):
     rc, _, err = run_in_process(capsys, quantize_args(world, world["config_only"], tmp_path / "out"))
     assert_cli_error(rc, err, "config_only")
@@ -222,8 +220,6 @@ def test_encoder_decoder_with_causal_class_is_refused(world, capsys, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: BERT-like encoder-only configs are in "
-                   "MODEL_FOR_CAUSAL_LM_MAPPING (BertLMHeadModel), so check_causal_lm accepts them")
 def test_encoder_only_is_refused(world, capsys, tmp_path, monkeypatch):
     def accepted(*_a, **_k):
         raise AssertionError("an encoder-only model reached quantization")

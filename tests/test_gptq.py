@@ -11,7 +11,8 @@ def correlated_problem(out_f=48, in_f=96, n=2048, seed=0):
     """Weights and a Hessian from inputs with strong cross-column correlation and a few outlier columns."""
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(n, in_f, generator=g, dtype=torch.float64)
-    mix = torch.eye(in_f, dtype=torch.float64) + 0.6 * torch.randn(in_f, in_f, generator=g, dtype=torch.float64) / in_f**0.5
+    noise = torch.randn(in_f, in_f, generator=g, dtype=torch.float64)
+    mix = torch.eye(in_f, dtype=torch.float64) + 0.6 * noise / in_f**0.5
     x = z @ mix
     x[:, :4] *= 8.0  # outlier input channels, the kind the sensitivity metric looks for
     w = torch.randn(out_f, in_f, generator=g, dtype=torch.float64) * 0.05
@@ -151,5 +152,5 @@ def test_grid_fp16_scales_and_clip_search():
         e1 = ((fake_quantize(w.float(), s1, z1, mm.maxq) - w.float()) ** 2).sum(1)
         e2 = ((fake_quantize(w.float(), s2, z2, mse.maxq) - w.float()) ** 2).sum(1)
         assert torch.all(e2 <= e1 + 1e-6)
-    s, z = fit_rows(w, GridSpec(bits=4, sym=True))
+    _, z = fit_rows(w, GridSpec(bits=4, sym=True))
     assert torch.all(z == 8)

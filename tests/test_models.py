@@ -5,16 +5,16 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
+from tiny import ARCHS, corpus, make_model_dir
 
-import gift_quant.capture as capture
-import gift_quant.quant.engine as engine
+from gift_quant import capture
 from gift_quant.arch import block_linears, find_blocks
 from gift_quant.checkpoint import CONFIG_NAME, load
 from gift_quant.config import QuantizeConfig
 from gift_quant.models import load_model
 from gift_quant.pipeline import quantize_to_checkpoint
 from gift_quant.qlinear import QuantLinear
-from tiny import ARCHS, corpus, make_model_dir
+from gift_quant.quant import engine
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ VARIANTS = {
 def test_quantize_roundtrip(arch, tmp_path, calib_file):
     src = make_model_dir(arch, tmp_path / "src")
     cfg = _cfg(calib_file, **VARIANTS[arch])
-    model, summary = quantize_to_checkpoint(str(src), tmp_path / "out", cfg, progress=False)
+    model, _ = quantize_to_checkpoint(str(src), tmp_path / "out", cfg, progress=False)
     out = tmp_path / "out"
     # every linear inside the blocks is quantized; nothing else is
     _, blocks = find_blocks(model)

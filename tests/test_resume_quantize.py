@@ -134,10 +134,22 @@ def test_changed_calibration_data_is_refused(setup, reference, tmp_path, capsys)
     assert "calibration" in line
 
 
-@pytest.mark.xfail(strict=True, reason="library weakness: claim_run names only the identity section "
-                   "('settings'), not the setting that changed ('bits 3 -> 4')")
 def test_changed_setting_message_names_the_setting(setup, reference, tmp_path, capsys):
     out = _copy(reference, tmp_path / "out")
     assert main(_args(setup, out, "--bits", "4")) == 2
     (line,) = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("gift-quant: error:")]
     assert "bits" in line
+
+
+def test_quantizing_a_checkpoint_is_refused(setup, reference, tmp_path, monkeypatch, capsys):
+    def accepted(*_a, **_k):
+        raise AssertionError("a gift-quant checkpoint was accepted as the source model")
+
+    monkeypatch.setattr("gift_quant.pipeline.quantize_model", accepted)
+    args = _args(setup, tmp_path / "out")
+    args[1] = str(reference["out"])
+    rc = main(args)
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("gift-quant: error:")]
+    assert str(reference["out"]) in line

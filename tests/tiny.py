@@ -9,9 +9,70 @@ import torch
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt_neox"]
 
-WORDS = ("the of and to in a is that for it as was with be by on not he this are or his from at which but "
-         "have an they you were her she there been one all we their has would when if so no will more can "
-         "model weight column quantize salient noise gradient layer block token window matrix error scale").split()
+WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "a",
+    "is",
+    "that",
+    "for",
+    "it",
+    "as",
+    "was",
+    "with",
+    "be",
+    "by",
+    "on",
+    "not",
+    "he",
+    "this",
+    "are",
+    "or",
+    "his",
+    "from",
+    "at",
+    "which",
+    "but",
+    "have",
+    "an",
+    "they",
+    "you",
+    "were",
+    "her",
+    "she",
+    "there",
+    "been",
+    "one",
+    "all",
+    "we",
+    "their",
+    "has",
+    "would",
+    "when",
+    "if",
+    "so",
+    "no",
+    "will",
+    "more",
+    "can",
+    "model",
+    "weight",
+    "column",
+    "quantize",
+    "salient",
+    "noise",
+    "gradient",
+    "layer",
+    "block",
+    "token",
+    "window",
+    "matrix",
+    "error",
+    "scale",
+]
 
 
 def corpus(n_words: int = 6000, seed: int = 0) -> str:
@@ -30,8 +91,9 @@ def make_tokenizer(path: Path):
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator([corpus()], trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
     fast.save_pretrained(path)
@@ -41,8 +103,15 @@ def make_tokenizer(path: Path):
 def tiny_config(arch: str, vocab_size: int = 320):
     from transformers import AutoConfig
 
-    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=256, tie_word_embeddings=False)
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
     if arch == "gpt_neox":
         return AutoConfig.for_model("gpt_neox", **common, rotary_pct=0.5)
     extra = dict(num_key_value_heads=2, head_dim=16)

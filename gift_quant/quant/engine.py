@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 from safetensors.torch import load_file, save_file
+from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch import block_linears, find_blocks
@@ -187,7 +187,7 @@ def quantize_model(model: nn.Module, windows: torch.Tensor, cfg: QuantizeConfig,
                 first = linears[group[0]]
                 # members of a group share one input: accumulate its statistics once
                 stats = ColumnStats(first.in_features, device=device)
-                collect_inputs(block, group[:1], inputs, kwargs, lambda _n, x: stats.update(x))
+                collect_inputs(block, group[:1], inputs, kwargs, lambda _n, x, st=stats: st.update(x))
                 hessian = stats.hessian.float()
                 for name in group:
                     lin, qualified = linears[name], f"{prefix}.{i}.{name}"

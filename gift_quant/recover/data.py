@@ -37,7 +37,8 @@ def encode_record(tokenizer, record: dict) -> tuple[list[int], list[int]]:
         if has_template:
             prompt, answer = _chat_parts(tokenizer, messages)
         else:
-            prompt = tokenizer("\n".join(m["content"] for m in messages[:-1]) + "\n", add_special_tokens=False)["input_ids"]
+            context = "\n".join(m["content"] for m in messages[:-1]) + "\n"
+            prompt = tokenizer(context, add_special_tokens=False)["input_ids"]
             answer = tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"]
         return prompt + answer, [IGNORE] * len(prompt) + answer
     if "text" in record:

@@ -15,8 +15,8 @@ computes a weight gradient only for the small salient block.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from ..grid import GridSpec, step_sizes
 

@@ -11,7 +11,7 @@ Everything but the ``gift_`` parameters is frozen.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from ..arch import block_linears, find_blocks
 from ..qlinear import QuantLinear

@@ -47,7 +47,7 @@ class TrainSettings:
 def cosine_schedule(optimizer, total_steps: int, warmup_ratio: float):
     from transformers import get_cosine_schedule_with_warmup
 
-    return get_cosine_schedule_with_warmup(optimizer, int(math.ceil(warmup_ratio * total_steps)), total_steps)
+    return get_cosine_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * total_steps), total_steps)
 
 
 def token_loss(model, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
