@@ -24,6 +24,7 @@ DEFAULT_TRAIN_DATA = "natural-instructions"
 @dataclass(frozen=True)
 class QuantizeConfig:
     bits: int = 3
+    algorithm: str = "gptq"  # gptq | rtn (round-to-nearest baseline on the same grid)
     group_size: int = -1  # <= 0: one grid per output row (the paper's per-row setting)
     sym: bool = True
     act_order: bool = False
@@ -50,6 +51,8 @@ class QuantizeConfig:
             raise GiftQuantError(f"--salient must be >= 0 (got {self.salient})")
         if not 0.0 <= self.salient_fraction < 1.0:
             raise GiftQuantError(f"--salient-fraction must be in [0, 1) (got {self.salient_fraction})")
+        if self.algorithm not in ("gptq", "rtn"):
+            raise GiftQuantError(f"algorithm must be gptq or rtn (got {self.algorithm!r})")
         if self.clip not in ("mse", "minmax"):
             raise GiftQuantError(f"clip must be mse or minmax (got {self.clip!r})")
         if not 0 <= self.damp < 1:

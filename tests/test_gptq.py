@@ -154,3 +154,16 @@ def test_grid_fp16_scales_and_clip_search():
         assert torch.all(e2 <= e1 + 1e-6)
     _, z = fit_rows(w, GridSpec(bits=4, sym=True))
     assert torch.all(z == 8)
+
+
+def test_rtn_baseline_matches_grid_rtn_and_keeps_salient_columns():
+    from gift_quant.quant.rtn import rtn_quantize
+
+    w, h = correlated_problem(seed=8)
+    spec = GridSpec(bits=3, sym=False, group_size=32)
+    torch.testing.assert_close(rtn_quantize(w, spec).dequantized(), quantize_rtn(w, spec).float())
+    sal = torch.tensor([2, 50, 77])
+    rest = torch.tensor([j for j in range(w.shape[1]) if j not in (2, 50, 77)])
+    res = rtn_quantize(w, spec, sal)
+    torch.testing.assert_close(res.dequantized(), quantize_rtn(w, spec, columns=rest).float())
+    torch.testing.assert_close(res.salient_weight, w[:, sal].float())

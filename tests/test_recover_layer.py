@@ -112,3 +112,19 @@ def test_dense_base_keeps_no_quantized_state_and_merges():
     torch.testing.assert_close(s.merged_weight(), w)
     x = torch.randn(4, 64)
     torch.testing.assert_close(s(x), x @ w.T, rtol=1e-5, atol=1e-5)
+
+
+def test_qat_layer_starts_at_the_quantized_layer_and_converts_back():
+    from gift_quant.recover.qat import convert_qat, prepare_qat
+
+    q, _ = _quant_linear(sym=False, group_size=32)
+    model = prepare_qat(Wrap(q))
+    layer = model.layers[0]["proj"]
+    x = torch.randn(3, q.in_features)
+    torch.testing.assert_close(layer(x), q(x), rtol=1e-5, atol=1e-5)
+    layer(x).pow(2).sum().backward()
+    assert layer.gift_weight.grad is not None and layer.gift_weight.grad.abs().sum() > 0  # STE passes gradients
+    convert_qat(model, torch.float32)
+    back = model.layers[0]["proj"]
+    assert isinstance(back, QuantLinear) and torch.equal(back.qweight, q.qweight)
+    torch.testing.assert_close(back(x), q(x), rtol=1e-5, atol=1e-5)

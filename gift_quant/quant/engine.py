@@ -13,6 +13,7 @@ loads finished blocks instead of recomputing them (only their forward pass is re
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from ..qlinear import QuantLinear, effective_bits
 from ..sensitivity import column_scores, parse_metric, select_salient
 from ..stats import ColumnStats
 from .gptq import gptq_quantize, layer_error
+from .rtn import rtn_quantize
 
 _QL_BUFFERS = ("qweight", "scales", "qzeros", "g_idx", "salient_idx", "salient_weight", "bias")
 
@@ -93,8 +95,11 @@ def quantize_layer(linear: nn.Linear, stats: ColumnStats, hessian: torch.Tensor,
     if fixed_salient is not None:
         salient = fixed_salient.long().sort().values
     k = salient.numel()
-    res = gptq_quantize(weight, hessian, spec, salient, act_order=cfg.act_order,
-                        static_groups=cfg.static_groups, block_size=cfg.block_size, damp=cfg.damp)
+    if cfg.algorithm == "rtn":
+        res = rtn_quantize(weight, spec, salient)
+    else:
+        res = gptq_quantize(weight, hessian, spec, salient, act_order=cfg.act_order,
+                            static_groups=cfg.static_groups, block_size=cfg.block_size, damp=cfg.damp)
     sal_dtype = parse_dtype(cfg.salient_dtype)
     # the in-memory model computes with exactly what the checkpoint will store
     res.salient_weight = res.salient_weight.to(sal_dtype).float()
@@ -105,7 +110,7 @@ def quantize_layer(linear: nn.Linear, stats: ColumnStats, hessian: torch.Tensor,
     metrics = {
         "in_features": linear.in_features, "out_features": linear.out_features, "salient": k,
         "groups": int(res.scales.shape[1]), "layer_error": err, "relative_error": err / max(ref, 1e-30),
-        "gptq_loss": res.loss,
+        "gptq_loss": None if math.isnan(res.loss) else res.loss,
         "effective_bits": effective_bits(linear.in_features, linear.out_features, cfg.bits,
                                          int(res.scales.shape[1]), k, cfg.sym, torch.finfo(sal_dtype).bits),
     }

@@ -1,0 +1,171 @@
+"""Benchmark: one training step of GIFT-SW against PEFT LoRA (rank 64, all seven linears).
+
+Both train on the same quantized model (gift-quant GPTQ + salient columns of the default model), with
+the same batch, sequence length and optimizer, each in its own subprocess so peak memory is its own:
+
+* ``gift``:       SalientLinear on the packed codes (uint8 codes + scales, dequantized per pass) with
+                  noise injection -- what ``gift-quant recover`` trains;
+* ``gift-dense``: SalientLinear on a frozen dense fp32 base, to separate the method's cost from the
+                  base representation;
+* ``lora``:       peft LoRA r=64 (alpha 64) on q,k,v,o,gate,up,down of the same model with its quantized
+                  weights materialized as frozen fp32 nn.Linear (QUIK+LoRA; peft has no layer for our
+                  QuantLinear).
+
+Prints a table and writes JSON: tokens/s, seconds/step, peak RSS growth during training (CPU) or
+peak CUDA memory, trainable parameters, and the ratios gift/lora.
+
+    python tools/bench_train.py --steps 3 --batch-size 4 --seq-len 256 --out results/bench_train
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+METHODS = ("gift", "gift-dense", "lora")
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker(args) -> dict:
+    from gift_quant.checkpoint import load
+    from gift_quant.recover.model import convert_to_dense, freeze_all_but_gift, prepare_quantized
+    from gift_quant.recover.train import token_loss
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    model = load(args.ckpt)
+    if args.method in ("gift", "gift-dense"):
+        model = prepare_quantized(model, noise="normal", noise_bits=4, seed=0)
+        if args.method == "gift-dense":
+            from gift_quant.recover.model import named_block_linears, prepare_dense
+
+            salient = {n: m.salient_idx.clone() for n, m in named_block_linears(model).items()}
+            trained = {n: m.gift_salient.detach().clone() for n, m in named_block_linears(model).items()}
+            convert_to_dense(model)
+            prepare_dense(model, salient, noise="normal", noise_bits=4, seed=0)
+            for n, m in named_block_linears(model).items():
+                m.gift_salient.data.copy_(trained[n])
+        params = freeze_all_but_gift(model)
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        model = convert_to_dense(prepare_quantized(model, noise="none"))  # fp32 nn.Linear with salient merged
+        for p in model.parameters():
+            p.requires_grad_(False)
+        cfg = LoraConfig(r=64, lora_alpha=64, lora_dropout=0.0, bias="none",
+                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        model = get_peft_model(model, cfg)
+        params = [p for p in model.parameters() if p.requires_grad]
+    model.to(device).train()
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 49152, (args.batch_size, args.seq_len), generator=g).to(device)
+
+    def step():
+        loss, _ = token_loss(model, ids, ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    rss_before = _rss_mb()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base_cuda = torch.cuda.memory_allocated() / 2**20
+    step()  # warm-up (allocates optimizer state)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - t0) / args.steps
+    out = {"method": args.method, "seconds_per_step": seconds,
+           "tokens_per_s": args.batch_size * args.seq_len / seconds,
+           "trainable_params": sum(p.numel() for p in params),
+           "peak_rss_growth_mb": _rss_mb() - rss_before, "peak_rss_mb": _rss_mb()}
+    if device.type == "cuda":
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20 - base_cuda
+    return out
+
+
+def ensure_checkpoint(path: Path, calib_samples: int) -> Path:
+    from gift_quant.checkpoint import is_checkpoint
+    from gift_quant.config import QuantizeConfig
+    from gift_quant.pipeline import quantize_to_checkpoint
+
+    if not is_checkpoint(path):
+        # calibration quality does not matter for step speed: a small calibration set keeps this quick
+        quantize_to_checkpoint(None, path, QuantizeConfig(bits=3, calib_samples=calib_samples, seq_len=128,
+                                                          device="cpu"), progress=True)
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--ckpt", default="/tmp/gift-bench-train-w3", help="quantized checkpoint (made if missing)")
+    ap.add_argument("--calib-samples", type=int, default=16)
+    ap.add_argument("--out", default="results/bench_train")
+    ap.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.method:  # subprocess mode
+        print(json.dumps(worker(args)))
+        return
+    ensure_checkpoint(Path(args.ckpt), args.calib_samples)
+    rows = []
+    for method in METHODS:
+        cmd = [sys.executable, __file__, "--method", method, "--steps", str(args.steps), "--batch-size",
+               str(args.batch_size), "--seq-len", str(args.seq_len), "--device", args.device, "--ckpt", args.ckpt]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if res.returncode != 0:
+            rows.append({"method": method, "failed": res.stderr.strip().splitlines()[-1:]})
+            continue
+        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        print(f"{method}: {rows[-1]}", file=sys.stderr)
+    by = {r["method"]: r for r in rows if "failed" not in r}
+    ratios = {}
+    if "gift" in by and "lora" in by:
+        mem = "peak_cuda_mb" if args.device.startswith("cuda") else "peak_rss_growth_mb"
+        for m in ("gift", "gift-dense"):
+            if m in by:
+                ratios[m] = {"tokens_per_s_ratio": by[m]["tokens_per_s"] / by["lora"]["tokens_per_s"],
+                             "peak_memory_ratio": by[m][mem] / max(by["lora"][mem], 1e-9)}
+    report = {"date": str(date.today()), "machine": platform.processor() or platform.machine(),
+              "cpus": torch.get_num_threads(), "torch": torch.__version__, "device": args.device,
+              "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps,
+              "command": " ".join(sys.argv), "rows": rows, "ratios_vs_lora": ratios}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_train.json").write_text(json.dumps(report, indent=1))
+    lines = ["| method | trainable params | s/step | tokens/s | peak memory growth (MB) |", "|---|---|---|---|---|"]
+    for r in rows:
+        if "failed" in r:
+            lines.append(f"| {r['method']} | failed: {r['failed']} | | | |")
+            continue
+        mem = r.get("peak_cuda_mb", r["peak_rss_growth_mb"])
+        lines.append(f"| {r['method']} | {r['trainable_params']:,} | {r['seconds_per_step']:.2f} | "
+                     f"{r['tokens_per_s']:.0f} | {mem:.0f} |")
+    for m, v in ratios.items():
+        lines.append(f"\n{m} / lora: tokens/s x{v['tokens_per_s_ratio']:.2f}, peak memory x{v['peak_memory_ratio']:.2f}")
+    (out / "bench_train.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
