@@ -23,12 +23,15 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def _add_quantize_flags(p: argparse.ArgumentParser) -> None:
+def _add_quantize_flags(p: argparse.ArgumentParser, multi_bits: bool = False) -> None:
     p.add_argument("model_dir", nargs="?", default=None,
                    help="local Hugging Face model folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--out", required=True, help="output folder (created; resumable)")
     p.add_argument("--recipe", default=None, help="YAML recipe (see recipes/); flags override it")
-    p.add_argument("--bits", type=int, default=None, help="2, 3, 4 or 8 (default 3)")
+    if multi_bits:
+        p.add_argument("--bits", type=int, nargs="+", default=None, help="bit widths to sweep (default 3)")
+    else:
+        p.add_argument("--bits", type=int, default=None, help="2, 3, 4 or 8 (default 3)")
     p.add_argument("--group-size", type=int, default=None, help="columns per grid; -1 = per row (default)")
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=None, help="symmetric grid (default)")
@@ -52,7 +55,8 @@ def _add_quantize_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _quantize_overrides(a) -> dict:
-    return {"bits": a.bits, "group_size": a.group_size, "sym": a.sym, "act_order": a.act_order,
+    bits = a.bits[0] if isinstance(a.bits, list) else a.bits
+    return {"bits": bits, "group_size": a.group_size, "sym": a.sym, "act_order": a.act_order,
             "static_groups": a.static_groups, "clip": a.clip, "damp": a.damp, "salient": a.salient,
             "salient_fraction": a.salient_fraction, "metric": a.metric, "calib_data": a.calib_data,
             "calib_samples": a.calib_samples, "seq_len": a.seq_len, "seed": a.seed, "dtype": a.dtype,
@@ -114,11 +118,7 @@ def cmd_recover(a) -> dict:
 
     recipe = read_recipe(a.recipe)
     qcfg = build(QuantizeConfig, recipe, "quantize", _quantize_overrides(a))
-    rcfg = build(RecoverConfig, recipe, "recover", {
-        "variant": a.variant, "noise": a.noise, "noise_bits": a.noise_bits, "steps": a.steps, "lr": a.lr,
-        "batch_size": a.batch_size, "grad_accum": a.grad_accum, "warmup_ratio": a.warmup_ratio,
-        "seq_len": a.seq_len, "train_data": a.train_data, "eval_data": a.eval_data, "save_every": a.save_every,
-        "gradient_checkpointing": a.gradient_checkpointing, "seed": a.seed})
+    rcfg = build(RecoverConfig, recipe, "recover", _recover_overrides(a))
     ecfg = build(EvalConfig, recipe, "eval", {"ppl_data": a.ppl_data, "seq_len": a.ppl_seq_len,
                                               "max_windows": a.max_windows})
     res = run_recover(a.model_dir, a.out, qcfg, rcfg, ecfg, overwrite=a.overwrite,
@@ -126,6 +126,42 @@ def cmd_recover(a) -> dict:
     print(f"wrote {res['out']}: GIFT-SW {res['variant']} w{res['bits']} ({res['effective_bits']:.3f} bits/weight), "
           f"perplexity {res['ppl_before']:.3f} before recovery -> {res['ppl_after']:.3f} after")
     return res
+
+
+def cmd_compare(a) -> dict:
+    from .compare import METHODS, run_compare
+
+    recipe = read_recipe(a.recipe)
+    qcfg = build(QuantizeConfig, recipe, "quantize", _quantize_overrides(a))
+    rcfg = build(RecoverConfig, recipe, "recover", _recover_overrides(a))
+    ecfg = build(EvalConfig, recipe, "eval", {"ppl_data": a.ppl_data, "seq_len": a.ppl_seq_len,
+                                              "max_windows": a.max_windows})
+    methods = list(METHODS) if a.methods in (None, "all") else [m.strip() for m in a.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise GiftQuantError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    for b in a.bits or [qcfg.bits]:
+        QuantizeConfig(bits=b)  # validates each width up front
+    tasks = [] if not a.tasks else _expand_tasks(a.tasks)
+    doc = run_compare(a.model_dir, Path(a.out), a.bits or [qcfg.bits], methods, qcfg, rcfg, ecfg, tasks, a.limit,
+                      progress=not a.no_progress)
+    print((Path(a.out) / "report.md").read_text())
+    failed = [f"w{r['bits']} {r['method']}" for r in doc["rows"] if "failed" in r]
+    if failed:
+        print(f"gift-quant: {len(failed)} method(s) failed and are reported as failed: {', '.join(failed)}",
+              file=sys.stderr)
+    return {"report": str(Path(a.out) / "report.md"), "failed": failed}
+
+
+def _expand_tasks(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _recover_overrides(a) -> dict:
+    return {"variant": a.variant, "noise": a.noise, "noise_bits": a.noise_bits, "steps": a.steps, "lr": a.lr,
+            "batch_size": a.batch_size, "grad_accum": a.grad_accum, "warmup_ratio": a.warmup_ratio,
+            "seq_len": a.seq_len, "train_data": a.train_data, "eval_data": a.eval_data, "save_every": a.save_every,
+            "gradient_checkpointing": a.gradient_checkpointing, "seed": a.seed}
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -142,6 +178,15 @@ def make_parser() -> argparse.ArgumentParser:
     _add_recover_flags(r)
     _add_common(r)
     r.set_defaults(func=cmd_recover)
+
+    c = sub.add_parser("compare", help="every method on the same data and budget -> report (md, csv, json, png)")
+    _add_quantize_flags(c, multi_bits=True)
+    _add_recover_flags(c)
+    c.add_argument("--methods", default=None, help="comma-separated subset (default all; see gift_quant.compare)")
+    c.add_argument("--tasks", default=None, help="zero-shot tasks, e.g. gift6 (needs the [eval] extra)")
+    c.add_argument("--limit", type=int, default=None, help="zero-shot examples per task")
+    _add_common(c)
+    c.set_defaults(func=cmd_compare)
 
     e = sub.add_parser("eval", help="perplexity of a model folder or gift checkpoint")
     e.add_argument("path", nargs="?", default=None, help="model folder or checkpoint (default: embedded model)")

@@ -77,7 +77,7 @@ class QuantLinear(nn.Module):
         scales = self.scales.float()[g]  # (in, out)
         zeros = self.zero_points().to(scales.device)[g]
         codes = unpack_rows(self.qweight, self.bits, self.in_features).float()  # (in, out)
-        return (scales * (codes - zeros)).T
+        return (scales * (codes - zeros)).T.contiguous()
 
     def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         w = self.dequantized_base()

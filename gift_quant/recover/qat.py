@@ -33,7 +33,7 @@ class QATLinear(nn.Module):
         self.register_buffer("nonsalient_mask", mask)
         self.register_buffer("scales_g", q.scales.clone())
         self.register_buffer("zeros_g", q.zero_points().clone())
-        self.gift_weight = nn.Parameter(q.dense_weight(torch.float32))
+        self.gift_weight = nn.Parameter(q.dense_weight(torch.float32).contiguous())
         self.register_buffer("bias", None if q.bias is None else q.bias.clone())
 
     def fake_quant(self, w: torch.Tensor) -> torch.Tensor:

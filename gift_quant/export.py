@@ -1,0 +1,472 @@
+"""Exports of a native gift-quant checkpoint to formats that other tools load without gift-quant.
+
+* ``export_gptq_lora``: a standard GPTQ checkpoint of the non-salient part (transformers + optimum +
+  gptqmodel, GPTQModel, vLLM) plus a PEFT LoRA adapter in ``adapter/`` that adds the salient columns
+  back: ``lora_A`` = one-hot rows selecting the salient inputs, ``lora_B`` = the salient columns minus
+  what the quantized base holds there, one rank r for every module (zero-padded), ``lora_alpha = r``
+  so the scaling is 1. Base + adapter compute what ``gift_quant.load`` computes.
+* ``export_dense``: the merged full-precision model, an ordinary Hugging Face folder.
+
+Why the GPTQ part is written with ``desc_act = true`` when there are salient columns: our groups are
+runs of consecutive *non-salient* columns, so column j's group is not ``j // group_size``. The GPTQ
+format names an arbitrary group per input column only through ``g_idx``, and loaders honour ``g_idx``
+only in the act-order layout; without ``desc_act`` kernels may assume ``j // group_size`` (Marlin,
+ExLlama) and dequantize with the wrong scales. The export also re-files every salient column into a
+group with spare room (its code set to that group's zero point, so the base still holds exactly 0
+there): every group then has exactly ``group_size`` columns but the last, the shape GPTQ act-order
+produces and act-order kernels assume (gptqmodel's CPU int4 kernel, for one, builds its column
+permutation from that assumption).
+
+Zero points: GPTQ v1 (``checkpoint_format: gptq``, what vLLM's Marlin path and most tools read)
+stores ``zero - 1``, so it cannot hold a zero point of 0, which asymmetric grids produce for groups
+without negative weights. Such checkpoints are written as ``gptq_v2`` (the zero itself), unless the
+caller insists on v1, which then fails with a message naming the formats that can carry it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .cache import atomic_dir
+from .checkpoint import WEIGHTS_NAME, copy_tokenizer_files, read_gift_config
+from .errors import GiftQuantError
+from .models import parse_dtype
+from .pack import pack_cols, pack_rows, unpack_cols, unpack_rows
+
+LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # ranks vLLM's --max-lora-rank accepts (beside 1)
+GPTQ_GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)  # what gptqmodel's kernels load, besides -1
+ADAPTER_DIR = "adapter"
+EXPORT_INFO = "gift_quant_export.json"  # provenance of an export; every loader ignores it
+FORMATS = ("gptq-lora", "dense")
+_QUANT_SUFFIXES = ("qweight", "scales", "qzeros", "g_idx", "salient_idx", "salient_weight", "bias")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+# ---------------------------------------------------------------------------- reading the native checkpoint
+
+
+@dataclass
+class NativeLayer:
+    """The stored tensors of one quantized linear (GPTQ layout, see qlinear.QuantLinear)."""
+
+    name: str
+    in_features: int
+    out_features: int
+    bits: int
+    sym: bool
+    qweight: torch.Tensor  # int32 (ceil(in/32)*bits, out)
+    scales: torch.Tensor  # fp16 (G, out)
+    qzeros: torch.Tensor | None  # int32 (G, ceil(out/32)*bits), asymmetric only; the zero itself
+    g_idx: torch.Tensor  # int32 (in,)
+    salient_idx: torch.Tensor  # int32 (K,)
+    salient_weight: torch.Tensor  # (out, K)
+    bias: torch.Tensor | None
+
+    @property
+    def n_groups(self) -> int:
+        return self.scales.shape[0]
+
+    @property
+    def n_salient(self) -> int:
+        return self.salient_idx.numel()
+
+    def codes(self) -> torch.Tensor:
+        """(in, out) int64."""
+        return unpack_rows(self.qweight, self.bits, self.in_features).long()
+
+    def zeros(self) -> torch.Tensor:
+        """(G, out) int64 zero points."""
+        if self.sym:
+            return torch.full(self.scales.shape, 2 ** (self.bits - 1), dtype=torch.int64)
+        return unpack_cols(self.qzeros, self.bits, self.out_features).long()
+
+    def dequantized_base(self) -> torch.Tensor:
+        """dequant(codes) (out, in) float32; 0 at the salient columns in a well-formed checkpoint."""
+        g = self.g_idx.long()
+        return (self.scales.float()[g] * (self.codes() - self.zeros()[g]).float()).T.contiguous()
+
+    def dense_weight(self) -> torch.Tensor:
+        """What QuantLinear computes with: the base with the salient columns scattered in (float32)."""
+        w = self.dequantized_base()
+        w[:, self.salient_idx.long()] = self.salient_weight.float()
+        return w
+
+
+class NativeCheckpoint:
+    """A native checkpoint read straight from its files: no model is built, nothing is unpickled."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.doc = read_gift_config(self.path)
+        self.config = json.loads((self.path / "config.json").read_text())
+        q = self.doc["quantize"]
+        self.bits, self.sym = int(q["bits"]), bool(q["sym"])
+        self.group_size = int(q.get("group_size", -1))
+        self.dtype = parse_dtype(self.doc.get("dtype", "float32"))
+        with safe_open(self.path / WEIGHTS_NAME, "pt") as f:
+            self.tensors = {k: f.get_tensor(k) for k in f.keys()}
+        self.layers: dict[str, NativeLayer] = {}
+        t = self.tensors
+        for name, info in self.doc["layers"].items():
+            missing = [s for s in ("qweight", "scales", "g_idx", "salient_idx", "salient_weight")
+                       if f"{name}.{s}" not in t] + ([] if self.sym or f"{name}.qzeros" in t else ["qzeros"])
+            if missing:
+                raise GiftQuantError(f"{self.path / WEIGHTS_NAME} lacks {name}.{missing[0]} named in its config; "
+                                     "the checkpoint is damaged: quantize again")
+            self.layers[name] = NativeLayer(
+                name, int(info["in_features"]), int(info["out_features"]), self.bits, self.sym,
+                t[f"{name}.qweight"], t[f"{name}.scales"], t.get(f"{name}.qzeros"), t[f"{name}.g_idx"],
+                t[f"{name}.salient_idx"], t[f"{name}.salient_weight"], t.get(f"{name}.bias"))
+        self._skeleton = None
+
+    def other_tensors(self) -> dict[str, torch.Tensor]:
+        """Everything that is not a quantized linear's buffer: embeddings, norms, lm_head ..."""
+        owned = {f"{n}.{s}" for n in self.layers for s in _QUANT_SUFFIXES}
+        return {k: v for k, v in self.tensors.items() if k not in owned}
+
+    def skeleton(self):
+        """The model built on the meta device from config.json: module names, tied embeddings."""
+        if self._skeleton is None:
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            with torch.device("meta"):
+                self._skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(self.path))
+        return self._skeleton
+
+    @property
+    def max_salient(self) -> int:
+        return max((lay.n_salient for lay in self.layers.values()), default=0)
+
+
+# ---------------------------------------------------------------------------- shared plumbing
+
+
+def _check_out(out_dir: Path, ckpt: Path, overwrite: bool) -> None:
+    if out_dir.resolve() == ckpt.resolve() or ckpt.resolve() in out_dir.resolve().parents:
+        raise GiftQuantError(f"export folder {out_dir} is inside the checkpoint {ckpt}; choose another folder")
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise GiftQuantError(f"export folder {out_dir} is a file; give a folder path")
+    if any(out_dir.iterdir()):
+        if not (out_dir / EXPORT_INFO).is_file():
+            raise GiftQuantError(f"export folder {out_dir} exists and is not a gift-quant export; choose a new folder")
+        if not overwrite:
+            raise GiftQuantError(f"export folder {out_dir} holds an earlier export; pass --overwrite to replace it")
+
+
+def _tie_fixup(tensors: dict[str, torch.Tensor], nat: NativeCheckpoint) -> dict[str, torch.Tensor]:
+    """Write tied embeddings the way ``save_pretrained`` does: input embedding kept, output dropped.
+
+    The native file is written by safetensors' ``save_model``, which keeps whichever name of a shared
+    tensor sorts first (``lm_head.weight`` for Llama); transformers looks for the input embedding.
+    """
+    model = nat.skeleton()
+    if not getattr(model.config.get_text_config(), "tie_word_embeddings", False):
+        return tensors
+    names = {id(m): n for n, m in model.named_modules()}
+    inp = names[id(model.get_input_embeddings())] + ".weight"
+    out_mod = model.get_output_embeddings()
+    outp = names[id(out_mod)] + ".weight" if out_mod is not None else None
+    tensors = dict(tensors)
+    if inp not in tensors and outp in tensors:
+        tensors[inp] = tensors[outp]
+    if outp != inp:
+        tensors.pop(outp, None)
+    return tensors
+
+
+def _config_json(nat: NativeCheckpoint, dtype: torch.dtype, quantization_config: dict | None) -> str:
+    cfg = {k: v for k, v in nat.config.items() if k != "quantization_config"}
+    cfg["dtype"] = _dtype_name(dtype)
+    if "torch_dtype" in cfg:
+        cfg["torch_dtype"] = _dtype_name(dtype)
+    if quantization_config is not None:
+        cfg["quantization_config"] = quantization_config
+    return json.dumps(cfg, indent=2)
+
+
+def _export_info(nat: NativeCheckpoint, fmt: str, summary: dict) -> str:
+    info = {"format": fmt, "source_checkpoint": str(nat.path.resolve()), "tool": nat.doc.get("tool"),
+            "version": nat.doc.get("version"), "native_effective_bits": nat.doc.get("effective_bits"),
+            "salient_per_layer": {n: lay.n_salient for n, lay in nat.layers.items()},
+            "provenance": nat.doc.get("provenance"), "quantize": nat.doc.get("quantize"),
+            **{k: v for k, v in summary.items() if k not in ("out", "format")}}
+    return json.dumps(info, indent=1, default=str)
+
+
+def _resolve_dtype(dtype, default: torch.dtype) -> torch.dtype:
+    if dtype is None:
+        return default
+    return parse_dtype(dtype) if isinstance(dtype, str) else dtype
+
+
+# ---------------------------------------------------------------------------- dense
+
+
+def export_dense(ckpt: str | Path, out_dir: str | Path, dtype: str | torch.dtype | None = None,
+                 overwrite: bool = False) -> dict:
+    """The merged model (dequantized weights with the salient columns in place) as a plain HF folder.
+
+    ``dtype``: of every floating tensor; default the checkpoint's compute dtype (the source model's).
+    Loads with ``AutoModelForCausalLM.from_pretrained`` and serves anywhere (vLLM, TGI, llama.cpp
+    conversion ...), at full-precision size.
+    """
+    nat = NativeCheckpoint(ckpt)
+    out_dir = Path(out_dir)
+    dtype = _resolve_dtype(dtype, nat.dtype)
+    _check_out(out_dir, nat.path, overwrite)
+    tensors = dict(nat.other_tensors())
+    for name, lay in nat.layers.items():
+        tensors[f"{name}.weight"] = lay.dense_weight()
+        if lay.bias is not None:
+            tensors[f"{name}.bias"] = lay.bias
+    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
+               for k, v in _tie_fixup(tensors, nat).items()}
+    params = sum(v.numel() for v in tensors.values())
+    summary = {"out": str(out_dir), "format": "dense", "dtype": _dtype_name(dtype), "parameters": params}
+    with atomic_dir(out_dir) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(_config_json(nat, dtype, None))
+        copy_tokenizer_files(nat.path, tmp)
+        (tmp / EXPORT_INFO).write_text(_export_info(nat, "dense", summary))
+    return summary
+
+
+# ---------------------------------------------------------------------------- GPTQ + LoRA
+
+
+def lora_rank(k: int) -> int:
+    """The smallest rank of LORA_RANKS that holds ``k`` salient columns."""
+    for r in LORA_RANKS:
+        if k <= r:
+            return r
+    raise GiftQuantError(
+        f"a layer has {k} salient columns, more than the largest LoRA rank servers accept ({LORA_RANKS[-1]}, "
+        "vLLM's --max-lora-rank limit); export the merged model with --format dense instead")
+
+
+@dataclass
+class GPTQLayer:
+    """One layer in GPTQ terms. ``qzeros`` here are unpacked zero points (groups, out)."""
+
+    qweight: torch.Tensor
+    zeros: torch.Tensor
+    scales: torch.Tensor
+    g_idx: torch.Tensor
+    trivial_g_idx: bool  # g_idx == j // group_size: exact without desc_act
+    base: torch.Tensor  # the exported base, dequantized as a GPTQ kernel does, (out, in) float32
+
+
+def _packed_words(n: int, bits: int) -> int:
+    """Words gptqmodel allocates for ``n`` packed values (it does not pad to whole runs of 32)."""
+    return math.ceil(n * bits / 32)
+
+
+def gptq_layer(lay: NativeLayer, group_size: int) -> GPTQLayer:
+    """The GPTQ tensors of one layer with group size ``group_size`` (-1: one group per row).
+
+    Non-salient columns keep their group, scale, zero and code. Salient columns are re-filed, in
+    ascending order, into the groups with spare room (the last real group first, then padding groups
+    beyond it) and take that group's zero point as their code, so the base is exactly 0 there.
+    """
+    in_f, out_f = lay.in_features, lay.out_features
+    gs = in_f if group_size <= 0 else group_size
+    n_groups = -(-in_f // gs)
+    if lay.n_groups > n_groups:
+        raise GiftQuantError(
+            f"{lay.name}: {lay.n_groups} quantization groups do not fit GPTQ's {n_groups} groups of {gs} columns; "
+            "export the merged model (--format dense) instead")
+    codes = lay.codes()  # (in, out)
+    zeros = lay.zeros()
+    scales = lay.scales.to(torch.float16)
+    g_idx = lay.g_idx.long().clone()
+    salient = lay.salient_idx.long().sort().values
+    is_salient = torch.zeros(in_f, dtype=torch.bool)
+    is_salient[salient] = True
+    fill = torch.bincount(g_idx[~is_salient], minlength=n_groups)
+    if (fill > gs).any():
+        raise GiftQuantError(
+            f"{lay.name}: a quantization group holds {int(fill.max())} columns, more than the group size {gs} "
+            "GPTQ allows; export the merged model (--format dense) instead")
+    pad = n_groups - lay.n_groups
+    if pad:  # unused by non-salient columns: scale 1, zero mid-range (>= 1, so GPTQ v1 stores it)
+        scales = torch.cat([scales, torch.ones(pad, out_f, dtype=scales.dtype)])
+        zeros = torch.cat([zeros, torch.full((pad, out_f), 2 ** (lay.bits - 1), dtype=zeros.dtype)])
+    g = 0
+    for j in salient.tolist():
+        while fill[g] >= gs:
+            g += 1
+        g_idx[j], fill[g] = g, fill[g] + 1
+        codes[j] = zeros[g]
+    qweight = pack_rows(codes, lay.bits)[: _packed_words(in_f, lay.bits)].contiguous()
+    base = (scales.float()[g_idx] * (codes - zeros[g_idx]).float()).T.contiguous()
+    return GPTQLayer(qweight=qweight, zeros=zeros, scales=scales.contiguous(), g_idx=g_idx.to(torch.int32),
+                     trivial_g_idx=bool(torch.equal(g_idx, torch.arange(in_f) // gs)), base=base)
+
+
+def _pack_zeros(zeros: torch.Tensor, bits: int, v1: bool, out_f: int) -> torch.Tensor:
+    return pack_cols(zeros - 1 if v1 else zeros, bits)[:, : _packed_words(out_f, bits)].contiguous()
+
+
+def _check_gptq_representable(nat: NativeCheckpoint) -> list[str]:
+    """Errors for what GPTQ loaders cannot take; returns warnings for what only some servers refuse."""
+    if not nat.layers:
+        raise GiftQuantError(f"{nat.path} has no quantized layers to export")
+    if nat.bits == 3:
+        bad = [n for n, lay in nat.layers.items() if lay.in_features % 32 or lay.out_features % 32]
+        if bad:
+            raise GiftQuantError(
+                f"3-bit GPTQ needs in/out features divisible by 32 ({bad[0]} is not); "
+                "export the merged model (--format dense) instead")
+    gs = nat.group_size
+    warnings = []
+    if gs > 0 and gs not in GPTQ_GROUP_SIZES and any(gs < lay.in_features for lay in nat.layers.values()):
+        raise GiftQuantError(
+            f"group_size {gs} is not one GPTQ kernels load ({', '.join(map(str, GPTQ_GROUP_SIZES))} or per-row); "
+            "export the merged model (--format dense) instead, or quantize with a supported --group-size")
+    if gs > 0:
+        odd = [n for n, lay in nat.layers.items() if lay.in_features % gs]
+        if odd:
+            warnings.append(f"group_size {gs} does not divide in_features of {odd[0]} ({len(odd)} layers): "
+                            "transformers/GPTQModel load it, vLLM refuses such layers")
+    # transformers (through optimum) swaps every linear inside the decoder blocks for a GPTQ layer
+    from .arch import block_linears, find_blocks
+
+    prefix, blocks = find_blocks(nat.skeleton())
+    expected = {f"{prefix}.{i}.{n}" for i, b in enumerate(blocks) for n in block_linears(b)}
+    if expected != set(nat.layers):
+        extra = sorted(expected ^ set(nat.layers))[:3]
+        raise GiftQuantError(
+            f"the checkpoint's quantized layers are not exactly the linears of the decoder blocks (e.g. {extra}), "
+            "which GPTQ loaders assume; export the merged model (--format dense) instead")
+    return warnings
+
+
+def _target_modules(nat: NativeCheckpoint) -> list[str]:
+    """Short names (q_proj ...) when they select exactly our layers (what vLLM expects), else full names."""
+    linear = [n for n, m in nat.skeleton().named_modules() if isinstance(m, torch.nn.Linear)]
+    ours = set(nat.layers)
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in ours})
+    if {n for n in linear if n.rsplit(".", 1)[-1] in suffixes} == ours:
+        return suffixes
+    return sorted(ours)
+
+
+def _adapter_config_json(r: int, targets: list[str], tmp: Path) -> None:
+    from peft import LoraConfig
+
+    LoraConfig(r=r, lora_alpha=r, target_modules=targets, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+               inference_mode=True, init_lora_weights=True).save_pretrained(str(tmp))
+
+
+def export_gptq_lora(ckpt: str | Path, out_dir: str | Path, dtype: str | torch.dtype | None = None,
+                     checkpoint_format: str = "auto", overwrite: bool = False) -> dict:
+    """GPTQ base (``out_dir``) + PEFT LoRA adapter (``out_dir/adapter``) equal to the native model.
+
+    ``dtype``: of the unquantized tensors (embeddings, norms, lm_head) and the config's dtype; default
+    the checkpoint's compute dtype. vLLM's GPTQ kernels want float16 (Marlin also bfloat16).
+    ``checkpoint_format``: ``gptq`` (v1, zero - 1 stored; every GPTQ loader), ``gptq_v2`` (the zero
+    itself; GPTQModel, transformers, recent vLLM's gptq kernel) or ``auto`` (v1 unless an asymmetric
+    zero point of 0 needs v2). Returns a summary; ``warnings`` lists what some servers will refuse.
+    """
+    nat = NativeCheckpoint(ckpt)
+    out_dir = Path(out_dir)
+    dtype = _resolve_dtype(dtype, nat.dtype)
+    if checkpoint_format not in ("auto", "gptq", "gptq_v2"):
+        raise GiftQuantError(f"checkpoint_format must be auto, gptq or gptq_v2 (got {checkpoint_format!r})")
+    r = lora_rank(nat.max_salient)
+    warnings = _check_gptq_representable(nat)
+    _check_out(out_dir, nat.path, overwrite)
+    gs = nat.group_size if nat.group_size > 0 else -1
+    layers = {name: gptq_layer(lay, gs) for name, lay in nat.layers.items()}
+    has_zero_0 = any(int(g.zeros.min()) < 1 for g in layers.values())
+    if checkpoint_format == "auto":
+        checkpoint_format = "gptq_v2" if has_zero_0 else "gptq"
+    elif checkpoint_format == "gptq" and has_zero_0:
+        raise GiftQuantError(
+            "this asymmetric checkpoint has zero points equal to 0, which GPTQ v1 (it stores zero - 1) cannot hold; "
+            "export with checkpoint format gptq_v2 (GPTQModel, transformers) or --format dense (any server)")
+    if checkpoint_format == "gptq_v2":
+        warnings.append("checkpoint_format gptq_v2: GPTQModel and transformers load it, vLLM only through its "
+                        "gptq kernel (not Marlin)")
+    v1 = checkpoint_format == "gptq"
+    desc_act = not all(g.trivial_g_idx for g in layers.values())
+
+    # ---- the GPTQ base
+    tensors = dict(nat.other_tensors())
+    for name, g in layers.items():
+        lay = nat.layers[name]
+        tensors[f"{name}.qweight"] = g.qweight
+        tensors[f"{name}.qzeros"] = _pack_zeros(g.zeros, nat.bits, v1, lay.out_features)
+        tensors[f"{name}.scales"] = g.scales
+        tensors[f"{name}.g_idx"] = g.g_idx
+        if lay.bias is not None:
+            tensors[f"{name}.bias"] = lay.bias.to(torch.float16)  # GPTQ layers keep their bias in float16
+    quant_owned = {f"{n}.{s}" for n in layers for s in ("qweight", "qzeros", "scales", "g_idx", "bias")}
+    tensors = {k: (v.to(dtype) if v.is_floating_point() and k not in quant_owned else v).contiguous()
+               for k, v in _tie_fixup(tensors, nat).items()}
+    if any(lay.bias is not None and lay.bias.dtype != torch.float16 for lay in nat.layers.values()):
+        warnings.append("linear biases are stored in float16, as GPTQ layers hold them (rounded from "
+                        f"{_dtype_name(next(la.bias.dtype for la in nat.layers.values() if la.bias is not None))})")
+    q = nat.doc["quantize"]
+    qcfg = {
+        "quant_method": "gptq", "bits": nat.bits, "group_size": gs, "desc_act": desc_act, "sym": nat.sym,
+        "lm_head": False, "true_sequential": True, "damp_percent": float(q.get("damp", 0.01)),
+        "static_groups": bool(q.get("static_groups", False)), "act_group_aware": False,
+        "checkpoint_format": checkpoint_format, "format": checkpoint_format, "pack_dtype": "int32",
+        "meta": {"quantizer": [f"gift-quant:{nat.doc.get('version', '0')}"]},
+    }
+
+    # ---- the adapter: B = salient columns - base at those columns (0 by construction, computed anyway)
+    adapter: dict[str, torch.Tensor] = {}
+    sal_dtype = next(iter(nat.layers.values())).salient_weight.dtype
+    lora_dtype = sal_dtype
+    for name, g in layers.items():
+        lay = nat.layers[name]
+        idx = lay.salient_idx.long()
+        a = torch.zeros(r, lay.in_features)
+        a[torch.arange(idx.numel()), idx] = 1.0
+        b = torch.zeros(lay.out_features, r)
+        b[:, : idx.numel()] = lay.salient_weight.float() - g.base[:, idx]
+        if not torch.equal(b.to(sal_dtype).float(), b):
+            lora_dtype = torch.float32  # the base is not 0 at some salient column: keep B exact
+        adapter[f"base_model.model.{name}.lora_A.weight"] = a
+        adapter[f"base_model.model.{name}.lora_B.weight"] = b
+    adapter = {k: v.to(lora_dtype).contiguous() for k, v in adapter.items()}
+    targets = _target_modules(nat)
+
+    summary = {"out": str(out_dir), "format": "gptq-lora", "bits": nat.bits, "group_size": gs, "sym": nat.sym,
+               "desc_act": desc_act, "checkpoint_format": checkpoint_format, "lora_rank": r,
+               "max_salient": nat.max_salient, "dtype": _dtype_name(dtype), "adapter_dtype": _dtype_name(lora_dtype),
+               "target_modules": targets, "warnings": warnings}
+    with atomic_dir(out_dir) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "quantize_config.json").write_text(json.dumps(qcfg, indent=2))
+        (tmp / "config.json").write_text(_config_json(nat, dtype, qcfg))
+        copy_tokenizer_files(nat.path, tmp)
+        (tmp / ADAPTER_DIR).mkdir()
+        save_file(adapter, str(tmp / ADAPTER_DIR / "adapter_model.safetensors"), metadata={"format": "pt"})
+        _adapter_config_json(r, targets, tmp / ADAPTER_DIR)
+        (tmp / EXPORT_INFO).write_text(_export_info(nat, "gptq-lora", summary))
+    return summary
+
+
+def export(ckpt: str | Path, out_dir: str | Path, fmt: str = "gptq-lora", dtype: str | None = None,
+           checkpoint_format: str = "auto", overwrite: bool = False) -> dict:
+    """The CLI's entry point: ``fmt`` is one of FORMATS."""
+    if fmt == "gptq-lora":
+        return export_gptq_lora(ckpt, out_dir, dtype=dtype, checkpoint_format=checkpoint_format, overwrite=overwrite)
+    if fmt == "dense":
+        return export_dense(ckpt, out_dir, dtype=dtype, overwrite=overwrite)
+    raise GiftQuantError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")

@@ -1,0 +1,37 @@
+"""`gift-quant compare` smoke run on a tiny model: every requested method gets a row, failures included."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+from tiny import corpus, make_model_dir
+
+
+def test_compare_smoke_reports_every_method(tmp_path):
+    src = make_model_dir("llama", tmp_path / "src")
+    text = tmp_path / "text.txt"
+    text.write_text(corpus(3000, seed=2))
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(json.dumps({"prompt": corpus(20, seed=i), "response": corpus(12, seed=99 + i)})
+                               for i in range(60)))
+    out = tmp_path / "report"
+    env = {**os.environ, "GIFT_QUANT_TEST_FAIL_METHOD": "rtn"}
+    cmd = [sys.executable, "-m", "gift_quant.cli", "compare", str(src), "--out", str(out), "--bits", "3",
+           "--recipe", "recipes/tiny-debug.yaml", "--calib-data", str(text), "--train-data", str(train),
+           "--eval-data", str(text), "--ppl-data", str(text), "--methods", "fp,rtn,gptq,gift-post", "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["method"]: r for r in csv.DictReader(open(out / "report.csv"))}
+    # owq is added because gift-post starts from its checkpoint
+    assert set(rows) == {"fp", "rtn", "gptq", "owq", "gift-post"}
+    assert "failed on purpose" in rows["rtn"]["failed"] and "rtn" in proc.stderr
+    for m in ("fp", "gptq", "owq", "gift-post"):
+        assert not rows[m]["failed"] and float(rows[m]["ppl"]) > 1
+    assert float(rows["gptq"]["effective_bits"]) < float(rows["owq"]["effective_bits"])
+    report = json.loads((out / "report.json").read_text())
+    gift = next(r for r in report["rows"] if r["method"] == "gift-post")
+    assert len(gift["loss_curve"]) == 4 and report["versions"]["torch"]
+    assert (out / "ppl_vs_bits.png").stat().st_size > 1000 and (out / "loss_curves.png").is_file()
+    assert "| 3 | gift-post |" in (out / "report.md").read_text()
