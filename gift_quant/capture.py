@@ -64,8 +64,11 @@ def _move_tensor(mod: nn.Module, name: str, device) -> None:
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor,
-                         device: torch.device) -> tuple[list[torch.Tensor], list[dict]]:
-    """Hidden states entering block 0 (one (1, L, d) tensor per window) and each block's kwargs.
+                         device: torch.device, batch_size: int = 1) -> tuple[list[torch.Tensor], list[dict]]:
+    """Hidden states entering block 0 (one (B, L, d) tensor per batch of windows) and each block's kwargs.
+
+    Batches are equal-sized (B is the largest divisor of the window count not above ``batch_size``),
+    so the recorded masks and position embeddings fit every batch.
 
     Every block's forward is replaced by a stub that records its keyword arguments (attention mask,
     position embeddings ...: they can differ per block, e.g. Gemma's sliding-window layers) and passes
@@ -91,15 +94,20 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch
         b.forward = make_stub(i)
     try:
         with _non_block_modules_on(model, blocks, device):
-            for row in windows:
+            b = equal_batch_size(len(windows), batch_size)
+            for start in range(0, len(windows), b):
                 try:
-                    model(input_ids=row.unsqueeze(0).to(device), use_cache=False)
+                    model(input_ids=windows[start:start + b].to(device), use_cache=False)
                 except _StopForward:
                     pass
     finally:
         for b in blocks:
             del b.forward  # restores the class's forward
     return inputs, block_kwargs
+
+
+def equal_batch_size(n: int, requested: int) -> int:
+    return max(d for d in range(1, max(1, min(n, requested)) + 1) if n % d == 0)
 
 
 @torch.no_grad()

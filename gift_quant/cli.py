@@ -49,6 +49,7 @@ def _add_quantize_flags(p: argparse.ArgumentParser, multi_bits: bool = False) ->
     p.add_argument("--calib-data", default=None, help="named dataset, .txt/.jsonl/.parquet file or folder, or HF name")
     p.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default 128)")
     p.add_argument("--seq-len", type=int, default=None, help="calibration window length (default 256)")
+    p.add_argument("--calib-batch-size", type=int, default=None, help="windows per calibration forward (default 8)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", default=None, help="compute dtype of the model: float32 (default) or bfloat16")
     p.add_argument("--overwrite", action="store_true", help="discard an earlier gift-quant run in --out")
@@ -59,7 +60,8 @@ def _quantize_overrides(a) -> dict:
     return {"bits": bits, "group_size": a.group_size, "sym": a.sym, "act_order": a.act_order,
             "static_groups": a.static_groups, "clip": a.clip, "damp": a.damp, "salient": a.salient,
             "salient_fraction": a.salient_fraction, "metric": a.metric, "calib_data": a.calib_data,
-            "calib_samples": a.calib_samples, "seq_len": a.seq_len, "seed": a.seed, "dtype": a.dtype,
+            "calib_samples": a.calib_samples, "seq_len": a.seq_len, "calib_batch_size": a.calib_batch_size,
+            "seed": a.seed, "dtype": a.dtype,
             "device": a.device}
 
 

@@ -40,6 +40,7 @@ class QuantizeConfig:
     calib_data: str = DEFAULT_CALIB_DATA
     calib_samples: int = 128
     seq_len: int = 256
+    calib_batch_size: int = 8  # windows per forward pass while calibrating (memory vs. speed)
     seed: int = 0
     dtype: str = "float32"
     device: str = "auto"

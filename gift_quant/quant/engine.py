@@ -174,7 +174,7 @@ def quantize_model(model: nn.Module, windows: torch.Tensor, cfg: QuantizeConfig,
     prefix, blocks = find_blocks(model)
     validate_salient_counts(model, cfg)
     report = QuantizeReport()
-    inputs, all_kwargs = capture_block_inputs(model, blocks, windows, device)
+    inputs, all_kwargs = capture_block_inputs(model, blocks, windows, device, cfg.calib_batch_size)
     bar = tqdm(range(len(blocks)), desc=f"GPTQ w{cfg.bits}", unit="block", disable=not progress)
     for i in bar:
         block = blocks[i].to(device)
