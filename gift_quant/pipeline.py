@@ -202,9 +202,12 @@ def training_windows(tokenizer, rcfg, n_windows: int):
 
 
 def _train_stage(model, tokenizer, rcfg, run_dir: Path, device, progress: bool) -> dict:
+    from accelerate import PartialState
+
     from .recover.train import TrainSettings, train
 
-    n_windows = rcfg.steps * rcfg.batch_size * rcfg.grad_accum
+    # every process takes batch_size * grad_accum windows a step: the global batch is that times the processes
+    n_windows = rcfg.steps * rcfg.batch_size * rcfg.grad_accum * PartialState().num_processes
     (ids, labels), held = training_windows(tokenizer, rcfg, n_windows)
     settings = TrainSettings(steps=rcfg.steps, lr=rcfg.lr, batch_size=rcfg.batch_size, grad_accum=rcfg.grad_accum,
                              warmup_ratio=rcfg.warmup_ratio, max_grad_norm=rcfg.max_grad_norm,
@@ -229,83 +232,94 @@ def run_recover(model_dir: str | None, out: str | Path, qcfg: QuantizeConfig, rc
     ``noise_bits``, 4 by default). pre: train the salient columns of the full-precision model with
     noise at the target bits, then quantize with the same columns.
     """
+    from accelerate import PartialState
+
     from .recover.model import convert_to_dense, convert_to_quant, prepare_dense, prepare_quantized
 
     out = Path(out)
     src = resolve_model_dir(model_dir)
-    prepare_output(out, overwrite)
     device = resolve_device(qcfg.device)
-    check_causal_lm(src, trust_remote_code)
-    tokenizer = load_tokenizer(src, trust_remote_code)
-    model = load_model(src, parse_dtype(qcfg.dtype), trust_remote_code)
-    check_finite(model, str(src))
-    validate_salient_counts(model, qcfg)
-    windows = calibration_set(tokenizer, qcfg)
-    identity = {
-        "model": model_fingerprint(src), "calibration": fingerprint_tokens(windows),
-        "settings": {k: v for k, v in dataclasses.asdict(qcfg).items() if k != "device"},
-        "recover": dataclasses.asdict(rcfg), "eval": dataclasses.asdict(ecfg),
-    }
-    run_dir = claim_run(out, identity)
-    stages = Stages(run_dir)
-    noise_bits = rcfg.resolved_noise_bits(qcfg.bits)
-    timings = {}
+    # Under torchrun / accelerate launch there is one process per rank: rank 0 alone claims the run and runs
+    # every stage before training (the others wait, then find those stages finished and only load); all
+    # ranks train; rank 0 alone writes the trained model, packs and evaluates.
+    dist = PartialState(cpu=device.type == "cpu")
+    with dist.main_process_first():
+        prepare_output(out, overwrite and dist.is_main_process)
+        check_causal_lm(src, trust_remote_code)
+        tokenizer = load_tokenizer(src, trust_remote_code)
+        model = load_model(src, parse_dtype(qcfg.dtype), trust_remote_code)
+        check_finite(model, str(src))
+        validate_salient_counts(model, qcfg)
+        windows = calibration_set(tokenizer, qcfg)
+        identity = {
+            "model": model_fingerprint(src), "calibration": fingerprint_tokens(windows),
+            "settings": {k: v for k, v in dataclasses.asdict(qcfg).items() if k != "device"},
+            "recover": dataclasses.asdict(rcfg), "eval": dataclasses.asdict(ecfg),
+        }
+        run_dir = claim_run(out, identity)
+        stages = Stages(run_dir)
+        noise_bits = rcfg.resolved_noise_bits(qcfg.bits)
 
-    def quantized_checkpoint(name: str, source_model, fixed=None) -> Path:
-        """Quantize ``source_model`` into run/<name> (a native checkpoint); resumable per block."""
-        path = run_dir / name
-        if not stages.finished(name):
-            t0 = time.perf_counter()
-            qmodel = source_model
-            report = quantize_model(qmodel, windows, qcfg, device, path / RUN_DIR, progress=progress,
-                                    fixed_salient=fixed)
-            save_checkpoint(qmodel, path, src, _gift_config(qcfg, report, src, identity, windows))
-            stages.mark(name, {"seconds": time.perf_counter() - t0, "effective_bits": report.mean_effective_bits()})
-        return path
+        def quantized_checkpoint(name: str, source_model, fixed=None) -> Path:
+            """Quantize ``source_model`` into run/<name> (a native checkpoint); resumable per block."""
+            path = run_dir / name
+            if not stages.finished(name):
+                t0 = time.perf_counter()
+                qmodel = source_model
+                report = quantize_model(qmodel, windows, qcfg, device, path / RUN_DIR, progress=progress,
+                                        fixed_salient=fixed)
+                save_checkpoint(qmodel, path, src, _gift_config(qcfg, report, src, identity, windows))
+                stages.mark(name, {"seconds": time.perf_counter() - t0,
+                                   "effective_bits": report.mean_effective_bits()})
+            return path
 
-    if rcfg.variant == "post":
-        qpath = quantized_checkpoint("quantized", model)
-        del model
-        before = None
-        if not stages.finished("eval_before"):
-            before = _ppl(load(qpath), tokenizer, ecfg, device, progress, "ppl before")
-            stages.mark("eval_before", before)
-        before = stages.done["eval_before"]
-        if not stages.finished("recover"):
-            t0 = time.perf_counter()
-            qmodel = prepare_quantized(load(qpath), noise=rcfg.noise, noise_bits=noise_bits, seed=rcfg.seed)
-            summary = _train_stage(qmodel, tokenizer, rcfg, run_dir / "recover", device, progress)
-            convert_to_quant(qmodel.cpu(), qcfg.bits, qcfg.sym, parse_dtype(qcfg.salient_dtype))
-            save_checkpoint(qmodel, run_dir / "recovered", src,
-                            {**read_gift_config(qpath), "recover": dataclasses.asdict(rcfg)})
+        if rcfg.variant == "post":
+            qpath = quantized_checkpoint("quantized", model)
+            del model
+            if not stages.finished("eval_before"):
+                stages.mark("eval_before", _ppl(load(qpath), tokenizer, ecfg, device, progress, "ppl before"))
+        else:
+            # pre: pick the salient columns on the full-precision model, train them with noise, quantize
+            if not stages.finished("select"):
+                sel_model = load_model(src, parse_dtype(qcfg.dtype), trust_remote_code)
+                report = quantize_model(sel_model, windows, qcfg, device, None, progress=progress, score_only=True)
+                from safetensors.torch import save_file
+
+                save_file({k: v.contiguous() for k, v in report.salient.items()},
+                          str(run_dir / "salient.safetensors"))
+                stages.mark("select", {"layers": len(report.salient)})
+            from safetensors.torch import load_file
+
+            salient = load_file(str(run_dir / "salient.safetensors"))
+            quantized_checkpoint("quantized", load_model(src, parse_dtype(qcfg.dtype), trust_remote_code), salient)
+            if not stages.finished("eval_before"):
+                stages.mark("eval_before", _ppl(load(run_dir / "quantized"), tokenizer, ecfg, device, progress,
+                                                "ppl before"))
+    before = stages.done["eval_before"]
+
+    if not stages.finished("recover"):
+        t0 = time.perf_counter()
+        if rcfg.variant == "post":
+            model = prepare_quantized(load(qpath), noise=rcfg.noise, noise_bits=noise_bits, seed=rcfg.seed)
+        else:
+            prepare_dense(model, salient, noise=rcfg.noise, noise_bits=noise_bits, seed=rcfg.seed)
+        summary = _train_stage(model, tokenizer, rcfg, run_dir / "recover", device, progress)
+        if dist.is_main_process:
+            if rcfg.variant == "post":
+                convert_to_quant(model.cpu(), qcfg.bits, qcfg.sym, parse_dtype(qcfg.salient_dtype))
+                save_checkpoint(model, run_dir / "recovered", src,
+                                {**read_gift_config(qpath), "recover": dataclasses.asdict(rcfg)})
+            else:
+                convert_to_dense(model.cpu())
+                model.save_pretrained(run_dir / "trained")
             stages.mark("recover", {"seconds": time.perf_counter() - t0, "noise_bits": noise_bits,
                                     "final_loss": summary["history"][-1]["loss"] if summary["history"] else None})
+    if not dist.is_main_process:
+        dist.wait_for_everyone()  # rank 0 packs and evaluates
+        return json.loads((out / "summary.json").read_text())
+    if rcfg.variant == "post":
         final_src = run_dir / "recovered"
     else:
-        # pre: pick the salient columns on the full-precision model, train them with noise, quantize
-        if not stages.finished("select"):
-            sel_model = load_model(src, parse_dtype(qcfg.dtype), trust_remote_code)
-            report = quantize_model(sel_model, windows, qcfg, device, None, progress=progress, score_only=True)
-            from safetensors.torch import save_file
-
-            save_file({k: v.contiguous() for k, v in report.salient.items()}, str(run_dir / "salient.safetensors"))
-            stages.mark("select", {"layers": len(report.salient)})
-        from safetensors.torch import load_file
-
-        salient = load_file(str(run_dir / "salient.safetensors"))
-        quantized_checkpoint("quantized", load_model(src, parse_dtype(qcfg.dtype), trust_remote_code), salient)
-        if not stages.finished("eval_before"):
-            stages.mark("eval_before", _ppl(load(run_dir / "quantized"), tokenizer, ecfg, device, progress,
-                                            "ppl before"))
-        before = stages.done["eval_before"]
-        if not stages.finished("recover"):
-            t0 = time.perf_counter()
-            prepare_dense(model, salient, noise=rcfg.noise, noise_bits=noise_bits, seed=rcfg.seed)
-            summary = _train_stage(model, tokenizer, rcfg, run_dir / "recover", device, progress)
-            convert_to_dense(model.cpu())
-            model.save_pretrained(run_dir / "trained")
-            stages.mark("recover", {"seconds": time.perf_counter() - t0, "noise_bits": noise_bits,
-                                    "final_loss": summary["history"][-1]["loss"] if summary["history"] else None})
         del model
         trained = load_model(run_dir / "trained", parse_dtype(qcfg.dtype))
         final_src = quantized_checkpoint("recovered", trained, salient)
@@ -328,6 +342,7 @@ def run_recover(model_dir: str | None, out: str | Path, qcfg: QuantizeConfig, rc
                "ppl_before": before["perplexity"], "ppl_after": after["perplexity"], "ppl_data": ecfg.ppl_data,
                "seconds": timings}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    dist.wait_for_everyone()
     return summary
 
 

@@ -4,14 +4,13 @@ import json
 
 import pytest
 import torch
+from tiny import corpus, make_model_dir
 
 from gift_quant.checkpoint import load, read_gift_config, save_checkpoint
-from gift_quant.config import QuantizeConfig
-from gift_quant.config import read_recipe
+from gift_quant.config import QuantizeConfig, read_recipe
 from gift_quant.pipeline import quantize_to_checkpoint
 from gift_quant.recover.model import convert_to_quant, prepare_quantized, salient_layers
 from gift_quant.recover.train import TrainSettings, eval_loss, train
-from tiny import corpus, make_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..cache import atomic_dir
+from ..cache import atomic_dir, atomic_write_text
+from ..errors import GiftQuantError
 from .model import set_noise_key, trainable_state
 
 IGNORE = -100
@@ -109,6 +110,14 @@ def _load_state(state_dir: Path, model, optimizer, scheduler) -> tuple[int, dict
     return int(meta["step"]), meta
 
 
+def _logged_step(line: str) -> int | None:
+    """The step of a metrics.jsonl line; None for a blank or torn one (a write cut off by a crash)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def train(model, windows: torch.Tensor, labels: torch.Tensor, settings: TrainSettings, run_dir: Path,
           eval_windows: torch.Tensor | None = None, eval_labels: torch.Tensor | None = None,
           device: torch.device | str = "cpu", progress: bool = True) -> dict:
@@ -118,6 +127,8 @@ def train(model, windows: torch.Tensor, labels: torch.Tensor, settings: TrainSet
     dev = torch.device(device)
     accelerator = Accelerator(cpu=dev.type == "cpu", mixed_precision="bf16" if dev.type == "cuda" else "no")
     world, rank = accelerator.num_processes, accelerator.process_index
+    micro_per_rank = settings.grad_accum
+    global_batch = settings.batch_size * micro_per_rank * world
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     state_dir, metrics_path = run_dir / "state", run_dir / "metrics.jsonl"
@@ -134,16 +145,20 @@ def train(model, windows: torch.Tensor, labels: torch.Tensor, settings: TrainSet
     start, history = 0, []
     if (state_dir / "step.json").is_file():
         start, meta = _load_state(state_dir, model, optimizer, scheduler)
+        if meta.get("global_batch", global_batch) != global_batch:
+            raise GiftQuantError(
+                f"{state_dir} was saved by {meta.get('world_size')} process(es) with a global batch of "
+                f"{meta['global_batch']} windows; this run has {world} process(es) and {global_batch}: resume "
+                "with the same number of processes, or use a new --out")
         history = meta.get("history", [])
     # Only the model goes through accelerate (device placement, DDP). Accumulation, clipping and the
     # scheduler are explicit: accelerate's scheduler wrapper steps once per process under DDP, which
     # would make N processes diverge from one.
     wrapped = accelerator.prepare(model)
-    micro_per_rank = settings.grad_accum
-    global_batch = settings.batch_size * micro_per_rank * world
     if rank == 0 and metrics_path.exists():  # drop lines logged after the state we resume from
-        kept = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start]
-        metrics_path.write_text("".join(k + "\n" for k in kept))
+        lines = metrics_path.read_text().splitlines()
+        kept = [ln for ln in lines if (s := _logged_step(ln)) is not None and s <= start]
+        atomic_write_text(metrics_path, "".join(k + "\n" for k in kept))  # a kill here must not lose lines
     bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc="recover",
                unit="step", disable=not progress or rank != 0)
     for step in bar:
@@ -185,7 +200,7 @@ def train(model, windows: torch.Tensor, labels: torch.Tensor, settings: TrainSet
             accelerator.wait_for_everyone()
             if rank == 0:
                 _save_state(state_dir, model, optimizer, scheduler, done,
-                            {"history": history})
+                            {"history": history, "global_batch": global_batch, "world_size": world})
             accelerator.wait_for_everyone()
     model.eval()
     if settings.gradient_checkpointing:
