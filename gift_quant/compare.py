@@ -40,6 +40,7 @@ import torch
 
 from .cache import atomic_write_text
 from .config import EvalConfig, QuantizeConfig, RecoverConfig
+from .errors import GiftQuantError
 
 METHODS = ("fp", "rtn", "gptq", "gptq-peer", "gptq-matched", "owq", "salient-ft", "gift-post", "gift-pre",
            "ste", "quik-lora")
@@ -213,7 +214,14 @@ def run_compare(model_dir: str | None, report_dir: Path, bits_list: list[int], m
     report_dir.mkdir(parents=True, exist_ok=True)
     settings = {"model_dir": model_dir, "quantize": dataclasses.asdict(qcfg), "recover": dataclasses.asdict(rcfg),
                 "eval": dataclasses.asdict(ecfg), "tasks": tasks, "limit": limit}
-    atomic_write_text(report_dir / "settings.json", json.dumps(settings, indent=1))
+    previous = report_dir / "settings.json"
+    if previous.is_file() and json.loads(previous.read_text()) != json.loads(json.dumps(settings)):
+        old = json.loads(previous.read_text())
+        changed = [k for k in settings if old.get(k) != json.loads(json.dumps(settings))[k]]
+        raise GiftQuantError(
+            f"{report_dir} holds results made with different {', '.join(changed)}; finished methods would not be "
+            "comparable: use a new --out (methods may be added freely with the same settings)")
+    atomic_write_text(previous, json.dumps(settings, indent=1))
     # owq first: the trained methods start from its checkpoint and gptq-matched reads its bits
     ordered = sorted(methods, key=lambda m: (m != "owq", METHODS.index(m)))
     if any(m in ordered for m in (*TRAINED[:2], "ste", "quik-lora", "gptq-matched")) and "owq" not in ordered:
