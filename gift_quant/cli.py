@@ -155,6 +155,19 @@ def cmd_compare(a) -> dict:
     return {"report": str(Path(a.out) / "report.md"), "failed": failed}
 
 
+def cmd_finetune(a) -> dict:
+    from .finetune import run_finetune
+
+    recipe = read_recipe(a.recipe)
+    qcfg = build(QuantizeConfig, recipe, "quantize", _quantize_overrides(a))
+    rcfg = build(RecoverConfig, recipe, "recover", _recover_overrides(a))
+    res = run_finetune(a.model_dir, a.out, qcfg, rcfg, overwrite=a.overwrite, trust_remote_code=a.trust_remote_code,
+                       progress=not a.no_progress)
+    print(f"wrote {res['out']} (merged, {res['dtype']}) and {res['adapter']} (LoRA rank {res['lora_rank']}, "
+          f"{res['trainable_params']:,} trained weights, noise {res['noise']})")
+    return res
+
+
 def _expand_tasks(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
@@ -180,6 +193,12 @@ def make_parser() -> argparse.ArgumentParser:
     _add_recover_flags(r)
     _add_common(r)
     r.set_defaults(func=cmd_recover)
+
+    f = sub.add_parser("finetune", help="GIFT-SW as PEFT on a full-precision model -> merged folder + adapter")
+    _add_quantize_flags(f)
+    _add_recover_flags(f)
+    _add_common(f)
+    f.set_defaults(func=cmd_finetune)
 
     c = sub.add_parser("compare", help="every method on the same data and budget -> report (md, csv, json, png)")
     _add_quantize_flags(c, multi_bits=True)

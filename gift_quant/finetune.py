@@ -1,0 +1,116 @@
+"""``gift-quant finetune``: GIFT-SW as a PEFT method for full-precision models.
+
+Stages, resumable like ``recover`` (``OUT/run/``): select the salient columns of every block linear
+with the sensitivity metric on calibration data (no quantization), train them with noise injected
+into the frozen rest (or without, ``--no-noise``), then save
+
+* ``OUT/``: the merged model as an ordinary Hugging Face folder in the input's dtype, and
+* ``OUT/adapter/``: the salient deltas alone as a PEFT LoRA adapter (lora_A one-hot rows selecting
+  the salient inputs, lora_B the deltas, alpha = r), which peft applies to the untouched base model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .cache import atomic_dir, atomic_write_text
+from .checkpoint import copy_tokenizer_files
+from .config import QuantizeConfig, RecoverConfig
+from .models import check_causal_lm, load_model, load_tokenizer, resolve_device, resolve_model_dir
+from .pipeline import (
+    Stages,
+    _train_stage,
+    calibration_set,
+    claim_run,
+    fingerprint_tokens,
+    model_fingerprint,
+    prepare_output,
+)
+from .quant.engine import check_finite, quantize_model, validate_salient_counts
+from .recover.model import convert_to_dense, prepare_dense, salient_layers
+
+
+def source_dtype(model_dir: Path) -> torch.dtype:
+    cfg = json.loads((model_dir / "config.json").read_text())
+    name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    return getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else torch.float32
+
+
+def onehot_adapter(deltas: dict[str, tuple[torch.Tensor, torch.Tensor, int]], r: int) -> dict[str, torch.Tensor]:
+    """PEFT LoRA tensors reproducing ``W[:, idx] += delta``: A = one-hot rows (r x in), B = delta (out x r)."""
+    tensors = {}
+    for name, (idx, delta, in_features) in deltas.items():
+        a = torch.zeros(r, in_features)
+        a[torch.arange(idx.numel()), idx.long()] = 1.0
+        b = torch.zeros(delta.shape[0], r)
+        b[:, : idx.numel()] = delta.float()
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a.contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b.contiguous()
+    return tensors
+
+
+def run_finetune(model_dir: str | None, out: str | Path, qcfg: QuantizeConfig, rcfg: RecoverConfig,
+                 overwrite: bool = False, trust_remote_code: bool = False, progress: bool = True) -> dict:
+    from .export import _adapter_config_json, lora_rank
+
+    out = Path(out)
+    src = resolve_model_dir(model_dir)
+    prepare_output(out, overwrite)
+    device = resolve_device(qcfg.device)
+    check_causal_lm(src, trust_remote_code)
+    tokenizer = load_tokenizer(src, trust_remote_code)
+    in_dtype = source_dtype(src)
+    model = load_model(src, torch.float32, trust_remote_code)  # train in fp32, save in the input's dtype
+    check_finite(model, str(src))
+    validate_salient_counts(model, qcfg)
+    windows = calibration_set(tokenizer, qcfg)
+    identity = {"model": model_fingerprint(src), "calibration": fingerprint_tokens(windows),
+                "settings": {k: v for k, v in dataclasses.asdict(qcfg).items() if k != "device"},
+                "finetune": dataclasses.asdict(rcfg)}
+    run_dir = claim_run(out, identity)
+    stages = Stages(run_dir)
+    if not stages.finished("select"):
+        report = quantize_model(model, windows, qcfg, device, None, progress=progress, score_only=True)
+        save_file({k: v.contiguous() for k, v in report.salient.items()}, str(run_dir / "salient.safetensors"))
+        stages.mark("select", {"layers": len(report.salient)})
+    salient = load_file(str(run_dir / "salient.safetensors"))
+    originals = {n: model.get_submodule(n).weight.detach()[:, salient[n].long()].clone() for n in salient}
+    noise_bits = rcfg.noise_bits or 4
+    prepare_dense(model, salient, noise=rcfg.noise, noise_bits=noise_bits, seed=rcfg.seed)
+    summary = {}
+    if not stages.finished("train"):
+        summary = _train_stage(model, tokenizer, rcfg, run_dir / "train", device, progress)
+        stages.mark("train", {"final_loss": summary["history"][-1]["loss"] if summary["history"] else None})
+    else:  # training finished earlier: its final state holds the trained columns
+        tensors = load_file(str(run_dir / "train" / "state" / "trainable.safetensors"))
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for n, t in tensors.items():
+                params[n].copy_(t)
+    layers = salient_layers(model)
+    deltas = {n: (s.salient_idx.cpu(), (s.gift_salient.detach().cpu() - originals[n]), s.in_features)
+              for n, s in layers.items()}
+    max_k = max(v[0].numel() for v in deltas.values())
+    r = lora_rank(max_k)
+    convert_to_dense(model.cpu(), dtype=in_dtype)
+    model.to(in_dtype)
+    with atomic_dir(out / "adapter") as tmp:
+        save_file(onehot_adapter(deltas, r), str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        targets = sorted({n.rsplit(".", 1)[-1] for n in deltas})
+        _adapter_config_json(r, targets, tmp)
+        cfg = json.loads((tmp / "adapter_config.json").read_text())
+        cfg["base_model_name_or_path"] = str(src.resolve())
+        (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+    model.save_pretrained(out)
+    copy_tokenizer_files(src, out)
+    trainable = sum(v[1].numel() for v in deltas.values())
+    result = {"out": str(out), "adapter": str(out / "adapter"), "lora_rank": r, "trainable_params": trainable,
+              "noise": rcfg.noise, "noise_bits": noise_bits, "dtype": str(in_dtype).replace("torch.", ""),
+              "final_loss": stages.done["train"].get("final_loss")}
+    atomic_write_text(out / "finetune_summary.json", json.dumps(result, indent=1))
+    return result
