@@ -228,7 +228,7 @@ def export_dense(ckpt: str | Path, out_dir: str | Path, dtype: str | torch.dtype
     _check_out(out_dir, nat.path, overwrite)
     tensors = dict(nat.other_tensors())
     for name, lay in nat.layers.items():
-        tensors[f"{name}.weight"] = lay.dense_weight()
+        tensors[f"{name}.weight"] = lay.dense_weight().to(dtype)  # cast now: one float32 layer at a time
         if lay.bias is not None:
             tensors[f"{name}.bias"] = lay.bias
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
@@ -258,14 +258,23 @@ def lora_rank(k: int) -> int:
 
 @dataclass
 class GPTQLayer:
-    """One layer in GPTQ terms. ``qzeros`` here are unpacked zero points (groups, out)."""
+    """One layer in GPTQ terms. ``zeros`` are the unpacked zero points (groups, out)."""
 
+    bits: int
+    in_features: int
     qweight: torch.Tensor
     zeros: torch.Tensor
     scales: torch.Tensor
     g_idx: torch.Tensor
     trivial_g_idx: bool  # g_idx == j // group_size: exact without desc_act
-    base: torch.Tensor  # the exported base, dequantized as a GPTQ kernel does, (out, in) float32
+
+    def dequantized(self, columns: torch.Tensor | None = None) -> torch.Tensor:
+        """The base as a GPTQ kernel dequantizes it, (out, in) or (out, len(columns)), float32."""
+        codes = unpack_rows(self.qweight, self.bits, self.in_features).long()
+        g = self.g_idx.long()
+        if columns is not None:
+            codes, g = codes[columns], g[columns]
+        return (self.scales.float()[g] * (codes - self.zeros[g]).float()).T.contiguous()
 
 
 def _packed_words(n: int, bits: int) -> int:
@@ -310,9 +319,8 @@ def gptq_layer(lay: NativeLayer, group_size: int) -> GPTQLayer:
         g_idx[j], fill[g] = g, fill[g] + 1
         codes[j] = zeros[g]
     qweight = pack_rows(codes, lay.bits)[: _packed_words(in_f, lay.bits)].contiguous()
-    base = (scales.float()[g_idx] * (codes - zeros[g_idx]).float()).T.contiguous()
-    return GPTQLayer(qweight=qweight, zeros=zeros, scales=scales.contiguous(), g_idx=g_idx.to(torch.int32),
-                     trivial_g_idx=bool(torch.equal(g_idx, torch.arange(in_f) // gs)), base=base)
+    return GPTQLayer(bits=lay.bits, in_features=in_f, qweight=qweight, zeros=zeros, scales=scales.contiguous(),
+                     g_idx=g_idx.to(torch.int32), trivial_g_idx=bool(torch.equal(g_idx, torch.arange(in_f) // gs)))
 
 
 def _pack_zeros(zeros: torch.Tensor, bits: int, v1: bool, out_f: int) -> torch.Tensor:
@@ -389,36 +397,53 @@ def export_gptq_lora(ckpt: str | Path, out_dir: str | Path, dtype: str | torch.d
     warnings = _check_gptq_representable(nat)
     _check_out(out_dir, nat.path, overwrite)
     gs = nat.group_size if nat.group_size > 0 else -1
-    layers = {name: gptq_layer(lay, gs) for name, lay in nat.layers.items()}
-    has_zero_0 = any(int(g.zeros.min()) < 1 for g in layers.values())
+    # padding groups get zero 2^(b-1) >= 1, so only the stored zero points can rule out v1
+    has_zero_0 = not nat.sym and any(int(lay.zeros().min()) < 1 for lay in nat.layers.values())
     if checkpoint_format == "auto":
         checkpoint_format = "gptq_v2" if has_zero_0 else "gptq"
     elif checkpoint_format == "gptq" and has_zero_0:
         raise GiftQuantError(
             "this asymmetric checkpoint has zero points equal to 0, which GPTQ v1 (it stores zero - 1) cannot hold; "
-            "export with checkpoint format gptq_v2 (GPTQModel, transformers) or --format dense (any server)")
+            "export with --checkpoint-format gptq_v2 (GPTQModel, transformers) or --format dense (any server)")
     if checkpoint_format == "gptq_v2":
         warnings.append("checkpoint_format gptq_v2: GPTQModel and transformers load it, vLLM only through its "
                         "gptq kernel (not Marlin)")
     v1 = checkpoint_format == "gptq"
-    desc_act = not all(g.trivial_g_idx for g in layers.values())
 
-    # ---- the GPTQ base
+    # one layer at a time (its unpacked codes live only inside gptq_layer): GPTQ tensors + adapter
     tensors = dict(nat.other_tensors())
-    for name, g in layers.items():
-        lay = nat.layers[name]
+    adapter: dict[str, torch.Tensor] = {}
+    sal_dtype = next(iter(nat.layers.values())).salient_weight.dtype
+    lora_dtype = sal_dtype
+    desc_act = False
+    for name, lay in nat.layers.items():
+        g = gptq_layer(lay, gs)
+        desc_act |= not g.trivial_g_idx
         tensors[f"{name}.qweight"] = g.qweight
         tensors[f"{name}.qzeros"] = _pack_zeros(g.zeros, nat.bits, v1, lay.out_features)
         tensors[f"{name}.scales"] = g.scales
         tensors[f"{name}.g_idx"] = g.g_idx
         if lay.bias is not None:
             tensors[f"{name}.bias"] = lay.bias.to(torch.float16)  # GPTQ layers keep their bias in float16
-    quant_owned = {f"{n}.{s}" for n in layers for s in ("qweight", "qzeros", "scales", "g_idx", "bias")}
+        # the adapter: B = salient columns - base at those columns (0 by construction, computed anyway)
+        idx = lay.salient_idx.long()
+        a = torch.zeros(r, lay.in_features)
+        a[torch.arange(idx.numel()), idx] = 1.0
+        b = torch.zeros(lay.out_features, r)
+        b[:, : idx.numel()] = lay.salient_weight.float() - g.dequantized(idx)
+        if not torch.equal(b.to(sal_dtype).float(), b):
+            lora_dtype = torch.float32  # the base is not 0 at some salient column: keep B exact
+        # earlier layers cast to sal_dtype were exact there, so a later switch to float32 loses nothing
+        adapter[f"base_model.model.{name}.lora_A.weight"] = a.to(lora_dtype)
+        adapter[f"base_model.model.{name}.lora_B.weight"] = b.to(lora_dtype)
+    adapter = {k: v.to(lora_dtype).contiguous() for k, v in adapter.items()}
+    quant_owned = {f"{n}.{s}" for n in nat.layers for s in ("qweight", "qzeros", "scales", "g_idx", "bias")}
     tensors = {k: (v.to(dtype) if v.is_floating_point() and k not in quant_owned else v).contiguous()
                for k, v in _tie_fixup(tensors, nat).items()}
-    if any(lay.bias is not None and lay.bias.dtype != torch.float16 for lay in nat.layers.values()):
+    biases = [lay.bias.dtype for lay in nat.layers.values() if lay.bias is not None]
+    if any(d != torch.float16 for d in biases):
         warnings.append("linear biases are stored in float16, as GPTQ layers hold them (rounded from "
-                        f"{_dtype_name(next(la.bias.dtype for la in nat.layers.values() if la.bias is not None))})")
+                        f"{_dtype_name(biases[0])})")
     q = nat.doc["quantize"]
     qcfg = {
         "quant_method": "gptq", "bits": nat.bits, "group_size": gs, "desc_act": desc_act, "sym": nat.sym,
@@ -427,23 +452,6 @@ def export_gptq_lora(ckpt: str | Path, out_dir: str | Path, dtype: str | torch.d
         "checkpoint_format": checkpoint_format, "format": checkpoint_format, "pack_dtype": "int32",
         "meta": {"quantizer": [f"gift-quant:{nat.doc.get('version', '0')}"]},
     }
-
-    # ---- the adapter: B = salient columns - base at those columns (0 by construction, computed anyway)
-    adapter: dict[str, torch.Tensor] = {}
-    sal_dtype = next(iter(nat.layers.values())).salient_weight.dtype
-    lora_dtype = sal_dtype
-    for name, g in layers.items():
-        lay = nat.layers[name]
-        idx = lay.salient_idx.long()
-        a = torch.zeros(r, lay.in_features)
-        a[torch.arange(idx.numel()), idx] = 1.0
-        b = torch.zeros(lay.out_features, r)
-        b[:, : idx.numel()] = lay.salient_weight.float() - g.base[:, idx]
-        if not torch.equal(b.to(sal_dtype).float(), b):
-            lora_dtype = torch.float32  # the base is not 0 at some salient column: keep B exact
-        adapter[f"base_model.model.{name}.lora_A.weight"] = a
-        adapter[f"base_model.model.{name}.lora_B.weight"] = b
-    adapter = {k: v.to(lora_dtype).contiguous() for k, v in adapter.items()}
     targets = _target_modules(nat)
 
     summary = {"out": str(out_dir), "format": "gptq-lora", "bits": nat.bits, "group_size": gs, "sym": nat.sym,

@@ -271,8 +271,9 @@ def format_report(info: dict, layers: bool = True) -> str:
             out.append(f"  native bits   {info['native_effective_bits']:.3f} bits/weight in the source checkpoint")
     rec = info.get("recovery")
     if rec:
-        out.append(f"  recovered     GIFT-SW {rec.get('variant') or 'post'}, {rec.get('steps')} steps, lr {rec.get('lr')}, "
-                   f"noise {rec.get('noise')}" + (f" at {rec['noise_bits']} bits" if rec.get("noise_bits") else ""))
+        noise = f"noise {rec.get('noise')}" + (f" at {rec['noise_bits']} bits" if rec.get("noise_bits") else "")
+        out.append(f"  recovered     GIFT-SW {rec.get('variant') or 'post'}, {rec.get('steps')} steps, "
+                   f"lr {rec.get('lr')}, {noise}")
     size = f"  size on disk  {_size(info.get('size_on_disk'))}"
     if info.get("run_artifacts_size"):
         size += f" (+ {_size(info['run_artifacts_size'])} of run/ artifacts)"

@@ -8,6 +8,16 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests run tiny models: thousands of small ops, where OpenMP's spinning threads cost far more than
+# they save on a small, busy machine. One thread here and in every subprocess a test starts.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread_everywhere():
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

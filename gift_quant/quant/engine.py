@@ -33,6 +33,7 @@ from ..models import parse_dtype
 from ..qlinear import QuantLinear, effective_bits
 from ..sensitivity import column_scores, parse_metric, select_salient
 from ..stats import ColumnStats
+from ..threads import cpu_threads
 from .gptq import gptq_quantize, layer_error
 from .rtn import rtn_quantize
 
@@ -91,12 +92,14 @@ def quantize_layer(linear: nn.Linear, stats: ColumnStats, hessian: torch.Tensor,
     """
     spec = GridSpec(bits=cfg.bits, sym=cfg.sym, group_size=cfg.group_size, clip=cfg.clip)
     weight = linear.weight.detach().float()
-    scores, salient = score_layer(linear, stats, cfg, name)
+    with cpu_threads(1, weight.device.type == "cpu"):  # clip search: small ops (see threads.py)
+        scores, salient = score_layer(linear, stats, cfg, name)
     if fixed_salient is not None:
         salient = fixed_salient.long().sort().values
     k = salient.numel()
     if cfg.algorithm == "rtn":
-        res = rtn_quantize(weight, spec, salient)
+        with cpu_threads(1, weight.device.type == "cpu"):
+            res = rtn_quantize(weight, spec, salient)
     else:
         res = gptq_quantize(weight, hessian, spec, salient, act_order=cfg.act_order,
                             static_groups=cfg.static_groups, block_size=cfg.block_size, damp=cfg.damp)

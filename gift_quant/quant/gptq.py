@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..grid import GridSpec, dequantize, fit_rows, quantize_codes
+from ..threads import cpu_threads
 
 
 @dataclass
@@ -77,6 +78,11 @@ def gptq_quantize(
     damp: float = 0.01,
     dtype: torch.dtype = torch.float32,
 ) -> GPTQResult:
+    with cpu_threads(1, weight.device.type == "cpu"):  # see threads.py
+        return _gptq(weight, hessian, spec, salient_idx, act_order, static_groups, block_size, damp, dtype)
+
+
+def _gptq(weight, hessian, spec, salient_idx, act_order, static_groups, block_size, damp, dtype) -> GPTQResult:
     out_f, in_f = weight.shape
     dev = weight.device
     sal = (torch.zeros(0, dtype=torch.long) if salient_idx is None else salient_idx.long().cpu()).sort().values
