@@ -85,6 +85,16 @@ def cmd_quantize(a) -> dict:
 def cmd_eval(a) -> dict:
     from .pipeline import run_eval_ppl
 
+    if a.tasks:
+        from .eval.zeroshot import format_table, run_eval_tasks
+
+        res = run_eval_tasks(a.path, a.tasks, limit=a.limit, batch_size=a.batch_size,
+                             device_name=a.device or "auto", trust_remote_code=a.trust_remote_code,
+                             progress=not a.no_progress, seed=a.seed)
+        print(format_table(res))
+        print(f"{res['effective_bits']:.3f} effective bits/weight ({res['kind']})")
+        return res
+
     recipe = read_recipe(a.recipe)
     cfg = build(EvalConfig, recipe, "eval", {"ppl_data": a.ppl_data, "seq_len": a.seq_len,
                                              "max_windows": a.max_windows})
@@ -131,11 +141,24 @@ def cmd_recover(a) -> dict:
 
 
 def cmd_compare(a) -> dict:
-    from .compare import METHODS, run_compare
+    from .compare import METHODS, run_compare, run_compare_peft
 
     recipe = read_recipe(a.recipe)
     qcfg = build(QuantizeConfig, recipe, "quantize", _quantize_overrides(a))
     rcfg = build(RecoverConfig, recipe, "recover", _recover_overrides(a))
+    if a.mode == "peft":
+        from .compare_peft import PEFT_METHODS
+
+        methods = list(PEFT_METHODS) if a.methods in (None, "all") else [m.strip() for m in a.methods.split(",")]
+        unknown = sorted(set(methods) - set(PEFT_METHODS))
+        if unknown:
+            raise GiftQuantError(f"unknown PEFT method(s) {unknown}; choose from {', '.join(PEFT_METHODS)}")
+        tasks = [] if not a.tasks else _expand_tasks(a.tasks)
+        grid = [float(x) for x in a.lr_grid.split(",")] if a.lr_grid else None
+        run_compare_peft(a.model_dir, Path(a.out), methods, qcfg, rcfg, tasks, a.limit, progress=not a.no_progress,
+                         lr_grid=grid)
+        print((Path(a.out) / "report_peft.md").read_text())
+        return {"report": str(Path(a.out) / "report_peft.md")}
     ecfg = build(EvalConfig, recipe, "eval", {"ppl_data": a.ppl_data, "seq_len": a.ppl_seq_len,
                                               "max_windows": a.max_windows})
     methods = list(METHODS) if a.methods in (None, "all") else [m.strip() for m in a.methods.split(",") if m.strip()]
@@ -169,7 +192,9 @@ def cmd_finetune(a) -> dict:
 
 
 def _expand_tasks(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
+    from .eval.zeroshot import resolve_tasks
+
+    return resolve_tasks(text)  # fails fast on unknown names, before any model is built
 
 
 def _recover_overrides(a) -> dict:
@@ -203,6 +228,9 @@ def make_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="every method on the same data and budget -> report (md, csv, json, png)")
     _add_quantize_flags(c, multi_bits=True)
     _add_recover_flags(c)
+    c.add_argument("--mode", choices=["quant", "peft"], default="quant",
+                   help="quant: recovery after quantization (default); peft: GIFT-SW vs LoRA/DoRA/full FT")
+    c.add_argument("--lr-grid", default=None, help="peft mode: learning rates to try for every method (comma list)")
     c.add_argument("--methods", default=None, help="comma-separated subset (default all; see gift_quant.compare)")
     c.add_argument("--tasks", default=None, help="zero-shot tasks, e.g. gift6 (needs the [eval] extra)")
     c.add_argument("--limit", type=int, default=None, help="zero-shot examples per task")
@@ -215,6 +243,12 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=int, default=None, help="window length (default 512)")
     e.add_argument("--max-windows", type=int, default=None, help="score at most N windows (default 40)")
     e.add_argument("--recipe", default=None)
+    e.add_argument("--tasks", default=None,
+                   help="zero-shot accuracy with lm-eval instead of perplexity: gift6 (ARC-e, ARC-c, BoolQ, "
+                        "HellaSwag, PIQA, WinoGrande), all (+ lambada), or a comma list (needs the [eval] extra)")
+    e.add_argument("--limit", type=int, default=None, metavar="N", help="first N documents of each task")
+    e.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size (default 8)")
+    e.add_argument("--seed", type=int, default=0)
     _add_common(e)
     e.set_defaults(func=cmd_eval)
     return parser

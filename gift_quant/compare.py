@@ -214,14 +214,7 @@ def run_compare(model_dir: str | None, report_dir: Path, bits_list: list[int], m
     report_dir.mkdir(parents=True, exist_ok=True)
     settings = {"model_dir": model_dir, "quantize": dataclasses.asdict(qcfg), "recover": dataclasses.asdict(rcfg),
                 "eval": dataclasses.asdict(ecfg), "tasks": tasks, "limit": limit}
-    previous = report_dir / "settings.json"
-    if previous.is_file() and json.loads(previous.read_text()) != json.loads(json.dumps(settings)):
-        old = json.loads(previous.read_text())
-        changed = [k for k in settings if old.get(k) != json.loads(json.dumps(settings))[k]]
-        raise GiftQuantError(
-            f"{report_dir} holds results made with different {', '.join(changed)}; finished methods would not be "
-            "comparable: use a new --out (methods may be added freely with the same settings)")
-    atomic_write_text(previous, json.dumps(settings, indent=1))
+    _claim_settings(report_dir / "settings.json", settings, report_dir)
     # owq first: the trained methods start from its checkpoint and gptq-matched reads its bits
     ordered = sorted(methods, key=lambda m: (m != "owq", METHODS.index(m)))
     if any(m in ordered for m in (*TRAINED[:2], "ste", "quik-lora", "gptq-matched")) and "owq" not in ordered:
@@ -247,13 +240,77 @@ def run_compare(model_dir: str | None, report_dir: Path, bits_list: list[int], m
     return write_report(report_dir, " ".join(sys.argv))
 
 
+def run_compare_peft(model_dir: str | None, report_dir: Path, methods: list[str], qcfg: QuantizeConfig,
+                     rcfg: RecoverConfig, tasks: list[str], limit: int | None, progress: bool = True,
+                     lr_grid: list[float] | None = None) -> dict:
+    """PEFT comparison: learning-rate grid on validation, then the best run of each method on test."""
+    from tqdm.auto import tqdm
+
+    from .compare_peft import LR_GRID, best_lr, peft_settings_doc, write_peft_report
+
+    report_dir = Path(report_dir)
+    root = report_dir / "runs" / "peft"
+    root.mkdir(parents=True, exist_ok=True)
+    grid = {m: tuple(lr_grid) if lr_grid else LR_GRID[m] for m in methods}
+    settings = {"model_dir": model_dir, **peft_settings_doc(qcfg, rcfg), "lr_grid": grid, "tasks": tasks,
+                "limit": limit}
+    _claim_settings(report_dir / "settings_peft.json", settings, report_dir)
+    rows = []
+    bar = tqdm(total=sum(len(grid[m]) + 1 for m in methods), desc="compare peft", disable=not progress)
+    for method in methods:
+        grid_rows = []
+        for lr in grid[method]:
+            grid_rows.append(_subprocess_row(report_dir, root, f"peft:{method}:{lr:g}:search", "settings_peft.json"))
+            bar.update()
+        rows += grid_rows
+        try:
+            lr = best_lr(grid_rows)
+        except ValueError:
+            rows.append({"method": method, "final": True, "failed": "every learning rate failed"})
+            bar.update()
+            continue
+        final = _subprocess_row(report_dir, root, f"peft:{method}:{lr:g}:final", "settings_peft.json")
+        rows.append({**final, "final": True})
+        bar.update()
+    write_peft_report(report_dir, rows, " ".join(sys.argv))
+    return {"rows": rows}
+
+
+def _claim_settings(path: Path, settings: dict, report_dir: Path) -> None:
+    normalized = json.loads(json.dumps(settings))
+    if path.is_file() and json.loads(path.read_text()) != normalized:
+        old = json.loads(path.read_text())
+        changed = [k for k in normalized if old.get(k) != normalized[k]]
+        raise GiftQuantError(
+            f"{report_dir} holds results made with different {', '.join(changed)}; finished methods would not be "
+            "comparable: use a new --out (methods may be added freely with the same settings)")
+    atomic_write_text(path, json.dumps(settings, indent=1))
+
+
+def _subprocess_row(report_dir: Path, root: Path, job: str, settings_name: str) -> dict:
+    """Run ``job`` via ``python -m gift_quant.compare _method`` unless its result is cached."""
+    result = root / job.replace(":", "_") / "result.json"
+    if not result.is_file():
+        result.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "gift_quant.compare", "_method", job, "--bits", "0", "--root", str(root),
+               "--settings", str(report_dir / settings_name)]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0 or not result.is_file():
+            err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            atomic_write_text(result, json.dumps({"job": job, "method": job.split(":")[1], "failed": err,
+                                                  "total_seconds": time.perf_counter() - t0}))
+            (result.parent / "stderr.txt").write_text(proc.stderr[-20000:])
+    return json.loads(result.read_text())
+
+
 def _collect(report_dir: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((report_dir / "runs").glob("*/*/result.json"))]
 
 
 def _mean_zs(row: dict):
     zs = row.get("zeroshot")
-    return None if not zs else zs.get("mean_acc")
+    return None if not zs else zs.get("mean")  # headline: acc_norm where lm-eval defines it (eval/zeroshot.py)
 
 
 def write_report(report_dir: Path, command: str) -> dict:
@@ -351,6 +408,17 @@ def _method_main(argv: list[str]) -> int:
     ap.add_argument("--settings", required=True)
     a = ap.parse_args(argv)
     s = json.loads(Path(a.settings).read_text())
+    if a.method.startswith("peft:"):
+        from .compare_peft import run_peft_method
+
+        _, method, lr, phase = a.method.split(":")
+        t0 = time.perf_counter()
+        row = run_peft_method(method, float(lr), s["model_dir"], Path(a.root), QuantizeConfig(**s["quantize"]),
+                              RecoverConfig(**s["recover"]), s["tasks"], s["limit"], final=phase == "final")
+        row["total_seconds"] = time.perf_counter() - t0
+        out = Path(a.root) / a.method.replace(":", "_") / "result.json"
+        atomic_write_text(out, json.dumps(row, indent=1, default=str))
+        return 0
     qcfg = dataclasses.replace(QuantizeConfig(**s["quantize"]), bits=a.bits)
     rcfg, ecfg = RecoverConfig(**s["recover"]), EvalConfig(**s["eval"])
     row = run_method(a.method, s["model_dir"], Path(a.root), qcfg, rcfg, ecfg, s["tasks"], s["limit"])

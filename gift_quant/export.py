@@ -188,6 +188,9 @@ def _tie_fixup(tensors: dict[str, torch.Tensor], nat: NativeCheckpoint) -> dict[
 
 def _config_json(nat: NativeCheckpoint, dtype: torch.dtype, quantization_config: dict | None) -> str:
     cfg = {k: v for k, v in nat.config.items() if k != "quantization_config"}
+    # the native config records use_cache false (set while quantizing); served models want the KV cache
+    if "use_cache" in cfg:
+        cfg["use_cache"] = True
     cfg["dtype"] = _dtype_name(dtype)
     if "torch_dtype" in cfg:
         cfg["torch_dtype"] = _dtype_name(dtype)

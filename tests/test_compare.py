@@ -35,3 +35,32 @@ def test_compare_smoke_reports_every_method(tmp_path):
     assert len(gift["loss_curve"]) == 4 and report["versions"]["torch"]
     assert (out / "ppl_vs_bits.png").stat().st_size > 1000 and (out / "loss_curves.png").is_file()
     assert "| 3 | gift-post |" in (out / "report.md").read_text()
+
+
+def test_compare_peft_mode_picks_lr_on_validation_and_trains_every_method(tmp_path):
+    src = make_model_dir("llama", tmp_path / "src")
+    text = tmp_path / "text.txt"
+    text.write_text(corpus(3000, seed=2))
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(json.dumps({"prompt": corpus(20, seed=i), "response": corpus(12, seed=99 + i)})
+                               for i in range(60)))
+    out = tmp_path / "peft"
+    cmd = [sys.executable, "-m", "gift_quant.cli", "compare", str(src), "--mode", "peft", "--out", str(out),
+           "--recipe", "recipes/tiny-debug.yaml", "--calib-data", str(text), "--train-data", str(train),
+           "--eval-data", str(text), "--methods", "gift,lora,full", "--lr-grid", "1e-3,1e-2", "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((out / "report_peft.json").read_text())["rows"]
+    finals = {r["method"]: r for r in rows if r.get("final")}
+    assert set(finals) == {"gift", "lora", "full"}
+    base = None
+    for method, final in finals.items():
+        search = {r["lr"]: r["validation_loss"] for r in rows if r["method"] == method and not r.get("final")}
+        assert final["lr"] == min(search, key=search.get)  # picked on validation
+        assert len(final["loss_curve"]) == 4
+        base = final["lora_rank"]
+    # LoRA's rank is matched to GIFT-SW's trainable parameter count (within one rank's worth)
+    assert abs(finals["lora"]["trainable_params"] - finals["gift"]["trainable_params"]) <= 2 * 64 * 2 * 7 * base
+    assert finals["full"]["trainable_params"] > 10 * finals["gift"]["trainable_params"]
+    # every method really trained: test losses differ from one another
+    assert len({round(f["test_loss"], 7) for f in finals.values()}) == 3

@@ -102,5 +102,5 @@ def set_noise_key(model: nn.Module, key: int | None) -> None:
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous().clone() for n, p in model.named_parameters()
-            if n.rsplit(".", 1)[-1].startswith(TRAINABLE_PREFIX)}
+    """Every trainable tensor (gift_ columns; or LoRA / all weights when the loop trains a baseline)."""
+    return {n: p.detach().cpu().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
