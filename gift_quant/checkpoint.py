@@ -96,6 +96,9 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     model_dtype = dtype or parse_dtype(doc.get("dtype", "float32"))
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=model_dtype, trust_remote_code=trust_remote_code)
+    # save_model stored one tensor of a tied pair; tie first so loading fills both
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
     q = doc["quantize"]
     build_quant_skeleton(model, doc["layers"], q["bits"], q["sym"], parse_dtype(q["salient_dtype"]))
     missing, unexpected = load_model(model, str(path / WEIGHTS_NAME), strict=False)
