@@ -377,17 +377,27 @@ def _plots(report_dir: Path, rows: list[dict]) -> None:
     fig.tight_layout()
     fig.savefig(report_dir / "ppl_vs_bits.png", dpi=120)
     plt.close(fig)
+    plot_loss_curves(report_dir / "loss_curves.png",
+                     {f"w{r['bits']} {r['method']}": r["loss_curve"] for r in ok if r.get("loss_curve")})
+
+
+def plot_loss_curves(path: Path, curves: dict[str, list[float]]) -> None:
+    """One line per labelled training-loss curve, saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in ok:
-        if r.get("loss_curve"):
-            ax.plot(range(1, len(r["loss_curve"]) + 1), r["loss_curve"], label=f"w{r['bits']} {r['method']}")
+    for label, losses in curves.items():
+        ax.plot(range(1, len(losses) + 1), losses, label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(report_dir / "loss_curves.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 

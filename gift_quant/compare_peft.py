@@ -143,20 +143,7 @@ def write_peft_report(report_dir: Path, rows: list[dict], command: str) -> None:
     lines += ["", "![training loss](peft_loss_curves.png)", ""]
     atomic_write_text(report_dir / "report_peft.md", "\n".join(lines))
     atomic_write_text(report_dir / "report_peft.json", json.dumps({"command": command, "rows": rows}, indent=1))
-    import matplotlib
+    from .compare import plot_loss_curves
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in final:
-        if r.get("loss_curve"):
-            ax.plot(range(1, len(r["loss_curve"]) + 1), r["loss_curve"], label=f"{r['method']} (lr {r['lr']:g})")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(report_dir / "peft_loss_curves.png", dpi=120)
-    plt.close(fig)
+    plot_loss_curves(report_dir / "peft_loss_curves.png",
+                     {f"{r['method']} (lr {r['lr']:g})": r["loss_curve"] for r in final if r.get("loss_curve")})

@@ -6,16 +6,14 @@ import os
 import subprocess
 import sys
 
-from tiny import corpus, make_model_dir
+from tiny import corpus, make_model_dir, write_instruction_jsonl
 
 
 def test_compare_smoke_reports_every_method(tmp_path):
     src = make_model_dir("llama", tmp_path / "src")
     text = tmp_path / "text.txt"
     text.write_text(corpus(3000, seed=2))
-    train = tmp_path / "train.jsonl"
-    train.write_text("\n".join(json.dumps({"prompt": corpus(20, seed=i), "response": corpus(12, seed=99 + i)})
-                               for i in range(60)))
+    train = write_instruction_jsonl(tmp_path / "train.jsonl")
     out = tmp_path / "report"
     env = {**os.environ, "GIFT_QUANT_TEST_FAIL_METHOD": "rtn"}
     cmd = [sys.executable, "-m", "gift_quant.cli", "compare", str(src), "--out", str(out), "--bits", "3",
@@ -41,9 +39,7 @@ def test_compare_peft_mode_picks_lr_on_validation_and_trains_every_method(tmp_pa
     src = make_model_dir("llama", tmp_path / "src")
     text = tmp_path / "text.txt"
     text.write_text(corpus(3000, seed=2))
-    train = tmp_path / "train.jsonl"
-    train.write_text("\n".join(json.dumps({"prompt": corpus(20, seed=i), "response": corpus(12, seed=99 + i)})
-                               for i in range(60)))
+    train = write_instruction_jsonl(tmp_path / "train.jsonl")
     out = tmp_path / "peft"
     cmd = [sys.executable, "-m", "gift_quant.cli", "compare", str(src), "--mode", "peft", "--out", str(out),
            "--recipe", "recipes/tiny-debug.yaml", "--calib-data", str(text), "--train-data", str(train),

@@ -5,7 +5,7 @@ import json
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from tiny import corpus, make_model_dir
+from tiny import corpus, make_model_dir, write_instruction_jsonl
 from transformers import AutoModelForCausalLM
 
 from gift_quant.cli import main
@@ -15,9 +15,7 @@ def test_finetune_merged_and_adapter(tmp_path):
     src = make_model_dir("qwen2", tmp_path / "src")
     text = tmp_path / "text.txt"
     text.write_text(corpus(3000, seed=4))
-    train = tmp_path / "train.jsonl"
-    train.write_text("\n".join(json.dumps({"prompt": corpus(20, seed=i), "response": corpus(12, seed=50 + i)})
-                               for i in range(60)))
+    train = write_instruction_jsonl(tmp_path / "train.jsonl")
     out = tmp_path / "ft"
     rc = main(["finetune", str(src), "--out", str(out), "--salient", "5", "--calib-data", str(text),
                "--calib-samples", "4", "--seq-len", "32", "--train-data", str(train), "--eval-data", str(text),

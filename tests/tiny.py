@@ -133,3 +133,12 @@ def make_model_dir(arch: str, path: Path, seed: int = 0) -> Path:
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.save_pretrained(path)
     return path
+
+
+def write_instruction_jsonl(path: Path, n: int = 60) -> Path:
+    """A small {"prompt", "response"} training file for recovery / fine-tuning tests."""
+    import json
+
+    path.write_text("\n".join(json.dumps({"prompt": corpus(20, seed=i), "response": corpus(12, seed=99 + i)})
+                               for i in range(n)))
+    return path
