@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..grid import GridSpec, step_sizes
+from ..threads import cpu_threads
 
 NOISE_TYPES = ("normal", "uniform", "none")
 
@@ -56,7 +57,9 @@ class SalientLinear(nn.Module):
             self.codes = None
         self.gift_salient = nn.Parameter(salient_weight.detach().to(param_dtype).clone())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self.register_buffer("delta", step_sizes(self.base_weight()[:, mask], GridSpec(bits=noise_bits, sym=True)))
+        with cpu_threads(1, self.base_weight().device.type == "cpu"):  # clip search: small ops (threads.py)
+            delta = step_sizes(self.base_weight()[:, mask], GridSpec(bits=noise_bits, sym=True))
+        self.register_buffer("delta", delta)
         self._generator: torch.Generator | None = None
         # Set by the training loop before each micro-batch: the noise then depends only on
         # (seed, noise_key), so data-parallel ranks, gradient-checkpoint recomputation and a resumed
