@@ -55,20 +55,24 @@ def pack_examples(tokenizer, records: list[dict], seq_len: int, n_windows: int, 
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     labels: list[int] = []
-    need = n_windows * seq_len
+    windows, window_labels = [], []
     for i in order:
         x, y = encode_record(tokenizer, records[i])
         if eos is not None:
-            x, y = x + [eos], y + [eos]
+            x, y = [*x, eos], [*y, eos]
+        # an example longer than a window keeps its end: the answer (what is trained) and the prompt's tail
+        x, y = x[-seq_len:], y[-seq_len:]
         ids.extend(x)
         labels.extend(y)
-        if len(ids) >= need:
+        while len(ids) >= seq_len:
+            w, lab = ids[:seq_len], labels[:seq_len]
+            ids, labels = ids[seq_len:], labels[seq_len:]
+            if any(t != IGNORE for t in lab):  # a window of prompt tokens only would train nothing
+                windows.append(w)
+                window_labels.append(lab)
+        if len(windows) >= n_windows:
             break
-    n = min(n_windows, len(ids) // seq_len)
-    if n == 0:
-        raise GiftQuantError(f"{source} is too short: {len(ids)} tokens for one window of {seq_len}")
-    t_ids = torch.tensor(ids[:n * seq_len]).view(n, seq_len)
-    t_lab = torch.tensor(labels[:n * seq_len]).view(n, seq_len)
-    if (t_lab != IGNORE).sum() == 0:
-        raise GiftQuantError(f"{source}: every token is masked (prompts only?); nothing to train on")
-    return t_ids, t_lab
+    if not windows:
+        raise GiftQuantError(f"{source}: no window of {seq_len} tokens holds an unmasked token "
+                             "(too little text, or prompts only); nothing to train on")
+    return torch.tensor(windows[:n_windows]), torch.tensor(window_labels[:n_windows])
