@@ -67,7 +67,11 @@ def _eval(model, tokenizer, ecfg: EvalConfig, tasks: list[str], limit: int | Non
 
 
 def _dir_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*.safetensors")) if Path(path).exists() else 0
+    """Bytes of the deployable weights: safetensors files, not the run/ stage artifacts beside them."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    return sum(f.stat().st_size for f in path.rglob("*.safetensors") if "run" not in f.relative_to(path).parts)
 
 
 def _quantize(model_dir, out: Path, qcfg: QuantizeConfig):
