@@ -104,6 +104,20 @@ def worker_gift(a) -> None:
     from gift_quant.pipeline import quantize_to_checkpoint
     from gift_quant.qlinear import QuantLinear
 
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.skip_scoring:
+        # diagnostic only: what gift-quant would cost if it skipped the sensitivity scores when K = 0
+        import gift_quant.quant.engine as engine
+
+        score_layer = engine.score_layer
+
+        def no_scores_at_k0(linear, stats, cfg, name):
+            if cfg.salient_count(linear.in_features, name) == 0:
+                return torch.zeros(linear.in_features), torch.zeros(0, dtype=torch.long)
+            return score_layer(linear, stats, cfg, name)
+
+        engine.score_layer = no_scores_at_k0
     windows = torch.load(a.calib, weights_only=True)
     cfg = QuantizeConfig(bits=a.bits, group_size=a.group_size, sym=True, act_order=False, static_groups=False,
                          clip=a.clip, damp=a.damp, block_size=128, salient=0, calib_samples=windows.shape[0],
@@ -111,9 +125,24 @@ def worker_gift(a) -> None:
     out = Path(a.ckpt)
     if out.exists():
         shutil.rmtree(out)
-    t0 = time.perf_counter()
+    # time the quantize_model stage in CPU seconds too (wall clock is noisy on a shared machine)
+    import gift_quant.pipeline as pipeline
+
+    stage = {}
+    inner = pipeline.quantize_model
+
+    def timed_quantize_model(*args, **kwargs):
+        c0, w0 = time.process_time(), time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            stage["cpu"], stage["wall"] = time.process_time() - c0, time.perf_counter() - w0
+
+    pipeline.quantize_model = timed_quantize_model
+    c0, t0 = time.process_time(), time.perf_counter()
     model, summary = quantize_to_checkpoint(a.model_dir, out, cfg, overwrite=True, progress=True)
-    call_s = time.perf_counter() - t0
+    call_s, call_cpu = time.perf_counter() - t0, time.process_time() - c0
+    pipeline.quantize_model = inner
     fp = read_gift_config(out)["provenance"]["calibration_fingerprint"]
     if fp != fingerprint_tokens(windows):
         raise SystemExit(f"gift-quant used different calibration windows ({fp} != {fingerprint_tokens(windows)})")
@@ -124,8 +153,10 @@ def worker_gift(a) -> None:
         # the in-memory QuantLinear model, to show that the parent's dense-copy evaluation equals it
         w = torch.load(a.check_windows, weights_only=True)
         check = perplexity(model, w, "cpu", progress=False)
-    meta = {"tool": "gift-quant", "bits": a.bits, "group_size": a.group_size, "clip": a.clip,
+    meta = {"tool": "gift-quant", "skip_scoring": a.skip_scoring, "bits": a.bits, "group_size": a.group_size,
+            "clip": a.clip,
             "quantize_seconds": summary["quantize_seconds"], "call_seconds": call_s,
+            "quantize_cpu_seconds": stage.get("cpu"), "call_cpu_seconds": call_cpu,
             "total_seconds_reported": summary["total_seconds"], "effective_bits": summary["effective_bits"],
             "own_mean_relative_error": summary["mean_relative_error"], "calibration_fingerprint": fp,
             "n_layers": len(dense), "inmemory_check": check, "torch_threads": torch.get_num_threads()}
@@ -138,10 +169,13 @@ def worker_peer(a) -> None:
     from gptqmodel import GPTQModel
     from gptqmodel.nn_modules.qlinear import PackableQuantLinear
     from gptqmodel.quantization.config import QuantizeConfig as PeerConfig
+    from gptqmodel.utils.model import convert_gptq_v1_to_v2_format_module
     from safetensors import safe_open
 
     from gift_quant.data import fingerprint_tokens
 
+    if a.threads:
+        torch.set_num_threads(a.threads)
     windows = torch.load(a.calib, weights_only=True)
     qcfg = PeerConfig(bits=a.bits, group_size=a.group_size, sym=True, desc_act=False, act_group_aware=False,
                       static_groups=False, true_sequential=True, damp_percent=a.damp, mse=a.mse,
@@ -151,12 +185,12 @@ def worker_peer(a) -> None:
                                                     "damp_auto_increment", "mse", "offload_to_disk", "fallback",
                                                     "hessian", "device", "format")}
     t0 = time.perf_counter()
-    model = GPTQModel.load(str(a.model_dir), qcfg, device="cpu", dtype=torch.float32)
+    model = GPTQModel.load(str(a.model_dir), qcfg, dtype=torch.float32)
     load_s = time.perf_counter() - t0
     calib = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in windows]
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     model.quantize(calib, batch_size=1, calibration_sort=None)
-    quant_s = time.perf_counter() - t0
+    quant_s, quant_cpu = time.perf_counter() - t0, time.process_time() - c0
 
     from gift_quant.pack import unpack_cols
 
@@ -170,7 +204,7 @@ def worker_peer(a) -> None:
                 return off
         raise SystemExit(f"unexpected zero points {z.unique().tolist()} for a symmetric {a.bits}-bit grid")
 
-    dense, max_diff_peer_dequant, offsets = {}, 0.0, set()
+    dense, packed, max_diff_peer_dequant, offsets = {}, {}, 0.0, set()
     for name, m in model.model.named_modules():
         if hasattr(m, "qweight") and hasattr(m, "qzeros") and hasattr(m, "g_idx"):
             off = zero_offset(m.qzeros, m.out_features)
@@ -178,10 +212,7 @@ def worker_peer(a) -> None:
             # exact fp32 value of scale * (code - zero), as gift-quant's dense_weight computes it
             w = _unpack_gptq(m.qweight, m.qzeros, m.scales, m.g_idx, a.bits, m.in_features, m.out_features, off)
             dense[name] = w
-            # cross-check with GPTQModel's own (un-compiled base) dequantizer, which multiplies in fp16
-            theirs = PackableQuantLinear.dequantize_weight(m).T.float()
-            rel = float(((theirs - w).abs() / m.scales.float().amax()).max())
-            max_diff_peer_dequant = max(max_diff_peer_dequant, rel)
+            packed[name] = m
     dtypes = sorted({str(p.dtype) for p in model.model.parameters()})
     out = Path(a.ckpt)
     if out.exists():
@@ -205,9 +236,18 @@ def worker_peer(a) -> None:
         disk = _unpack_gptq(saved[f"{key}.qweight"], qz, saved[f"{key}.scales"], saved[f"{key}.g_idx"], a.bits,
                             w.shape[1], out_f, zero_offset(qz, out_f))
         max_diff = max(max_diff, float((disk - w).abs().max()))
+        # and with GPTQModel's own (un-compiled base) dequantizer, which wants "v2" zeros and multiplies in fp16
+        m = packed[name]
+        if m.qzero_format() == 1:
+            convert_gptq_v1_to_v2_format_module(m, bits=a.bits, pack_dtype=m.pack_dtype)
+            m.qzero_format(format=2)
+        theirs = PackableQuantLinear.dequantize_weight(m).T.float()
+        rel = float(((theirs - w).abs() / m.scales.float().amax()).max())
+        max_diff_peer_dequant = max(max_diff_peer_dequant, rel)
     _save_weights(dense, Path(a.weights))
     meta = {"tool": "gptqmodel", "bits": a.bits, "group_size": a.group_size, "mse": a.mse,
-            "quantize_seconds": quant_s, "load_seconds": load_s, "save_seconds": save_s,
+            "quantize_seconds": quant_s, "quantize_cpu_seconds": quant_cpu, "load_seconds": load_s,
+            "save_seconds": save_s,
             "settings": settings, "model_dtypes": dtypes, "n_layers": len(dense),
             "calibration_fingerprint": fingerprint_tokens(windows), "checkpoint_format": qc.get("checkpoint_format"),
             "zero_offsets_in_memory": sorted(offsets),
@@ -240,7 +280,7 @@ def fp_hessians(model, windows: torch.Tensor) -> tuple[dict[str, torch.Tensor], 
             continue
         prev = next((alias[p] for p, px in calls[:i] if px is x and p in alias), None)
         alias[name] = prev or name
-    del calls
+    calls.clear()
     canon = sorted(set(alias.values()), key=list(linears).index)
     hess = {n: torch.zeros(linears[n].in_features, linears[n].in_features, dtype=torch.float64) for n in canon}
 
@@ -329,25 +369,31 @@ def markdown(result: dict) -> str:
         f"calibration: {result['settings']['calib_samples']} × {result['settings']['seq_len']} tokens of "
         f"`{result['settings']['calib_data']}` (same windows for both); perplexity: "
         f"{result['fp']['ppl']['windows']} × {result['settings']['eval_seq_len']} tokens of "
-        f"`{result['settings']['ppl_data']}`; full-precision reference ppl **{result['fp']['ppl']['perplexity']:.3f}**; "
+        f"`{result['settings']['ppl_data']}`; full-precision reference ppl "
+        f"**{result['fp']['ppl']['perplexity']:.3f}**; "
         f"{result['machine']['cpu_count']} CPU cores, torch {result['machine']['torch']}.",
         "",
-        "| bits | clip | tool | mean rel. err | median rel. err | ppl | quantize s | whole call s |",
-        "|---:|---|---|---:|---:|---:|---:|---:|",
+        "| bits | clip | tool | mean rel. err | median rel. err | ppl | quantize s (wall) | quantize s (CPU) "
+        "| whole call s | load avg before |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['bits']} | {r['clip']} | {r['tool']} | {_fmt(r['mean_rel_err'], 5)} | {_fmt(r['median_rel_err'], 5)} "
-            f"| {_fmt(r['ppl'], 3)} | {_fmt(r['quantize_seconds'], 1)} | {_fmt(r['call_seconds'], 1)} |")
+            f"| {r['bits']} | {r['clip']} | {r['tool']} | {_fmt(r['mean_rel_err'], 5)} "
+            f"| {_fmt(r['median_rel_err'], 5)} "
+            f"| {_fmt(r['ppl'], 3)} | {_fmt(r['quantize_seconds'], 1)} | {_fmt(r['quantize_cpu_seconds'], 1)} "
+            f"| {_fmt(r['call_seconds'], 1)} | {r['loadavg_before'][0]:.1f} |")
     lines += ["", "Like-for-like ratios gift/peer (< 1: gift-quant better or faster):", "",
               "| bits | clip (gift / peer) | mean ratio | median ratio | layers gift ≤ peer | ppl gift / peer | "
-              "time ratio (quantize) | time ratio (whole call vs quantize+save) |",
-              "|---:|---|---:|---:|---:|---:|---:|---:|"]
+              "time ratio wall | time ratio CPU | whole call vs quantize+save |",
+              "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for c in result["comparisons"]:
+        diag = " (gift no-scoring diagnostic)" if c["gift"] != "gift-quant" else ""
         lines.append(
-            f"| {c['bits']} | {c['gift_clip']} / mse={c['peer_mse']} | {_fmt(c['mean_ratio'])} | "
+            f"| {c['bits']} | {c['gift_clip']} / mse={c['peer_mse']}{diag} | {_fmt(c['mean_ratio'])} | "
             f"{_fmt(c['median_ratio'])} | {c['layers_gift_le_peer']}/{c['layers']} | "
             f"{_fmt(c['ppl_gift'], 3)} / {_fmt(c['ppl_peer'], 3)} | {_fmt(c['time_ratio'], 3)} | "
+            f"{_fmt(c['cpu_time_ratio'], 3)} | "
             f"{_fmt(c['time_ratio_with_io'], 3)} |")
     lines += ["", "Like-for-like rows: gift `clip=minmax` ↔ GPTQModel `mse=0` (its default); gift `clip=mse` ↔ "
               "GPTQModel `mse=2.0`. Perplexity of both tools: dequantized weights in one plain fp32 model. "
@@ -358,12 +404,13 @@ def markdown(result: dict) -> str:
 
 
 def orchestrate(args) -> dict:
+    from safetensors.torch import load_file
+
     from gift_quant.config import DEFAULT_PPL_DATA, QuantizeConfig
     from gift_quant.data import eval_windows, fingerprint_tokens, load_documents
     from gift_quant.eval.perplexity import perplexity
     from gift_quant.models import default_model_dir, load_model, load_tokenizer, resolve_model_dir
     from gift_quant.pipeline import calibration_set
-    from safetensors.torch import load_file
 
     model_dir = resolve_model_dir(args.model) if args.model else default_model_dir()
     out_dir = Path(args.out_dir)
@@ -412,19 +459,24 @@ def orchestrate(args) -> dict:
     runs, by_key = [], {}
     for bits in args.bits:
         for clip in args.clip:
-            for tool in ("gift-quant", "gptqmodel"):
-                tag = f"{'gift' if tool == 'gift-quant' else 'peer'}_w{bits}_g{args.group_size}_{clip}"
+            tools = ["gift-quant", "gptqmodel"] + (["gift-quant-noscore"] if args.diagnose_scoring else [])
+            for tool in tools:
+                short = {"gift-quant": "gift", "gptqmodel": "peer", "gift-quant-noscore": "giftnoscore"}[tool]
+                tag = f"{short}_w{bits}_g{args.group_size}_{clip}"
                 wfile, mfile, ckpt = work / f"{tag}.safetensors", work / f"{tag}.json", work / f"ckpt_{tag}"
                 common = ["--bits", str(bits), "--group-size", str(args.group_size), "--damp", str(args.damp),
                           "--calib", str(work / "calib.pt"), "--model-dir", str(model_dir), "--weights", str(wfile),
-                          "--meta", str(mfile), "--ckpt", str(ckpt), "--seed", str(args.seed)]
-                if tool == "gift-quant":
+                          "--meta", str(mfile), "--ckpt", str(ckpt), "--seed", str(args.seed),
+                          "--threads", str(args.threads)]
+                if tool.startswith("gift-quant"):
                     extra = ["--clip", clip, "--check-windows", str(work / "check.pt")]
+                    extra += ["--skip-scoring"] if tool == "gift-quant-noscore" else []
                 else:
                     extra = ["--mse", str(PEER_MSE[clip])]
                 print(f"[bench] {tag}: quantizing ...", flush=True)
+                load_before = os.getloadavg()
                 t0 = time.perf_counter()
-                run_worker("gift" if tool == "gift-quant" else "peer", common + extra, out_dir / "logs" / f"{tag}.log")
+                run_worker("peer" if tool == "gptqmodel" else "gift", common + extra, out_dir / "logs" / f"{tag}.log")
                 child_s = time.perf_counter() - t0
                 meta = json.loads(mfile.read_text())
                 if meta["calibration_fingerprint"] != fingerprint_tokens(calib):
@@ -437,20 +489,23 @@ def orchestrate(args) -> dict:
                     wfile.unlink(missing_ok=True)
                     shutil.rmtree(ckpt, ignore_errors=True)
                 vals = [errs[n] for n in ref]
-                if tool == "gift-quant":
+                if tool.startswith("gift-quant"):
                     call_s = meta["call_seconds"]
                     inmem = meta.get("inmemory_check") or {}
                     consistency = {"inmemory_nll_first_window": inmem.get("nll"), "dense_copy_nll_first_window":
                                    check["nll"]}
                 else:
                     call_s = meta["quantize_seconds"] + meta["save_seconds"]
-                    consistency = {"peer_fp16_dequant_vs_exact_max_rel": meta["peer_fp16_dequant_vs_exact_max_rel_to_max_scale"],
+                    consistency = {"peer_fp16_dequant_vs_exact_max_rel":
+                                   meta["peer_fp16_dequant_vs_exact_max_rel_to_max_scale"],
                                    "dequant_vs_saved_checkpoint_max_abs": meta["dequant_vs_saved_checkpoint_max_abs"]}
-                row = {"bits": bits, "group_size": args.group_size, "clip": clip if tool == "gift-quant" else
+                row = {"bits": bits, "group_size": args.group_size, "clip": clip if tool != "gptqmodel" else
                        f"mse={PEER_MSE[clip]}", "tool": tool, "mean_rel_err": statistics.fmean(vals),
                        "median_rel_err": statistics.median(vals), "max_rel_err": max(vals),
                        "ppl": ppl["perplexity"], "nll": ppl["nll"], "quantize_seconds": meta["quantize_seconds"],
-                       "call_seconds": call_s, "child_process_seconds": child_s, "consistency": consistency,
+                       "quantize_cpu_seconds": meta.get("quantize_cpu_seconds"), "call_seconds": call_s,
+                       "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+                       "child_process_seconds": child_s, "consistency": consistency,
                        "meta": meta, "layer_rel_err": errs}
                 runs.append(row)
                 by_key[(bits, clip, tool)] = row
@@ -459,12 +514,13 @@ def orchestrate(args) -> dict:
                       flush=True)
 
     comparisons = []
-    for bits in args.bits:
-        for clip in args.clip:
-            g, p = by_key[(bits, clip, "gift-quant")], by_key[(bits, clip, "gptqmodel")]
+    pairs = [("gift-quant", "gptqmodel")] + ([("gift-quant-noscore", "gptqmodel")] if args.diagnose_scoring else [])
+    for bits, clip, (gtool, ptool) in ((b, c, t) for b in args.bits for c in args.clip for t in pairs):
+        if True:
+            g, p = by_key[(bits, clip, gtool)], by_key[(bits, clip, ptool)]
             ratios = [g["layer_rel_err"][n] / p["layer_rel_err"][n] for n in ref]
             comparisons.append({
-                "bits": bits, "gift_clip": clip, "peer_mse": PEER_MSE[clip], "layers": len(ratios),
+                "bits": bits, "gift": gtool, "gift_clip": clip, "peer_mse": PEER_MSE[clip], "layers": len(ratios),
                 "mean_ratio": statistics.fmean(ratios), "median_ratio": statistics.median(ratios),
                 "min_ratio": min(ratios), "max_ratio": max(ratios),
                 "layers_gift_le_peer": sum(r <= 1.0 for r in ratios),
@@ -472,6 +528,8 @@ def orchestrate(args) -> dict:
                 "ppl_gift": g["ppl"], "ppl_peer": p["ppl"], "ppl_ratio": g["ppl"] / p["ppl"],
                 "time_gift_s": g["quantize_seconds"], "time_peer_s": p["quantize_seconds"],
                 "time_ratio": g["quantize_seconds"] / p["quantize_seconds"],
+                "cpu_time_gift_s": g["quantize_cpu_seconds"], "cpu_time_peer_s": p["quantize_cpu_seconds"],
+                "cpu_time_ratio": g["quantize_cpu_seconds"] / p["quantize_cpu_seconds"],
                 "time_ratio_with_io": g["call_seconds"] / p["call_seconds"],
                 "targets_met": {"error": statistics.median(ratios) <= 1.0 and g["mean_rel_err"] <= p["mean_rel_err"],
                                 "ppl": g["ppl"] <= p["ppl"], "time": g["quantize_seconds"] <= p["quantize_seconds"]},
@@ -480,6 +538,7 @@ def orchestrate(args) -> dict:
         "benchmark": "gift-quant GPTQ (salient=0) vs GPTQModel GPTQ",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "settings": {"model_dir": str(model_dir), "model_name": model_dir.name, "bits": args.bits,
+                     "torch_threads": torch.get_num_threads(), "diagnose_scoring": args.diagnose_scoring,
                      "group_size": args.group_size, "clip": args.clip, "damp": args.damp, "sym": True,
                      "act_order": False, "block_size": 128, "true_sequential": True, "dtype": "float32",
                      "calib_data": qcfg.calib_data, "calib_samples": args.calib_samples, "seq_len": args.seq_len,
@@ -512,6 +571,8 @@ def main(argv=None) -> None:
         for f in ("--calib", "--model-dir", "--weights", "--meta", "--ckpt"):
             p.add_argument(f, required=True)
         p.add_argument("--check-windows")
+        p.add_argument("--threads", type=int, default=0)
+        p.add_argument("--skip-scoring", action="store_true")
         a = p.parse_args(argv[1:])
         (worker_gift if a.kind == "gift" else worker_peer)(a)
         return
@@ -531,7 +592,13 @@ def main(argv=None) -> None:
     p.add_argument("--out-dir", default=str(REPO / "results" / "bench_gptq"))
     p.add_argument("--work-dir", default="/tmp/bench_gptq_work", help="scratch: weights and checkpoints")
     p.add_argument("--keep-work", action="store_true")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads for every process (0: torch's default, one per core)")
+    p.add_argument("--diagnose-scoring", action="store_true",
+                   help="also run gift-quant with the (unused at K=0) sensitivity scoring skipped, a diagnostic row")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.group_size == 0:
         args.group_size = -1
     t0 = time.perf_counter()
