@@ -120,7 +120,7 @@ def worker_gift(a) -> None:
         engine.score_layer = no_scores_at_k0
     windows = torch.load(a.calib, weights_only=True)
     cfg = QuantizeConfig(bits=a.bits, group_size=a.group_size, sym=True, act_order=False, static_groups=False,
-                         clip=a.clip, damp=a.damp, block_size=128, salient=0, calib_samples=windows.shape[0],
+                         clip=a.clip, damp=a.damp, block_size=a.block_size, salient=0, calib_samples=windows.shape[0],
                          seq_len=windows.shape[1], seed=a.seed, dtype="float32", device="cpu")
     out = Path(a.ckpt)
     if out.exists():
@@ -153,7 +153,8 @@ def worker_gift(a) -> None:
         # the in-memory QuantLinear model, to show that the parent's dense-copy evaluation equals it
         w = torch.load(a.check_windows, weights_only=True)
         check = perplexity(model, w, "cpu", progress=False)
-    meta = {"tool": "gift-quant", "skip_scoring": a.skip_scoring, "bits": a.bits, "group_size": a.group_size,
+    meta = {"tool": "gift-quant", "skip_scoring": a.skip_scoring, "block_size": a.block_size,
+            "bits": a.bits, "group_size": a.group_size,
             "clip": a.clip,
             "quantize_seconds": summary["quantize_seconds"], "call_seconds": call_s,
             "quantize_cpu_seconds": stage.get("cpu"), "call_cpu_seconds": call_cpu,
@@ -388,9 +389,11 @@ def markdown(result: dict) -> str:
               "time ratio wall | time ratio CPU | whole call vs quantize+save |",
               "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for c in result["comparisons"]:
-        diag = " (gift no-scoring diagnostic)" if c["gift"] != "gift-quant" else ""
+        label = {"gift-quant": f"{c['gift_clip']} / mse={c['peer_mse']}",
+                 "gift-quant-noscore": f"{c['gift_clip']} / mse={c['peer_mse']} (gift no-scoring diagnostic)",
+                 "gift-quant-bs64": f"{c['gift_clip']}: noise floor, gift block 64 / gift block 128"}[c["gift"]]
         lines.append(
-            f"| {c['bits']} | {c['gift_clip']} / mse={c['peer_mse']}{diag} | {_fmt(c['mean_ratio'])} | "
+            f"| {c['bits']} | {label} | {_fmt(c['mean_ratio'])} | "
             f"{_fmt(c['median_ratio'])} | {c['layers_gift_le_peer']}/{c['layers']} | "
             f"{_fmt(c['ppl_gift'], 3)} / {_fmt(c['ppl_peer'], 3)} | {_fmt(c['time_ratio'], 3)} | "
             f"{_fmt(c['cpu_time_ratio'], 3)} | "
@@ -460,8 +463,10 @@ def orchestrate(args) -> dict:
     for bits in args.bits:
         for clip in args.clip:
             tools = ["gift-quant", "gptqmodel"] + (["gift-quant-noscore"] if args.diagnose_scoring else [])
+            tools += ["gift-quant-bs64"] if args.noise_floor else []
             for tool in tools:
-                short = {"gift-quant": "gift", "gptqmodel": "peer", "gift-quant-noscore": "giftnoscore"}[tool]
+                short = {"gift-quant": "gift", "gptqmodel": "peer", "gift-quant-noscore": "giftnoscore",
+                         "gift-quant-bs64": "giftbs64"}[tool]
                 tag = f"{short}_w{bits}_g{args.group_size}_{clip}"
                 wfile, mfile, ckpt = work / f"{tag}.safetensors", work / f"{tag}.json", work / f"ckpt_{tag}"
                 common = ["--bits", str(bits), "--group-size", str(args.group_size), "--damp", str(args.damp),
@@ -471,6 +476,7 @@ def orchestrate(args) -> dict:
                 if tool.startswith("gift-quant"):
                     extra = ["--clip", clip, "--check-windows", str(work / "check.pt")]
                     extra += ["--skip-scoring"] if tool == "gift-quant-noscore" else []
+                    extra += ["--block-size", "64"] if tool == "gift-quant-bs64" else []
                 else:
                     extra = ["--mse", str(PEER_MSE[clip])]
                 print(f"[bench] {tag}: quantizing ...", flush=True)
@@ -515,12 +521,14 @@ def orchestrate(args) -> dict:
 
     comparisons = []
     pairs = [("gift-quant", "gptqmodel")] + ([("gift-quant-noscore", "gptqmodel")] if args.diagnose_scoring else [])
+    pairs += [("gift-quant-bs64", "gift-quant")] if args.noise_floor else []
     for bits, clip, (gtool, ptool) in ((b, c, t) for b in args.bits for c in args.clip for t in pairs):
         if True:
             g, p = by_key[(bits, clip, gtool)], by_key[(bits, clip, ptool)]
             ratios = [g["layer_rel_err"][n] / p["layer_rel_err"][n] for n in ref]
             comparisons.append({
-                "bits": bits, "gift": gtool, "gift_clip": clip, "peer_mse": PEER_MSE[clip], "layers": len(ratios),
+                "bits": bits, "gift": gtool, "reference": ptool, "gift_clip": clip, "peer_mse": PEER_MSE[clip],
+                "layers": len(ratios),
                 "mean_ratio": statistics.fmean(ratios), "median_ratio": statistics.median(ratios),
                 "min_ratio": min(ratios), "max_ratio": max(ratios),
                 "layers_gift_le_peer": sum(r <= 1.0 for r in ratios),
@@ -539,6 +547,7 @@ def orchestrate(args) -> dict:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "settings": {"model_dir": str(model_dir), "model_name": model_dir.name, "bits": args.bits,
                      "torch_threads": torch.get_num_threads(), "diagnose_scoring": args.diagnose_scoring,
+                     "noise_floor": args.noise_floor,
                      "group_size": args.group_size, "clip": args.clip, "damp": args.damp, "sym": True,
                      "act_order": False, "block_size": 128, "true_sequential": True, "dtype": "float32",
                      "calib_data": qcfg.calib_data, "calib_samples": args.calib_samples, "seq_len": args.seq_len,
@@ -573,6 +582,7 @@ def main(argv=None) -> None:
         p.add_argument("--check-windows")
         p.add_argument("--threads", type=int, default=0)
         p.add_argument("--skip-scoring", action="store_true")
+        p.add_argument("--block-size", type=int, default=128)
         a = p.parse_args(argv[1:])
         (worker_gift if a.kind == "gift" else worker_peer)(a)
         return
@@ -596,6 +606,10 @@ def main(argv=None) -> None:
                    help="torch threads for every process (0: torch's default, one per core)")
     p.add_argument("--diagnose-scoring", action="store_true",
                    help="also run gift-quant with the (unused at K=0) sensitivity scoring skipped, a diagnostic row")
+    p.add_argument("--noise-floor", action="store_true",
+                   help="also run gift-quant with GPTQ block size 64: the same mathematics as block size 128 with "
+                        "other float rounding, so its difference from the block-size-128 run is the noise floor of "
+                        "every gift/peer ratio")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
