@@ -188,6 +188,10 @@ def cmd_export(a) -> dict:
     if res["format"] == "gptq-lora":
         print(f"wrote {res['out']} (GPTQ {res['bits']}-bit, group size {res['group_size']}, desc_act "
               f"{res['desc_act']}, {res['checkpoint_format']}) and {res['out']}/adapter (LoRA rank {res['lora_rank']})")
+    elif res["format"] == "compressed-tensors":
+        print(f"wrote {res['out']} (compressed-tensors {res['ct_format']}, {res['bits']}-bit, {res['strategy']} "
+              f"strategy, group size {res['group_size']}, {'sym' if res['sym'] else 'asym'}) and {res['out']}/adapter "
+              f"(LoRA rank {res['lora_rank']})")
     else:
         print(f"wrote {res['out']} (merged, {res['dtype']}, {res['parameters']:,} parameters)")
     return res
@@ -274,14 +278,16 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     _add_common(e)
     e.set_defaults(func=cmd_eval)
-    x = sub.add_parser("export", help="native checkpoint -> GPTQ + LoRA adapter (default) or merged dense folder")
+    x = sub.add_parser("export", help="native checkpoint -> GPTQ or compressed-tensors + LoRA adapter, or merged "
+                                      "dense folder")
     x.add_argument("ckpt", help="gift-quant checkpoint folder (quantize / recover output)")
     x.add_argument("--out", required=True, help="export folder (created; an earlier export needs --overwrite)")
-    x.add_argument("--format", choices=["gptq-lora", "dense"], default="gptq-lora",
-                   help="gptq-lora: GPTQ base + PEFT adapter in OUT/adapter (default); dense: merged model")
+    x.add_argument("--format", choices=["gptq-lora", "compressed-tensors", "dense"], default="gptq-lora",
+                   help="gptq-lora: GPTQ base + PEFT adapter in OUT/adapter (default); compressed-tensors: "
+                        "pack-quantized base (vLLM's WNA16 path) + the same adapter; dense: merged model")
     x.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="dtype of the unquantized tensors (dense: of all); default the checkpoint's; "
-                        "vLLM's GPTQ kernels want float16")
+                   help="dtype of the unquantized tensors (dense: of all; compressed-tensors: also of the scales); "
+                        "default the checkpoint's; vLLM's GPTQ kernels want float16")
     x.add_argument("--checkpoint-format", choices=["auto", "gptq", "gptq_v2"], default="auto",
                    help="GPTQ zero-point layout: gptq (v1, widest support), gptq_v2, auto (v1 unless it cannot)")
     x.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
@@ -289,7 +295,8 @@ def make_parser() -> argparse.ArgumentParser:
     x.set_defaults(func=cmd_export)
 
     i = sub.add_parser("inspect", help="bits, groups, salient columns, effective bits, size, provenance")
-    i.add_argument("path", help="native checkpoint, gptq-lora / GPTQ export, or dense model folder")
+    i.add_argument("path", help="native checkpoint, gptq-lora / GPTQ / compressed-tensors export, or dense model "
+                                "folder")
     i.add_argument("--layers", action="store_true", help="add the per-layer table")
     i.add_argument("--json", dest="json_out", default=None, metavar="FILE", help="also write the result as JSON")
     i.set_defaults(func=cmd_inspect)

@@ -5,6 +5,10 @@
   back: ``lora_A`` = one-hot rows selecting the salient inputs, ``lora_B`` = the salient columns minus
   what the quantized base holds there, one rank r for every module (zero-padded), ``lora_alpha = r``
   so the scaling is 1. Base + adapter compute what ``gift_quant.load`` computes.
+* ``export_compressed_tensors``: the non-salient part as compressed-tensors ``pack-quantized`` linears
+  (vLLM's WNA16 path, transformers with compressed-tensors) plus the same LoRA adapter. Exact for
+  per-row grids and for grouped grids whose groups are contiguous column runs; the format has no
+  g_idx, so groups that skip salient columns or follow act-order are refused (gptq-lora carries them).
 * ``export_dense``: the merged full-precision model, an ordinary Hugging Face folder.
 
 Why the GPTQ part is written with ``desc_act = true`` when there are salient columns: our groups are
@@ -44,7 +48,9 @@ LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # ranks vLLM's --max-lora-rank
 GPTQ_GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)  # what gptqmodel's kernels load, besides -1
 ADAPTER_DIR = "adapter"
 EXPORT_INFO = "gift_quant_export.json"  # provenance of an export; every loader ignores it
-FORMATS = ("gptq-lora", "dense")
+FORMATS = ("gptq-lora", "compressed-tensors", "dense")
+CT_FORMAT = "pack-quantized"  # compressed-tensors' packed int format (vLLM's WNA16 scheme)
+CT_VERSION = "0.20.0"  # the compressed-tensors release whose decompressor the tests check the format against
 _QUANT_SUFFIXES = ("qweight", "scales", "qzeros", "g_idx", "salient_idx", "salient_weight", "bias")
 
 
@@ -381,6 +387,41 @@ def _adapter_config_json(r: int, targets: list[str], tmp: Path) -> None:
                inference_mode=True, init_lora_weights=True).save_pretrained(str(tmp))
 
 
+class SalientAdapter:
+    """The PEFT LoRA adapter that adds the salient columns back on top of an exported quantized base.
+
+    Per module: ``lora_A`` (r, in) one-hot rows selecting the salient inputs, ``lora_B`` (out, r) the
+    salient columns minus what the exported base holds there (0 by construction; the caller passes the
+    base's values at those columns, computed from the tensors it writes), zero-padded to rank ``r``;
+    ``lora_alpha = r`` so the scaling is 1. Shared by every quantized export format.
+    """
+
+    def __init__(self, nat: NativeCheckpoint, r: int):
+        self.r = r
+        self.sal_dtype = next(iter(nat.layers.values())).salient_weight.dtype
+        self.dtype = self.sal_dtype
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def add(self, lay: NativeLayer, base_at_salient: torch.Tensor) -> None:
+        """``base_at_salient``: (out, K) float32, the base as its loaders dequantize it at ``lay.salient_idx``."""
+        idx = lay.salient_idx.long()
+        a = torch.zeros(self.r, lay.in_features)
+        a[torch.arange(idx.numel()), idx] = 1.0
+        b = torch.zeros(lay.out_features, self.r)
+        b[:, : idx.numel()] = lay.salient_weight.float() - base_at_salient.float()
+        if not torch.equal(b.to(self.sal_dtype).float(), b):
+            self.dtype = torch.float32  # the base is not 0 at some salient column: keep B exact
+        # earlier layers cast to sal_dtype were exact there, so a later switch to float32 loses nothing
+        self.tensors[f"base_model.model.{lay.name}.lora_A.weight"] = a.to(self.dtype)
+        self.tensors[f"base_model.model.{lay.name}.lora_B.weight"] = b.to(self.dtype)
+
+    def write(self, folder: Path, targets: list[str]) -> None:
+        folder.mkdir()
+        tensors = {k: v.to(self.dtype).contiguous() for k, v in self.tensors.items()}
+        save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+        _adapter_config_json(self.r, targets, folder)
+
+
 def export_gptq_lora(ckpt: str | Path, out_dir: str | Path, dtype: str | torch.dtype | None = None,
                      checkpoint_format: str = "auto", overwrite: bool = False) -> dict:
     """GPTQ base (``out_dir``) + PEFT LoRA adapter (``out_dir/adapter``) equal to the native model.
@@ -415,9 +456,7 @@ def export_gptq_lora(ckpt: str | Path, out_dir: str | Path, dtype: str | torch.d
 
     # one layer at a time (its unpacked codes live only inside gptq_layer): GPTQ tensors + adapter
     tensors = dict(nat.other_tensors())
-    adapter: dict[str, torch.Tensor] = {}
-    sal_dtype = next(iter(nat.layers.values())).salient_weight.dtype
-    lora_dtype = sal_dtype
+    adapter = SalientAdapter(nat, r)
     desc_act = False
     for name, lay in nat.layers.items():
         g = gptq_layer(lay, gs)
@@ -428,18 +467,7 @@ def export_gptq_lora(ckpt: str | Path, out_dir: str | Path, dtype: str | torch.d
         tensors[f"{name}.g_idx"] = g.g_idx
         if lay.bias is not None:
             tensors[f"{name}.bias"] = lay.bias.to(torch.float16)  # GPTQ layers keep their bias in float16
-        # the adapter: B = salient columns - base at those columns (0 by construction, computed anyway)
-        idx = lay.salient_idx.long()
-        a = torch.zeros(r, lay.in_features)
-        a[torch.arange(idx.numel()), idx] = 1.0
-        b = torch.zeros(lay.out_features, r)
-        b[:, : idx.numel()] = lay.salient_weight.float() - g.dequantized(idx)
-        if not torch.equal(b.to(sal_dtype).float(), b):
-            lora_dtype = torch.float32  # the base is not 0 at some salient column: keep B exact
-        # earlier layers cast to sal_dtype were exact there, so a later switch to float32 loses nothing
-        adapter[f"base_model.model.{name}.lora_A.weight"] = a.to(lora_dtype)
-        adapter[f"base_model.model.{name}.lora_B.weight"] = b.to(lora_dtype)
-    adapter = {k: v.to(lora_dtype).contiguous() for k, v in adapter.items()}
+        adapter.add(lay, g.dequantized(lay.salient_idx.long()))
     quant_owned = {f"{n}.{s}" for n in nat.layers for s in ("qweight", "qzeros", "scales", "g_idx", "bias")}
     tensors = {k: (v.to(dtype) if v.is_floating_point() and k not in quant_owned else v).contiguous()
                for k, v in _tie_fixup(tensors, nat).items()}
@@ -459,17 +487,182 @@ def export_gptq_lora(ckpt: str | Path, out_dir: str | Path, dtype: str | torch.d
 
     summary = {"out": str(out_dir), "format": "gptq-lora", "bits": nat.bits, "group_size": gs, "sym": nat.sym,
                "desc_act": desc_act, "checkpoint_format": checkpoint_format, "lora_rank": r,
-               "max_salient": nat.max_salient, "dtype": _dtype_name(dtype), "adapter_dtype": _dtype_name(lora_dtype),
+               "max_salient": nat.max_salient, "dtype": _dtype_name(dtype), "adapter_dtype": _dtype_name(adapter.dtype),
                "target_modules": targets, "warnings": warnings}
     with atomic_dir(out_dir) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "quantize_config.json").write_text(json.dumps(qcfg, indent=2))
         (tmp / "config.json").write_text(_config_json(nat, dtype, qcfg))
         copy_tokenizer_files(nat.path, tmp)
-        (tmp / ADAPTER_DIR).mkdir()
-        save_file(adapter, str(tmp / ADAPTER_DIR / "adapter_model.safetensors"), metadata={"format": "pt"})
-        _adapter_config_json(r, targets, tmp / ADAPTER_DIR)
+        adapter.write(tmp / ADAPTER_DIR, targets)
         (tmp / EXPORT_INFO).write_text(_export_info(nat, "gptq-lora", summary))
+    return summary
+
+
+# ---------------------------------------------------------------------------- compressed-tensors + LoRA
+
+
+@dataclass
+class CTLayer:
+    """One layer in compressed-tensors ``pack-quantized`` terms (rows = output features).
+
+    ``codes`` (in, out) and ``zeros`` (groups, out) are unsigned, as gift-quant stores them; the format
+    stores the signed value ``code - 2^(b-1)`` plus that same offset, so the packed bits are these codes.
+    ``scales`` (groups, out) float32 (exact copies of the native float16 scales).
+    """
+
+    bits: int
+    in_features: int
+    out_features: int
+    group_size: int  # input columns per group; in_features for the channel strategy
+    codes: torch.Tensor
+    zeros: torch.Tensor
+    scales: torch.Tensor
+
+    def weight_packed(self) -> torch.Tensor:
+        """int32 (out, ceil(in * bits / 32)): 32 values in ``bits`` words, value k at bits [b*k, b*(k+1))."""
+        return pack_rows(self.codes, self.bits)[: _packed_words(self.in_features, self.bits)].T.contiguous()
+
+    def weight_zero_point(self) -> torch.Tensor:
+        """int32 (ceil(out * bits / 32), groups): the zero points packed along the output dimension."""
+        return pack_rows(self.zeros.T, self.bits)[: _packed_words(self.out_features, self.bits)].contiguous()
+
+    def dequantized(self, scale_dtype: torch.dtype, columns: torch.Tensor | None = None) -> torch.Tensor:
+        """The base as compressed-tensors dequantizes it (scales in ``scale_dtype``), (out, in | len(columns))."""
+        g = torch.arange(self.in_features) // self.group_size
+        codes = self.codes
+        if columns is not None:
+            codes, g = codes[columns], g[columns]
+        s = self.scales.to(scale_dtype)[g]
+        return (s * (codes - self.zeros[g]).to(scale_dtype)).T.float().contiguous()
+
+
+def _ct_grouping_error(lay: NativeLayer, nat: NativeCheckpoint, gs: int) -> GiftQuantError:
+    why = []
+    if nat.doc["quantize"].get("act_order"):
+        why.append("act-order")
+    if lay.n_salient:
+        why.append(f"{lay.n_salient} salient columns that the groups skip")
+    setting = f"group_size {gs}" + (f" with {' and '.join(why)}" if why else "")
+    return GiftQuantError(
+        f"{lay.name}: {setting} puts input columns in groups other than column // {gs} (a g_idx), which "
+        "compressed-tensors pack-quantized cannot carry (its group strategy assumes contiguous groups; "
+        "compressed-tensors >= 0.20 removed actorder='group' and weight_g_idx). Export with --format gptq-lora "
+        "(GPTQ desc_act carries g_idx) or --format dense, or quantize with per-row grids (--group-size -1), "
+        "which this format carries, or without salient columns and act-order")
+
+
+def ct_layer(lay: NativeLayer, nat: NativeCheckpoint) -> CTLayer:
+    """The compressed-tensors tensors of one layer: exact, or a GiftQuantError naming what does not fit.
+
+    Compressed-tensors' group strategy puts column j in group ``j // group_size`` (channel: one group).
+    A native layer fits when the non-salient columns of each such group share one native group; that
+    group's scale and zero are copied. Salient columns are re-filed into the group their position
+    gives and take its zero point as their code, so the base is exactly 0 there (the adapter adds them).
+    """
+    in_f, out_f = lay.in_features, lay.out_features
+    grouped = nat.group_size > 0
+    gs = nat.group_size if grouped else in_f
+    if in_f % gs:
+        raise GiftQuantError(
+            f"{lay.name}: group_size {gs} does not divide in_features {in_f}; compressed-tensors (and vLLM) need "
+            "whole groups. Export with --format gptq-lora or --format dense")
+    n_ct = in_f // gs
+    ct_group = torch.arange(in_f) // gs
+    g_idx = lay.g_idx.long()
+    keep = torch.ones(in_f, dtype=torch.bool)
+    keep[lay.salient_idx.long()] = False
+    native_of = torch.full((n_ct,), -1, dtype=torch.long)  # native group held by each ct group (-1: none)
+    native_of[ct_group[keep]] = g_idx[keep]
+    if not torch.equal(native_of[ct_group[keep]], g_idx[keep]):
+        raise _ct_grouping_error(lay, nat, gs)
+    used = native_of >= 0
+    scales = torch.ones(n_ct, out_f)
+    zeros = torch.full((n_ct, out_f), 2 ** (lay.bits - 1), dtype=torch.int64)
+    scales[used] = lay.scales.float()[native_of[used]]
+    zeros[used] = lay.zeros()[native_of[used]]
+    codes = lay.codes()
+    codes[~keep] = zeros[ct_group[~keep]]
+    return CTLayer(bits=lay.bits, in_features=in_f, out_features=out_f, group_size=gs, codes=codes, zeros=zeros,
+                   scales=scales)
+
+
+def _ignored_linears(nat: NativeCheckpoint) -> list[str]:
+    """The model's nn.Linear modules that are not quantized (lm_head ...): the config's ``ignore`` list."""
+    return sorted(n for n, m in nat.skeleton().named_modules() if isinstance(m, torch.nn.Linear)
+                  and n not in nat.layers)
+
+
+def ct_quantization_config(nat: NativeCheckpoint, ignore: list[str]) -> dict:
+    """config.json's ``quantization_config`` for a compressed-tensors pack-quantized export."""
+    weights = {"num_bits": nat.bits, "type": "int", "symmetric": nat.sym, "dynamic": False,
+               "strategy": "group" if nat.group_size > 0 else "channel",
+               "group_size": nat.group_size if nat.group_size > 0 else None}
+    return {
+        "quant_method": "compressed-tensors", "format": CT_FORMAT, "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
+                                      "output_activations": None, "format": CT_FORMAT}},
+        "ignore": ignore, "kv_cache_scheme": None, "global_compression_ratio": None,
+        "sparsity_config": {}, "transform_config": {}, "version": CT_VERSION,
+    }
+
+
+def export_compressed_tensors(ckpt: str | Path, out_dir: str | Path, dtype: str | torch.dtype | None = None,
+                              overwrite: bool = False) -> dict:
+    """compressed-tensors ``pack-quantized`` base (``out_dir``) + PEFT LoRA adapter (``out_dir/adapter``).
+
+    Per quantized linear: ``weight_packed`` (int32, out x ceil(in*b/32)), ``weight_scale`` (out x groups,
+    in ``dtype``), ``weight_shape`` ([out, in], int64) and, for asymmetric grids, ``weight_zero_point``
+    (int32, ceil(out*b/32) x groups); per-row grids use the channel strategy, group size g the group
+    strategy. The format has no g_idx, so grouped checkpoints whose groups skip salient columns (or
+    follow act-order) are refused (see ``ct_layer``). ``dtype``: of the scales, the unquantized tensors
+    and the config; default the checkpoint's compute dtype (vLLM wants float16 or bfloat16).
+    """
+    nat = NativeCheckpoint(ckpt)
+    out_dir = Path(out_dir)
+    dtype = _resolve_dtype(dtype, nat.dtype)
+    if not nat.layers:
+        raise GiftQuantError(f"{nat.path} has no quantized layers to export")
+    r = lora_rank(nat.max_salient)
+    _check_out(out_dir, nat.path, overwrite)
+    warnings = []
+    if dtype == torch.bfloat16:
+        warnings.append(f"scales are stored in {_dtype_name(dtype)} (the model dtype, as compressed-tensors "
+                        "dequantizes in the scale dtype), rounded from float16; use --dtype float16 or float32 "
+                        "to keep them exact")
+    if not nat.sym and nat.bits not in (4, 8):
+        warnings.append(f"asymmetric {nat.bits}-bit: vLLM's compressed-tensors WNA16 scheme (as read from its "
+                        "source) takes zero points at 4 and 8 bits only")
+
+    tensors = dict(nat.other_tensors())
+    adapter = SalientAdapter(nat, r)
+    for name, lay in nat.layers.items():
+        c = ct_layer(lay, nat)
+        tensors[f"{name}.weight_packed"] = c.weight_packed()
+        tensors[f"{name}.weight_scale"] = c.scales.T.contiguous().to(dtype)
+        tensors[f"{name}.weight_shape"] = torch.tensor([lay.out_features, lay.in_features], dtype=torch.int64)
+        if not nat.sym:
+            tensors[f"{name}.weight_zero_point"] = c.weight_zero_point()
+        if lay.bias is not None:
+            tensors[f"{name}.bias"] = lay.bias
+        adapter.add(lay, c.dequantized(dtype, lay.salient_idx.long()))
+    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
+               for k, v in _tie_fixup(tensors, nat).items()}
+    ignore = _ignored_linears(nat)
+    qcfg = ct_quantization_config(nat, ignore)
+    targets = _target_modules(nat)
+    summary = {"out": str(out_dir), "format": "compressed-tensors", "ct_format": CT_FORMAT, "bits": nat.bits,
+               "group_size": nat.group_size if nat.group_size > 0 else -1,
+               "strategy": qcfg["config_groups"]["group_0"]["weights"]["strategy"], "sym": nat.sym,
+               "lora_rank": r, "max_salient": nat.max_salient, "dtype": _dtype_name(dtype),
+               "adapter_dtype": _dtype_name(adapter.dtype), "target_modules": targets, "ignore": ignore,
+               "warnings": warnings}
+    with atomic_dir(out_dir) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(_config_json(nat, dtype, qcfg))
+        copy_tokenizer_files(nat.path, tmp)
+        adapter.write(tmp / ADAPTER_DIR, targets)
+        (tmp / EXPORT_INFO).write_text(_export_info(nat, "compressed-tensors", summary))
     return summary
 
 
@@ -478,6 +671,8 @@ def export(ckpt: str | Path, out_dir: str | Path, fmt: str = "gptq-lora", dtype:
     """The CLI's entry point: ``fmt`` is one of FORMATS."""
     if fmt == "gptq-lora":
         return export_gptq_lora(ckpt, out_dir, dtype=dtype, checkpoint_format=checkpoint_format, overwrite=overwrite)
+    if fmt == "compressed-tensors":
+        return export_compressed_tensors(ckpt, out_dir, dtype=dtype, overwrite=overwrite)
     if fmt == "dense":
         return export_dense(ckpt, out_dir, dtype=dtype, overwrite=overwrite)
     raise GiftQuantError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")

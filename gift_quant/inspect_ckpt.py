@@ -12,6 +12,10 @@ Kinds recognised:
   ``quantization_config``) with or without a PEFT adapter in ``adapter/``; the salient count of a layer
   is the number of non-zero rows of its ``lora_A``; effective bits are what the files store (padded
   LoRA rank and one-hot ``A`` included).
+* ``compressed-tensors-lora`` / ``compressed-tensors``: a folder whose ``config.json`` names
+  ``quant_method: compressed-tensors`` (e.g. ``gift-quant export --format compressed-tensors``), with or
+  without a PEFT adapter in ``adapter/``: bits, strategy, group size and salient counts as for GPTQ;
+  the layer shapes come from the ``weight_shape`` tensors.
 * ``dense``: a plain Hugging Face folder: dtype and parameter count.
 
 Any of them written by ``gift-quant export`` also carries ``gift_quant_export.json``, whose provenance
@@ -110,8 +114,8 @@ def _gptq_config(path: Path) -> dict | None:
     return None
 
 
-def _inspect_gptq(path: Path, qc: dict) -> dict:
-    headers = _headers(sorted(path.glob("*.safetensors")))
+def _read_adapter(path: Path) -> tuple[dict | None, dict[str, int], dict[str, int]]:
+    """(adapter_config, salient count per module = non-zero rows of lora_A, stored bits per module)."""
     adapter_dir = path / "adapter"
     acfg = _read_json(adapter_dir / "adapter_config.json")
     a_rows: dict[str, int] = {}
@@ -126,6 +130,19 @@ def _inspect_gptq(path: Path, qc: dict) -> dict:
                     adapter_bits[mod] = adapter_bits.get(mod, 0) + _bits(s.get_dtype(), s.get_shape())
                     if ".lora_A." in k:
                         a_rows[mod] = int((h.get_tensor(k) != 0).any(dim=1).sum())
+    return acfg, a_rows, adapter_bits
+
+
+def _adapter_summary(path: Path, acfg: dict | None, a_rows: dict[str, int]) -> dict | None:
+    if acfg is None:
+        return None
+    return {"rank": acfg.get("r"), "lora_alpha": acfg.get("lora_alpha"), "target_modules": acfg.get("target_modules"),
+            "modules": len(a_rows), "size_on_disk": _dir_size(path / "adapter")}
+
+
+def _inspect_gptq(path: Path, qc: dict) -> dict:
+    headers = _headers(sorted(path.glob("*.safetensors")))
+    acfg, a_rows, adapter_bits = _read_adapter(path)
     layers = []
     for k, (_, shape) in sorted(headers.items()):
         if not k.endswith(".qweight"):
@@ -150,9 +167,55 @@ def _inspect_gptq(path: Path, qc: dict) -> dict:
         "bits": qc.get("bits"), "group_size": qc.get("group_size"), "sym": qc.get("sym"),
         "desc_act": qc.get("desc_act"),
         "checkpoint_format": qc.get("checkpoint_format", qc.get("format", "gptq")),
-        "adapter": None if acfg is None else {
-            "rank": acfg.get("r"), "lora_alpha": acfg.get("lora_alpha"), "target_modules": acfg.get("target_modules"),
-            "modules": len(a_rows), "size_on_disk": _dir_size(adapter_dir)},
+        "adapter": _adapter_summary(path, acfg, a_rows),
+        "salient": _salient_summary({row["name"]: row["salient"] for row in layers}) if acfg is not None else None,
+        "effective_bits": total_bits / total_w if total_w else None,
+        "native_effective_bits": info_doc.get("native_effective_bits"),
+        "layers": layers, "size_on_disk": _dir_size(path),
+        "provenance": info_doc.get("provenance"), "source_checkpoint": info_doc.get("source_checkpoint"),
+    }
+
+
+def _ct_config(path: Path) -> dict | None:
+    qc = (_read_json(path / "config.json") or {}).get("quantization_config")
+    if qc and str(qc.get("quant_method", "")).lower() == "compressed-tensors":
+        return qc
+    return None
+
+
+def _inspect_ct(path: Path, qc: dict) -> dict:
+    files = sorted(path.glob("*.safetensors"))
+    headers = _headers(files)
+    acfg, a_rows, adapter_bits = _read_adapter(path)
+    shapes: dict[str, list[int]] = {}  # weight_shape tensors: two int64 each, read from the files
+    for f in files:
+        with safe_open(f, "pt") as h:
+            for k in h.keys():
+                if k.endswith(".weight_shape"):
+                    shapes[k.removesuffix(".weight_shape")] = [int(v) for v in h.get_tensor(k).tolist()]
+    layers = []
+    for name, shape in sorted(shapes.items()):
+        out_f, in_f = shape[-2], shape[-1]
+        stored = sum(_bits(*headers[f"{name}.{s}"]) for s in ("weight_packed", "weight_scale", "weight_zero_point",
+                                                              "weight_shape") if f"{name}.{s}" in headers)
+        stored += adapter_bits.get(name, 0)
+        scale = headers.get(f"{name}.weight_scale")
+        layers.append({"name": name, "in_features": in_f, "out_features": out_f,
+                       "groups": scale[1][-1] if scale else None, "salient": a_rows.get(name, 0),
+                       "effective_bits": stored / (in_f * out_f)})
+    groups = list((qc.get("config_groups") or {}).values())
+    weights = (groups[0].get("weights") or {}) if groups and isinstance(groups[0], dict) else {}
+    strategy = weights.get("strategy")
+    info_doc = _read_json(path / EXPORT_INFO) or {}
+    total_w = sum(row["in_features"] * row["out_features"] for row in layers)
+    total_bits = sum(row["effective_bits"] * row["in_features"] * row["out_features"] for row in layers)
+    return {
+        "kind": "compressed-tensors-lora" if acfg is not None else "compressed-tensors", "path": str(path),
+        "model_type": (_read_json(path / "config.json") or {}).get("model_type"),
+        "bits": weights.get("num_bits"), "group_size": weights.get("group_size") if strategy == "group" else -1,
+        "sym": weights.get("symmetric"), "strategy": strategy, "checkpoint_format": qc.get("format"),
+        "config_groups": len(groups), "ignore": qc.get("ignore"),
+        "adapter": _adapter_summary(path, acfg, a_rows),
         "salient": _salient_summary({row["name"]: row["salient"] for row in layers}) if acfg is not None else None,
         "effective_bits": total_bits / total_w if total_w else None,
         "native_effective_bits": info_doc.get("native_effective_bits"),
@@ -196,11 +259,15 @@ def inspect_checkpoint(path: str | Path) -> dict:
     qc = _gptq_config(p)
     if qc is not None:
         return _inspect_gptq(p, qc)
+    qc = _ct_config(p)
+    if qc is not None:
+        return _inspect_ct(p, qc)
     if (p / "config.json").is_file():
         return _inspect_dense(p)
     if (p / "run" / "run.json").is_file():
         raise GiftQuantError(f"{p} is an unfinished gift-quant run: rerun the same command to finish it")
-    raise GiftQuantError(f"{p} is neither a gift-quant checkpoint, a GPTQ folder nor a Hugging Face model folder")
+    raise GiftQuantError(f"{p} is neither a gift-quant checkpoint, a GPTQ or compressed-tensors folder nor a Hugging "
+                         "Face model folder")
 
 
 # ---------------------------------------------------------------------------- pretty printer
@@ -254,6 +321,8 @@ def format_report(info: dict, layers: bool = True) -> str:
             grid.append("act-order" if kind == "gift-quant" else "desc_act")
         if info.get("static_groups"):
             grid.append("static groups")
+        if info.get("strategy"):
+            grid.append(f"{info['strategy']} strategy")
         if info.get("checkpoint_format"):
             grid.append(f"format {info['checkpoint_format']}")
         out.append(f"  bits          {info['bits']} ({', '.join(grid)})")
@@ -265,9 +334,10 @@ def format_report(info: dict, layers: bool = True) -> str:
             a = info["adapter"]
             out.append(f"  adapter       LoRA rank {a['rank']}, alpha {a['lora_alpha']}, {a['modules']} modules, "
                        f"{_size(a['size_on_disk'])}")
+        exported = kind.startswith(("gptq", "compressed-tensors"))
         out.append(f"  eff. bits     {_fmt_bits(info.get('effective_bits'))} bits/weight"
-                   + (" as stored (padded LoRA included)" if kind.startswith("gptq") else ""))
-        if kind.startswith("gptq") and info.get("native_effective_bits") is not None:
+                   + (" as stored (padded LoRA included)" if exported else ""))
+        if exported and info.get("native_effective_bits") is not None:
             out.append(f"  native bits   {info['native_effective_bits']:.3f} bits/weight in the source checkpoint")
     rec = info.get("recovery")
     if rec:
