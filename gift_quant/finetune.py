@@ -21,17 +21,9 @@ from safetensors.torch import load_file, save_file
 from .cache import atomic_dir, atomic_write_text
 from .checkpoint import copy_tokenizer_files
 from .config import QuantizeConfig, RecoverConfig
-from .models import check_causal_lm, load_model, load_tokenizer, resolve_device, resolve_model_dir
-from .pipeline import (
-    Stages,
-    _train_stage,
-    calibration_set,
-    claim_run,
-    fingerprint_tokens,
-    model_fingerprint,
-    prepare_output,
-)
-from .quant.engine import check_finite, quantize_model, validate_salient_counts
+from .models import check_causal_lm, resolve_device, resolve_model_dir
+from .pipeline import Stages, _train_stage, claim_run, load_source, prepare_output
+from .quant.engine import quantize_model
 from .recover.model import convert_to_dense, prepare_dense, salient_layers
 
 
@@ -62,16 +54,11 @@ def run_finetune(model_dir: str | None, out: str | Path, qcfg: QuantizeConfig, r
     src = resolve_model_dir(model_dir)
     prepare_output(out, overwrite)
     device = resolve_device(qcfg.device)
-    check_causal_lm(src, trust_remote_code)
-    tokenizer = load_tokenizer(src, trust_remote_code)
+    check_causal_lm(src, trust_remote_code)  # before source_dtype reads the config
     in_dtype = source_dtype(src)
-    model = load_model(src, torch.float32, trust_remote_code)  # train in fp32, save in the input's dtype
-    check_finite(model, str(src))
-    validate_salient_counts(model, qcfg)
-    windows = calibration_set(tokenizer, qcfg)
-    identity = {"model": model_fingerprint(src), "calibration": fingerprint_tokens(windows),
-                "settings": {k: v for k, v in dataclasses.asdict(qcfg).items() if k != "device"},
-                "finetune": dataclasses.asdict(rcfg)}
+    # train in fp32, save in the input's dtype
+    tokenizer, model, windows, identity = load_source(src, qcfg, torch.float32, trust_remote_code)
+    identity["finetune"] = dataclasses.asdict(rcfg)
     run_dir = claim_run(out, identity)
     stages = Stages(run_dir)
     if not stages.finished("select"):

@@ -112,6 +112,22 @@ def run_quantize(model_dir: str | None, out: str | Path, cfg: QuantizeConfig, ov
     return quantize_to_checkpoint(model_dir, out, cfg, overwrite, trust_remote_code, progress)[1]
 
 
+def load_source(src: Path, cfg: QuantizeConfig, dtype: torch.dtype, trust_remote_code: bool = False):
+    """Checked model, tokenizer and calibration windows of ``src``, and the run identity they define.
+
+    The identity (model and calibration fingerprints, settings) is what a resumed run must match.
+    """
+    check_causal_lm(src, trust_remote_code)
+    tokenizer = load_tokenizer(src, trust_remote_code)
+    model = load_model(src, dtype, trust_remote_code)
+    check_finite(model, str(src))
+    validate_salient_counts(model, cfg)
+    windows = calibration_set(tokenizer, cfg)
+    identity = {"model": model_fingerprint(src), "calibration": fingerprint_tokens(windows),
+                "settings": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "device"}}
+    return tokenizer, model, windows, identity
+
+
 def quantize_to_checkpoint(model_dir: str | None, out: str | Path, cfg: QuantizeConfig, overwrite: bool = False,
                            trust_remote_code: bool = False, progress: bool = True):
     """(in-memory quantized model, summary dict); the checkpoint is written to ``out``."""
@@ -120,17 +136,7 @@ def quantize_to_checkpoint(model_dir: str | None, out: str | Path, cfg: Quantize
     src = resolve_model_dir(model_dir)
     prepare_output(out, overwrite)
     device = resolve_device(cfg.device)
-    check_causal_lm(src, trust_remote_code)
-    tokenizer = load_tokenizer(src, trust_remote_code)
-    model = load_model(src, parse_dtype(cfg.dtype), trust_remote_code)
-    check_finite(model, str(src))
-    validate_salient_counts(model, cfg)
-    windows = calibration_set(tokenizer, cfg)
-    identity = {
-        "model": model_fingerprint(src),
-        "calibration": fingerprint_tokens(windows),
-        "settings": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "device"},
-    }
+    tokenizer, model, windows, identity = load_source(src, cfg, parse_dtype(cfg.dtype), trust_remote_code)
     run_dir = claim_run(out, identity)
     report = quantize_model(model, windows, cfg, device, run_dir, progress=progress)
     gift_config = _gift_config(cfg, report, src, identity, windows)
@@ -245,17 +251,8 @@ def run_recover(model_dir: str | None, out: str | Path, qcfg: QuantizeConfig, rc
     dist = PartialState(cpu=device.type == "cpu")
     with dist.main_process_first():
         prepare_output(out, overwrite and dist.is_main_process)
-        check_causal_lm(src, trust_remote_code)
-        tokenizer = load_tokenizer(src, trust_remote_code)
-        model = load_model(src, parse_dtype(qcfg.dtype), trust_remote_code)
-        check_finite(model, str(src))
-        validate_salient_counts(model, qcfg)
-        windows = calibration_set(tokenizer, qcfg)
-        identity = {
-            "model": model_fingerprint(src), "calibration": fingerprint_tokens(windows),
-            "settings": {k: v for k, v in dataclasses.asdict(qcfg).items() if k != "device"},
-            "recover": dataclasses.asdict(rcfg), "eval": dataclasses.asdict(ecfg),
-        }
+        tokenizer, model, windows, identity = load_source(src, qcfg, parse_dtype(qcfg.dtype), trust_remote_code)
+        identity.update(recover=dataclasses.asdict(rcfg), eval=dataclasses.asdict(ecfg))
         run_dir = claim_run(out, identity)
         stages = Stages(run_dir)
         noise_bits = rcfg.resolved_noise_bits(qcfg.bits)
