@@ -69,3 +69,18 @@ def test_every_shipped_recipe_parses():
     for r in recipes:
         sections = read_recipe(r)
         assert "quantize" in sections, r
+
+
+def test_fsdp_launch_is_refused_with_advice(quantized, tmp_path, monkeypatch):
+    """accelerate on CPU never builds FSDP, so the launch is simulated: the loop must refuse, not half-work."""
+    from accelerate import Accelerator, DistributedType
+
+    from gift_quant.errors import GiftQuantError
+
+    monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
+    root, _ = quantized
+    model = prepare_quantized(load(root / "q"), noise="normal", noise_bits=4, seed=0)
+    ids, labels = _windows(0, n=4)
+    with pytest.raises(GiftQuantError, match="does not support FSDP.*torchrun"):
+        train(model, ids, labels, TrainSettings(steps=1, batch_size=2), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
