@@ -140,6 +140,28 @@ def cmd_recover(a) -> dict:
     return res
 
 
+def parse_lr_grid(text: str, methods: list[str]) -> dict[str, tuple[float, ...]] | list[float]:
+    """``--lr-grid``: one comma list for every method, or ``method=lr,lr;method=lr`` per method."""
+    def rates(part: str) -> tuple[float, ...]:
+        try:
+            values = tuple(float(x) for x in part.split(",") if x.strip())
+        except ValueError:
+            values = ()
+        if not values or any(v <= 0 for v in values):
+            raise GiftQuantError(f"--lr-grid: {part!r} is not a comma list of positive learning rates")
+        return values
+
+    if "=" not in text:
+        return list(rates(text))
+    grid = {}
+    for item in filter(str.strip, text.split(";")):
+        name, _, values = item.partition("=")
+        if name.strip() not in methods:
+            raise GiftQuantError(f"--lr-grid names {name.strip()!r}, which is not among the methods {methods}")
+        grid[name.strip()] = rates(values)
+    return grid
+
+
 def cmd_compare(a) -> dict:
     from .compare import METHODS, run_compare, run_compare_peft
 
@@ -154,7 +176,7 @@ def cmd_compare(a) -> dict:
         if unknown:
             raise GiftQuantError(f"unknown PEFT method(s) {unknown}; choose from {', '.join(PEFT_METHODS)}")
         tasks = [] if not a.tasks else _expand_tasks(a.tasks)
-        grid = [float(x) for x in a.lr_grid.split(",")] if a.lr_grid else None
+        grid = parse_lr_grid(a.lr_grid, methods) if a.lr_grid else None
         run_compare_peft(a.model_dir, Path(a.out), methods, qcfg, rcfg, tasks, a.limit, progress=not a.no_progress,
                          lr_grid=grid)
         print((Path(a.out) / "report_peft.md").read_text())
@@ -257,7 +279,9 @@ def make_parser() -> argparse.ArgumentParser:
     _add_recover_flags(c)
     c.add_argument("--mode", choices=["quant", "peft"], default="quant",
                    help="quant: recovery after quantization (default); peft: GIFT-SW vs LoRA/DoRA/full FT")
-    c.add_argument("--lr-grid", default=None, help="peft mode: learning rates to try for every method (comma list)")
+    c.add_argument("--lr-grid", default=None,
+                   help="peft mode: learning rates to try, for every method ('1e-4,3e-4') or per method "
+                        "('gift=3e-4,1e-3;full=3e-5,1e-4'; unnamed methods keep their default grid)")
     c.add_argument("--methods", default=None, help="comma-separated subset (default all; see gift_quant.compare)")
     c.add_argument("--tasks", default=None, help="zero-shot tasks, e.g. gift6 (needs the [eval] extra)")
     c.add_argument("--limit", type=int, default=None, help="zero-shot examples per task")

@@ -246,7 +246,7 @@ def run_compare(model_dir: str | None, report_dir: Path, bits_list: list[int], m
 
 def run_compare_peft(model_dir: str | None, report_dir: Path, methods: list[str], qcfg: QuantizeConfig,
                      rcfg: RecoverConfig, tasks: list[str], limit: int | None, progress: bool = True,
-                     lr_grid: list[float] | None = None) -> dict:
+                     lr_grid: list[float] | dict[str, tuple[float, ...]] | None = None) -> dict:
     """PEFT comparison: learning-rate grid on validation, then the best run of each method on test."""
     from tqdm.auto import tqdm
 
@@ -255,7 +255,10 @@ def run_compare_peft(model_dir: str | None, report_dir: Path, methods: list[str]
     report_dir = Path(report_dir)
     root = report_dir / "runs" / "peft"
     root.mkdir(parents=True, exist_ok=True)
-    grid = {m: tuple(lr_grid) if lr_grid else LR_GRID[m] for m in methods}
+    if isinstance(lr_grid, dict):  # per method; the others keep their default grid
+        grid = {m: tuple(lr_grid.get(m, LR_GRID[m])) for m in methods}
+    else:
+        grid = {m: tuple(lr_grid) if lr_grid else LR_GRID[m] for m in methods}
     settings = {"model_dir": model_dir, **peft_settings_doc(qcfg, rcfg), "lr_grid": grid, "tasks": tasks,
                 "limit": limit}
     _claim_settings(report_dir / "settings_peft.json", settings, report_dir)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from tiny import corpus, make_model_dir, write_instruction_jsonl
 
 
@@ -60,3 +61,15 @@ def test_compare_peft_mode_picks_lr_on_validation_and_trains_every_method(tmp_pa
     assert finals["full"]["trainable_params"] > 10 * finals["gift"]["trainable_params"]
     # every method really trained: test losses differ from one another
     assert len({round(f["test_loss"], 7) for f in finals.values()}) == 3
+
+
+def test_lr_grid_parsing():
+    from gift_quant.cli import parse_lr_grid
+    from gift_quant.errors import GiftQuantError
+
+    methods = ["gift", "lora", "full"]
+    assert parse_lr_grid("1e-4,3e-4", methods) == [1e-4, 3e-4]
+    assert parse_lr_grid("gift=3e-4,1e-3; full=3e-5", methods) == {"gift": (3e-4, 1e-3), "full": (3e-5,)}
+    for bad, needle in [("dora=1e-3", "'dora'"), ("gift=", "positive"), ("1e-3,x", "positive"), ("-1", "positive")]:
+        with pytest.raises(GiftQuantError, match=needle):
+            parse_lr_grid(bad, methods)
