@@ -347,7 +347,8 @@ def write_report(report_dir: Path, command: str) -> dict:
                      f"{r['ppl']:.3f} | {'' if zs is None else f'{zs:.4f}'} | {r['size_mb']:.1f} | "
                      f"{r['total_seconds']:.0f} | {r['peak_rss_mb']:.0f} |")
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()), "",
-              "![perplexity vs effective bits](ppl_vs_bits.png)", "", "![training loss](loss_curves.png)", ""]
+              "![perplexity by method](ppl_by_method.png)", "", "![perplexity vs effective bits](ppl_vs_bits.png)", "",
+              "![training loss](loss_curves.png)", ""]
     atomic_write_text(report_dir / "report.md", "\n".join(lines))
     _plots(report_dir, rows)
     return doc
@@ -384,8 +385,39 @@ def _plots(report_dir: Path, rows: list[dict]) -> None:
     fig.tight_layout()
     fig.savefig(report_dir / "ppl_vs_bits.png", dpi=120)
     plt.close(fig)
+    _bars(report_dir / "ppl_by_method.png", ok)
     plot_loss_curves(report_dir / "loss_curves.png",
                      {f"w{r['bits']} {r['method']}": r["loss_curve"] for r in ok if r.get("loss_curve")})
+
+
+def _bars(path: Path, ok: list[dict]) -> None:
+    """One panel per bit width: a bar per method (log perplexity), labelled with value and effective bits."""
+    import matplotlib.pyplot as plt
+
+    fp = next((r["ppl"] for r in ok if r["method"] == "fp"), None)
+    widths = sorted({r["bits"] for r in ok if r["method"] != "fp"})
+    if not widths:
+        return
+    fig, axes = plt.subplots(1, len(widths), figsize=(4.2 * len(widths), 0.45 * len(METHODS) + 1.2), squeeze=False)
+    for ax, bits in zip(axes[0], widths):
+        rs = sorted((r for r in ok if r["bits"] == bits and r["method"] != "fp"), key=lambda r: _order(r["method"]))
+        ys = range(len(rs))
+        colors = ["tab:green" if r["method"].startswith("gift") else "tab:gray" for r in rs]
+        ax.barh(list(ys), [r["ppl"] for r in rs], color=colors)
+        ax.set_yticks(list(ys), [r["method"] for r in rs])
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        for y, r in zip(ys, rs):
+            ax.text(r["ppl"], y, f" {r['ppl']:.1f} ({r['effective_bits']:.2f} b)", va="center", fontsize=7)
+        if fp is not None:
+            ax.axvline(fp, color="k", ls="--", lw=1)
+        ax.set_title(f"{bits}-bit (dashed: full precision {fp:.1f})" if fp else f"{bits}-bit", fontsize=9)
+        ax.set_xlabel("perplexity, log scale (lower is better)")
+        ax.margins(x=0.35)
+        ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot_loss_curves(path: Path, curves: dict[str, list[float]]) -> None:
@@ -397,9 +429,15 @@ def plot_loss_curves(path: Path, curves: dict[str, list[float]]) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, losses in curves.items():
-        ax.plot(range(1, len(losses) + 1), losses, label=label)
+        # small batches make per-step losses jumpy: a faint raw line plus a 5-step running mean
+        steps = range(1, len(losses) + 1)
+        (raw,) = ax.plot(steps, losses, alpha=0.25, lw=1)
+        k = min(5, len(losses))
+        smooth = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1])
+                  for i in range(len(losses))]
+        ax.plot(steps, smooth, color=raw.get_color(), label=label)
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("training loss (faint: per step; bold: 5-step mean)")
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend(fontsize=7)

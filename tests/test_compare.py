@@ -33,6 +33,7 @@ def test_compare_smoke_reports_every_method(tmp_path):
     gift = next(r for r in report["rows"] if r["method"] == "gift-post")
     assert len(gift["loss_curve"]) == 4 and report["versions"]["torch"]
     assert (out / "ppl_vs_bits.png").stat().st_size > 1000 and (out / "loss_curves.png").is_file()
+    assert (out / "ppl_by_method.png").stat().st_size > 1000 and "ppl_by_method.png" in (out / "report.md").read_text()
     assert "| 3 | gift-post |" in (out / "report.md").read_text()
 
 
