@@ -327,7 +327,21 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_import_noise() -> None:
+    """Silence warnings printed when transformers imports torchao (a gptqmodel dependency), for the CLI only.
+
+    transformers imports torchao whenever it is installed; torchao then logs, on every command, that its
+    CUDA-only kernels cannot load and that some enums are registered with torch's pytree. Neither
+    concerns gift-quant; library users keep their own logging untouched.
+    """
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_import_noise()
     parser = make_parser()
     a = parser.parse_args(argv)
     try:

@@ -483,4 +483,7 @@ def _method_main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_method":
+        from .cli import quiet_import_noise
+
+        quiet_import_noise()
         sys.exit(_method_main(sys.argv[2:]))
