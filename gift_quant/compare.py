@@ -262,7 +262,8 @@ def run_compare_peft(model_dir: str | None, report_dir: Path, methods: list[str]
     settings = {"model_dir": model_dir, **peft_settings_doc(qcfg, rcfg), "lr_grid": grid, "tasks": tasks,
                 "limit": limit}
     _claim_settings(report_dir / "settings_peft.json", settings, report_dir)
-    rows = []
+    # the untrained model on the same test split and tasks: the reference every method should beat
+    rows = [{**_subprocess_row(report_dir, root, "peft:base:0:final", "settings_peft.json"), "final": True}]
     bar = tqdm(total=sum(len(grid[m]) + 1 for m in methods), desc="compare peft", disable=not progress)
     for method in methods:
         grid_rows = []

@@ -93,13 +93,19 @@ def run_peft_method(method: str, lr: float, model_dir, root: Path, qcfg: Quantiz
     elif method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
+    elif method == "base":  # the untrained reference: evaluated only
+        for p in model.parameters():
+            p.requires_grad_(False)
     else:
         raise ValueError(f"unknown PEFT method {method!r}; choose from {', '.join(PEFT_METHODS)}")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     # the final phase reuses the search run of the chosen learning rate: its finished state is loaded
     # (train() resumes at the last step), then the model is scored on the test split instead
     work = root / f"{method}-lr{lr:g}"
-    summary = _train_stage(model, tok, dataclasses.replace(rcfg, lr=lr), work / "train", device, progress=False)
+    summary = {"history": []}
+    if method != "base":
+        summary = _train_stage(model, tok, dataclasses.replace(rcfg, lr=lr), work / "train", device,
+                               progress=False)
     model.eval()
     split = "test" if final else "validation"
     ids, labels = _windows(tok, rcfg, split, rcfg.eval_windows * (4 if final else 1), rcfg.seed + 7)
@@ -122,28 +128,91 @@ def peft_settings_doc(qcfg: QuantizeConfig, rcfg: RecoverConfig) -> dict:
     return {"quantize": dataclasses.asdict(qcfg), "recover": dataclasses.asdict(rcfg)}
 
 
+REPORT_ORDER = ("base",) + PEFT_METHODS
+
+
 def write_peft_report(report_dir: Path, rows: list[dict], command: str) -> None:
     from .cache import atomic_write_text
 
-    final = [r for r in rows if r.get("final")]
+    final = sorted((r for r in rows if r.get("final")), key=lambda r: REPORT_ORDER.index(r["method"]))
+    tasks = sorted({t for r in final for t in (r.get("zeroshot") or {}).get("tasks", {})})
     lines = ["# gift-quant compare --mode peft", "", f"Command: `{command}`", "",
-             "| method | trainable params | lr (picked on validation) | test loss | zero-shot mean |",
-             "|---|---|---|---|---|"]
-    for r in sorted(final, key=lambda r: PEFT_METHODS.index(r["method"])):
+             "| method | trainable params | lr (picked on validation) | test loss | zero-shot mean |"
+             + "".join(f" {t} |" for t in tasks),
+             "|---|---|---|---|---|" + "---|" * len(tasks)]
+    for r in final:
         if "failed" in r:
-            lines.append(f"| {r['method']} | failed: {r['failed'][:80]} | | | |")
+            lines.append(f"| {r['method']} | failed: {r['failed'][:80]} | | | |" + " |" * len(tasks))
             continue
-        zs = (r.get("zeroshot") or {}).get("mean")
-        lines.append(f"| {r['method']} | {r['trainable_params']:,} | {r['lr']:g} | {r['test_loss']:.4f} | "
-                     f"{'' if zs is None else f'{zs:.4f}'} |")
-    lines += ["", "Validation loss per learning rate:", "", "| method | lr | validation loss |", "|---|---|---|"]
+        zs = r.get("zeroshot") or {}
+        mean = zs.get("mean")
+        per_task = "".join(f" {_headline(zs, t)} |" for t in tasks)
+        lr = "-" if r["method"] == "base" else f"{r['lr']:g}"
+        lines.append(f"| {r['method']} | {r['trainable_params']:,} | {lr} | {r['test_loss']:.4f} | "
+                     f"{'' if mean is None else f'{mean:.4f}'} |{per_task}")
+    lines += ["", "`base` is the untrained model on the same test windows and tasks.", "",
+              "Validation loss per learning rate:", "", "| method | lr | validation loss |", "|---|---|---|"]
     for r in rows:
         if not r.get("final") and "validation_loss" in r:
             lines.append(f"| {r['method']} | {r['lr']:g} | {r['validation_loss']:.4f} |")
-    lines += ["", "![training loss](peft_loss_curves.png)", ""]
+    lines += ["", "![test loss and zero-shot accuracy](peft_results.png)", "",
+              "![training loss](peft_loss_curves.png)", ""]
     atomic_write_text(report_dir / "report_peft.md", "\n".join(lines))
     atomic_write_text(report_dir / "report_peft.json", json.dumps({"command": command, "rows": rows}, indent=1))
     from .compare import plot_loss_curves
 
+    _plot_results(report_dir / "peft_results.png", [r for r in final if "failed" not in r])
     plot_loss_curves(report_dir / "peft_loss_curves.png",
                      {f"{r['method']} (lr {r['lr']:g})": r["loss_curve"] for r in final if r.get("loss_curve")})
+
+
+def _headline(zs: dict, task: str) -> str:
+    """The task's headline score as the zero-shot mean uses it (see eval/zeroshot.py), or blank."""
+    t = zs.get("tasks", {}).get(task) or {}
+    v = t.get("headline", t.get("acc"))
+    return "" if v is None else f"{v:.3f}"
+
+
+def _plot_results(path: Path, final: list[dict]) -> None:
+    """Two panels: held-out instruction loss and zero-shot mean per method, the untrained model dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not final:
+        return
+    base = next((r for r in final if r["method"] == "base"), None)
+    trained = [r for r in final if r["method"] != "base"]
+    panels = [("test_loss", "held-out instruction loss (lower is better)")]
+    if any((r.get("zeroshot") or {}).get("mean") is not None for r in final):
+        panels.append(("zeroshot", "zero-shot mean accuracy (higher is better)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 0.5 * len(trained) + 1.6), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        def value(r, key=key):
+            return (r.get("zeroshot") or {}).get("mean") if key == "zeroshot" else r.get(key)
+
+        rs = [r for r in trained if value(r) is not None]
+        ys = list(range(len(rs)))
+        colors = ["tab:green" if r["method"].startswith("gift") else "tab:gray" for r in rs]
+        ref = value(base) if base is not None else None
+        if ref is not None:  # lollipops from the untrained model: the change each method bought
+            ax.hlines(ys, ref, [value(r) for r in rs], colors=colors, lw=2)
+        ax.scatter([value(r) for r in rs], ys, color=colors, s=40, zorder=3)
+        ax.set_yticks(ys, [f"{r['method']} ({r['trainable_params'] / 1e6:.1f}M)" for r in rs])
+        ax.set_ylim(len(rs) - 0.5, -0.5)  # first method on top, half a row of margin
+        for y, r in zip(ys, rs):
+            ax.text(value(r), y - 0.25, f"{value(r):.3f}", ha="center", fontsize=8)
+        if base is not None and value(base) is not None:
+            ax.axvline(value(base), color="k", ls="--", lw=1, label=f"untrained {value(base):.3f}")
+            ax.legend(fontsize=7, loc="best")
+        vals = [value(r) for r in rs] + ([value(base)] if base and value(base) is not None else [])
+        if vals:
+            lo, hi = min(vals), max(vals)
+            pad = (hi - lo) * 0.6 + 1e-3
+            ax.set_xlim(lo - pad, hi + pad)
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

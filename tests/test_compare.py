@@ -50,7 +50,12 @@ def test_compare_peft_mode_picks_lr_on_validation_and_trains_every_method(tmp_pa
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads((out / "report_peft.json").read_text())["rows"]
     finals = {r["method"]: r for r in rows if r.get("final")}
-    assert set(finals) == {"gift", "lora", "full"}
+    assert set(finals) == {"base", "gift", "lora", "full"}
+    untrained = finals.pop("base")  # the reference row: evaluated, never trained
+    assert untrained["trainable_params"] == 0 and untrained["loss_curve"] == []
+    assert all(f["test_loss"] != untrained["test_loss"] for f in finals.values())
+    assert (out / "peft_results.png").stat().st_size > 1000
+    assert "| base | 0 | - |" in (out / "report_peft.md").read_text()
     base = None
     for method, final in finals.items():
         search = {r["lr"]: r["validation_loss"] for r in rows if r["method"] == method and not r.get("final")}
