@@ -95,20 +95,24 @@ def calib(tmp_path_factory):
     return p
 
 
-@pytest.fixture(scope="module")
-def ckpt(src, calib, tmp_path_factory):
-    """name -> native checkpoint folder, quantized once per module."""
-    root = tmp_path_factory.mktemp("ckpt")
+def quantized_checkpoints(root, src, calib, cases: dict):
+    """name -> native checkpoint folder of ``src`` quantized with ``cases[name]``, made on first use."""
     made = {}
 
     def get(name):
         if name not in made:
-            cfg = QuantizeConfig(calib_data=str(calib), calib_samples=4, seq_len=32, device="cpu", **CASES[name])
+            cfg = QuantizeConfig(calib_data=str(calib), calib_samples=4, seq_len=32, device="cpu", **cases[name])
             quantize_to_checkpoint(str(src), root / name, cfg, progress=False)
             made[name] = root / name
         return made[name]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def ckpt(src, calib, tmp_path_factory):
+    """name -> native checkpoint folder, quantized once per module."""
+    return quantized_checkpoints(tmp_path_factory.mktemp("ckpt"), src, calib, CASES)
 
 
 @pytest.fixture(scope="module")

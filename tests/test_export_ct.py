@@ -21,7 +21,7 @@ import warnings
 
 import pytest
 import torch
-from test_export import make_src, rel_err
+from test_export import make_src, quantized_checkpoints, rel_err
 from tiny import corpus, make_model_dir
 
 from gift_quant.checkpoint import load
@@ -71,17 +71,7 @@ def calib(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ckpt(src, calib, tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    made = {}
-
-    def get(name):
-        if name not in made:
-            cfg = QuantizeConfig(calib_data=str(calib), calib_samples=4, seq_len=32, device="cpu", **CASES[name])
-            quantize_to_checkpoint(str(src), root / name, cfg, progress=False)
-            made[name] = root / name
-        return made[name]
-
-    return get
+    return quantized_checkpoints(tmp_path_factory.mktemp("ckpt"), src, calib, CASES)
 
 
 @pytest.fixture(scope="module")
