@@ -57,7 +57,8 @@ def _eval(model, tokenizer, ecfg: EvalConfig, tasks: list[str], limit: int | Non
 
     docs = load_documents(ecfg.ppl_data, default_split="test")
     windows = eval_windows(tokenizer, docs, ecfg.seq_len, ecfg.max_windows, source=ecfg.ppl_data)
-    out = {"ppl": perplexity(model, windows, device, progress=False)["perplexity"]}
+    ppl = perplexity(model, windows, device, progress=False)
+    out = {"ppl": ppl["perplexity"], "window_nll": ppl["window_nll"]}  # per window: paired comparisons
     if tasks:
         from .eval.zeroshot import evaluate_tasks
 

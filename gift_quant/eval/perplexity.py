@@ -14,12 +14,11 @@ def perplexity(model, windows: torch.Tensor, device: torch.device | str = "cpu",
                desc: str = "perplexity") -> dict:
     """exp(mean token NLL) over all next-token predictions of all windows (each window scored alone)."""
     model.eval()
-    total_nll = 0.0
-    count = 0
+    window_nll = []  # mean token NLL of each window: lets two models be compared window by window
     for row in tqdm(windows, desc=desc, unit="window", disable=not progress):
         ids = row.unsqueeze(0).to(device)
         logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
-        total_nll += float(F.cross_entropy(logits, ids[0, 1:], reduction="sum"))
-        count += ids.shape[1] - 1
-    return {"perplexity": math.exp(total_nll / count), "nll": total_nll / count, "tokens": count,
-            "windows": int(windows.shape[0]), "seq_len": int(windows.shape[1])}
+        window_nll.append(float(F.cross_entropy(logits, ids[0, 1:], reduction="mean")))
+    nll = sum(window_nll) / len(window_nll)  # equal-length windows: the mean over all tokens
+    return {"perplexity": math.exp(nll), "nll": nll, "tokens": len(window_nll) * (windows.shape[1] - 1),
+            "windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]), "window_nll": window_nll}
