@@ -217,7 +217,9 @@ def run_compare(model_dir: str | None, report_dir: Path, bits_list: list[int], m
                 limit: int | None, progress: bool = True) -> dict:
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
-    settings = {"model_dir": model_dir, "quantize": dataclasses.asdict(qcfg), "recover": dataclasses.asdict(rcfg),
+    # bits vary per job (--bits 2 3 4, or added later with another --bits): not part of the shared settings
+    quantize = {k: v for k, v in dataclasses.asdict(qcfg).items() if k != "bits"}
+    settings = {"model_dir": model_dir, "quantize": quantize, "recover": dataclasses.asdict(rcfg),
                 "eval": dataclasses.asdict(ecfg), "tasks": tasks, "limit": limit}
     _claim_settings(report_dir / "settings.json", settings, report_dir)
     # owq first: the trained methods start from its checkpoint and gptq-matched reads its bits

@@ -35,6 +35,12 @@ def test_compare_smoke_reports_every_method(tmp_path):
     assert (out / "ppl_vs_bits.png").stat().st_size > 1000 and (out / "loss_curves.png").is_file()
     assert (out / "ppl_by_method.png").stat().st_size > 1000 and "ppl_by_method.png" in (out / "report.md").read_text()
     assert "| 3 | gift-post |" in (out / "report.md").read_text()
+    # another bit width into the same report: the settings are shared, the bits are per job (fp is cached)
+    again = [c if c != "3" else "2" for c in cmd]
+    again[again.index("--methods") + 1] = "fp"
+    root = os.path.dirname(os.path.dirname(__file__))
+    proc = subprocess.run(again, capture_output=True, text=True, env=env, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_compare_peft_mode_picks_lr_on_validation_and_trains_every_method(tmp_path):
