@@ -83,14 +83,9 @@ def _block_linear_names(model) -> list[str]:
 
 
 def _unpack_gptq(qweight, qzeros, scales, g_idx, bits: int, in_f: int, out_f: int, zero_offset: int):
-    """Dense (out, in) fp32 weight of a GPTQ-layout layer, decoded with gift_quant.pack (independent
-    of GPTQModel's own dequantizer). ``zero_offset`` = 1 for checkpoint format v1 (stores zero-1)."""
-    from gift_quant.pack import unpack_cols, unpack_rows
+    from gift_quant.peer import dense_from_gptq
 
-    codes = unpack_rows(qweight.to(torch.int32), bits, in_f).float()  # (in, out)
-    zeros = (unpack_cols(qzeros.to(torch.int32), bits, out_f).float() + zero_offset)  # (G, out)
-    g = g_idx.long()
-    return (scales.float()[g] * (codes - zeros[g])).T.contiguous()
+    return dense_from_gptq(qweight, qzeros, scales, g_idx, bits, in_f, out_f, zero_offset)
 
 
 # ----------------------------------------------------------------------------- workers
