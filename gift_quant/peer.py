@@ -9,6 +9,7 @@ own checkpoints are evaluated, so the comparison is between quantizers, not kern
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -37,6 +38,10 @@ def gptq_stored_bits(in_features: int, out_features: int, bits: int, n_groups: i
 
 def quantize_with_gptqmodel(src: Path, out: Path, qcfg: QuantizeConfig):
     """(plain fp32 model holding GPTQModel's dequantized weights, effective bits); checkpoint saved in ``out``."""
+    # GPTQModel's thread pool asks for 2 loader workers but grants (cores + 1) // 2 CPU workers, so it
+    # refuses to start on a 2-core machine unless told; its pack extension is a 30 s C++ build we skip
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 1)))
+    os.environ.setdefault("GPTQMODEL_DISABLE_PACK_EXT", "1")
     try:
         from gptqmodel import GPTQModel
         from gptqmodel.quantization.config import QuantizeConfig as PeerConfig
