@@ -56,7 +56,10 @@ def quantize_with_gptqmodel(src: Path, out: Path, qcfg: QuantizeConfig):
         raise GiftQuantError("gptq-peer is plain GPTQ: call it with K = 0 salient columns")
     windows = calibration_set(load_tokenizer(src), qcfg)
     device = resolve_device(qcfg.device)
+    # act_group_aware (GPTQModel's default group-aware reordering) off: gift-quant's GPTQ has no such step,
+    # and it refuses per-row grids; the settings otherwise match tools/bench_gptq.py's like-for-like pairing
     peer_cfg = PeerConfig(bits=qcfg.bits, group_size=qcfg.group_size, sym=qcfg.sym, desc_act=qcfg.act_order,
+                          act_group_aware=False,
                           static_groups=qcfg.static_groups, true_sequential=True, damp_percent=qcfg.damp,
                           mse=2.0 if qcfg.clip == "mse" else 0.0,  # 2.0: the squared-error clip search
                           device=str(device), offload_to_disk=False)

@@ -26,7 +26,7 @@ def test_peer_checkpoint_decodes_like_gptqmodel_loads_it(tmp_path, no_compile):
     src = make_src(tmp_path / "src", tied=False)
     calib = tmp_path / "calib.txt"
     calib.write_text(corpus(2000, seed=1))
-    cfg = QuantizeConfig(bits=4, group_size=32, salient=0, calib_data=str(calib), calib_samples=4, seq_len=32,
+    cfg = QuantizeConfig(bits=4, group_size=-1, salient=0, calib_data=str(calib), calib_samples=4, seq_len=32,
                          device="cpu")
     plain, bits = quantize_with_gptqmodel(src, tmp_path / "peer", cfg)
     # effective bits = every stored bit of the quantized layers (qweight, qzeros, scales, g_idx) / weights
@@ -48,4 +48,4 @@ def test_peer_checkpoint_decodes_like_gptqmodel_loads_it(tmp_path, no_compile):
     assert rel_err(ref, ours) < 3e-3  # GPTQModel's CPU kernel dequantizes in fp16
     # the weights really are on a 4-bit grid: 16 distinct values per (row, group) at most
     w = plain.model.layers[0].mlp.down_proj.weight
-    assert all(w[r, :32].unique().numel() <= 16 for r in range(4))
+    assert all(w[r].unique().numel() <= 16 for r in range(4))  # per-row grid, as compare runs it
