@@ -397,6 +397,7 @@ def _plots(report_dir: Path, rows: list[dict]) -> None:
 def _bars(path: Path, ok: list[dict]) -> None:
     """One panel per bit width: a bar per method (log perplexity), labelled with value and effective bits."""
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fp = next((r["ppl"] for r in ok if r["method"] == "fp"), None)
     widths = sorted({r["bits"] for r in ok if r["method"] != "fp"})
@@ -411,6 +412,7 @@ def _bars(path: Path, ok: list[dict]) -> None:
         ax.set_yticks(list(ys), [r["method"] for r in rs])
         ax.invert_yaxis()
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # narrow ranges label minor ticks too
         for y, r in zip(ys, rs):
             ax.text(r["ppl"], y, f" {r['ppl']:.1f} ({r['effective_bits']:.2f} b)", va="center", fontsize=7)
         if fp is not None:
