@@ -30,3 +30,14 @@ def torch_single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def no_compile():
+    """gptqmodel wraps its dequantization in torch.compile; inductor's C++ build dominates a tiny test."""
+    import torch._dynamo
+
+    before = torch._dynamo.config.disable
+    torch._dynamo.config.disable = True
+    yield
+    torch._dynamo.config.disable = before

@@ -60,17 +60,6 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a.float() - ref.float()).abs().max() / ref.float().abs().max())
 
 
-@pytest.fixture(scope="module")
-def no_compile():
-    """gptqmodel wraps its dequantization in torch.compile; inductor's C++ build dominates a tiny test."""
-    import torch._dynamo
-
-    before = torch._dynamo.config.disable
-    torch._dynamo.config.disable = True
-    yield
-    torch._dynamo.config.disable = before
-
-
 def make_src(path, tied: bool):
     """A tiny Llama whose vocab equals its tokenizer's (lm-eval resizes the embeddings otherwise)."""
     from transformers import AutoModelForCausalLM

@@ -9,16 +9,6 @@ from tiny import corpus
 from gift_quant.config import QuantizeConfig
 
 
-@pytest.fixture(scope="module")
-def no_compile():
-    import torch._dynamo
-
-    before = torch._dynamo.config.disable
-    torch._dynamo.config.disable = True
-    yield
-    torch._dynamo.config.disable = before
-
-
 def test_peer_checkpoint_decodes_like_gptqmodel_loads_it(tmp_path, no_compile):
     gptqmodel = pytest.importorskip("gptqmodel")
     from gift_quant.peer import quantize_with_gptqmodel
