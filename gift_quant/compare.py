@@ -156,6 +156,7 @@ def run_method(method: str, model_dir: str | None, root: Path, qcfg: QuantizeCon
             for p in model.parameters():
                 p.requires_grad_(False)
             targets = sorted({n.rsplit(".", 1)[-1] for n in read_gift_config(salient_base)["layers"]})
+            torch.manual_seed(rcfg.seed)  # LoRA's A is drawn from the global generator: seed it for reruns
             model = get_peft_model(model, LoraConfig(r=64, lora_alpha=64, lora_dropout=0.0, target_modules=targets))
             timed("train", _train_and_pack, model, tok, rcfg, work / "train", device)
         if method == "quik-lora":
@@ -180,7 +181,8 @@ def run_method(method: str, model_dir: str | None, root: Path, qcfg: QuantizeCon
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     model.eval()
     row.update(timed("eval", _eval, model.to(device), tok, ecfg, tasks, limit, device))
-    row.update({"effective_bits": bits, "size_mb": _dir_size(ckpt) / 2**20, "seconds": timings,
+    size = _dir_size(ckpt) + (_dir_size(salient_base) if method == "quik-lora" else 0)  # adapter + its base
+    row.update({"effective_bits": bits, "size_mb": size / 2**20, "seconds": timings,
                 "total_seconds": time.perf_counter() - t0,
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
     if device.type == "cuda":

@@ -88,6 +88,7 @@ def run_peft_method(method: str, lr: float, model_dir, root: Path, qcfg: Quantiz
     elif method in ("lora", "dora"):
         for p in model.parameters():
             p.requires_grad_(False)
+        torch.manual_seed(rcfg.seed)  # LoRA's A is drawn from the global generator: seed it for reruns
         model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=targets,
                                                  use_dora=method == "dora"))
     elif method == "full":
