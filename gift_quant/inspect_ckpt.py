@@ -167,12 +167,7 @@ def _inspect_gptq(path: Path, qc: dict) -> dict:
         "bits": qc.get("bits"), "group_size": qc.get("group_size"), "sym": qc.get("sym"),
         "desc_act": qc.get("desc_act"),
         "checkpoint_format": qc.get("checkpoint_format", qc.get("format", "gptq")),
-        "adapter": _adapter_summary(path, acfg, a_rows),
-        "salient": _salient_summary({row["name"]: row["salient"] for row in layers}) if acfg is not None else None,
-        "effective_bits": total_bits / total_w if total_w else None,
-        "native_effective_bits": info_doc.get("native_effective_bits"),
-        "layers": layers, "size_on_disk": _dir_size(path),
-        "provenance": info_doc.get("provenance"), "source_checkpoint": info_doc.get("source_checkpoint"),
+        **_export_common(path, acfg, a_rows, layers, total_bits, total_w, info_doc),
     }
 
 
@@ -215,12 +210,7 @@ def _inspect_ct(path: Path, qc: dict) -> dict:
         "bits": weights.get("num_bits"), "group_size": weights.get("group_size") if strategy == "group" else -1,
         "sym": weights.get("symmetric"), "strategy": strategy, "checkpoint_format": qc.get("format"),
         "config_groups": len(groups), "ignore": qc.get("ignore"),
-        "adapter": _adapter_summary(path, acfg, a_rows),
-        "salient": _salient_summary({row["name"]: row["salient"] for row in layers}) if acfg is not None else None,
-        "effective_bits": total_bits / total_w if total_w else None,
-        "native_effective_bits": info_doc.get("native_effective_bits"),
-        "layers": layers, "size_on_disk": _dir_size(path),
-        "provenance": info_doc.get("provenance"), "source_checkpoint": info_doc.get("source_checkpoint"),
+        **_export_common(path, acfg, a_rows, layers, total_bits, total_w, info_doc),
     }
 
 
@@ -359,3 +349,16 @@ def format_report(info: dict, layers: bool = True) -> str:
                        f"{r['salient']:>5} {r['groups'] if r['groups'] is not None else '?':>6} "
                        f"{_fmt_bits(r['effective_bits']):>7}")
     return "\n".join(out)
+
+
+def _export_common(path: Path, acfg, a_rows, layers: list[dict], total_bits: float, total_w: int,
+                   info_doc: dict) -> dict:
+    """The report fields every export kind shares: adapter, salient counts, bits, size, provenance."""
+    return {
+        "adapter": _adapter_summary(path, acfg, a_rows),
+        "salient": _salient_summary({row["name"]: row["salient"] for row in layers}) if acfg is not None else None,
+        "effective_bits": total_bits / total_w if total_w else None,
+        "native_effective_bits": info_doc.get("native_effective_bits"),
+        "layers": layers, "size_on_disk": _dir_size(path),
+        "provenance": info_doc.get("provenance"), "source_checkpoint": info_doc.get("source_checkpoint"),
+    }
