@@ -66,9 +66,19 @@ def _windows(tokenizer, rcfg: RecoverConfig, split: str, n: int, seed: int):
     return pack_examples(tokenizer, records, rcfg.seq_len, n, seed, source=f"{spec} ({split})")
 
 
+def peft_baseline(model, rank: int, targets: list[str], dora: bool, seed: int):
+    """peft's own LoRA (or DoRA) of ``rank`` on ``targets``, alpha = rank, the base frozen, seeded init."""
+    from peft import LoraConfig, get_peft_model
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(seed)  # LoRA's A is drawn from the global generator: seed it for reruns
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=targets,
+                                            use_dora=dora))
+
+
 def run_peft_method(method: str, lr: float, model_dir, root: Path, qcfg: QuantizeConfig, rcfg: RecoverConfig,
                     tasks: list[str], limit: int | None, final: bool) -> dict:
-    from peft import LoraConfig, get_peft_model
 
     from .models import load_model, load_tokenizer, resolve_device, resolve_model_dir
     from .pipeline import _train_stage
@@ -86,11 +96,7 @@ def run_peft_method(method: str, lr: float, model_dir, root: Path, qcfg: Quantiz
         prepare_dense(model, salient, noise="none" if method == "gift-no-noise" else rcfg.noise,
                       noise_bits=rcfg.noise_bits or 4, seed=rcfg.seed)
     elif method in ("lora", "dora"):
-        for p in model.parameters():
-            p.requires_grad_(False)
-        torch.manual_seed(rcfg.seed)  # LoRA's A is drawn from the global generator: seed it for reruns
-        model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=targets,
-                                                 use_dora=method == "dora"))
+        model = peft_baseline(model, rank, targets, dora=method == "dora", seed=rcfg.seed)
     elif method == "full":
         for p in model.parameters():
             p.requires_grad_(True)

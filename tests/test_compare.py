@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from tiny import corpus, make_model_dir, write_instruction_jsonl
 
 
@@ -85,3 +86,23 @@ def test_lr_grid_parsing():
     for bad, needle in [("dora=1e-3", "'dora'"), ("gift=", "positive"), ("1e-3,x", "positive"), ("-1", "positive")]:
         with pytest.raises(GiftQuantError, match=needle):
             parse_lr_grid(bad, methods)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_peft_baselines_are_peft_layers_seeded_and_alone_trainable(tmp_path, dora):
+    from peft.tuners.lora import LoraLayer
+
+    from gift_quant.compare_peft import peft_baseline
+    from gift_quant.models import load_model
+
+    src = make_model_dir("llama", tmp_path / "src")
+    targets = ["q_proj", "v_proj", "down_proj"]
+    a = peft_baseline(load_model(src), 4, targets, dora=dora, seed=3)
+    b = peft_baseline(load_model(src), 4, targets, dora=dora, seed=3)
+    layers = [m for m in a.modules() if isinstance(m, LoraLayer)]
+    assert len(layers) == 3 * a.config.num_hidden_layers and all(m.r["default"] == 4 for m in layers)
+    assert all(bool(m.lora_magnitude_vector) == dora for m in layers)  # DoRA is peft's own use_dora
+    trainable = [n for n, p in a.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa if "lora_A" in k)  # same seed, same init
