@@ -111,7 +111,18 @@ def _add_recover_flags(p: argparse.ArgumentParser) -> None:
                    help="plain salient fine-tuning (ablation)")
     p.add_argument("--noise", dest="noise", choices=["normal", "uniform", "none"], help="noise distribution")
     p.add_argument("--noise-bits", type=int, default=None, help="bits of the noise step (post default 4)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 100)")
+    p.add_argument("--loss", choices=["ce", "kd", "kd+ce"], default=None,
+                   help="objective: ce (next-token cross-entropy), kd (KL to the full-precision model), kd+ce")
+    p.add_argument("--kd-temperature", type=float, default=None, help="distillation temperature (default 1)")
+    p.add_argument("--ce-weight", type=float, default=None, help="weight of CE in kd+ce (default 1)")
+    p.add_argument("--teacher-device", choices=["auto", "cpu"], default=None,
+                   help="where the full-precision teacher runs (cpu keeps it off the accelerator)")
+    p.add_argument("--blockwise-steps", type=int, default=None,
+                   help="block-wise reconstruction steps per block right after its GPTQ (0 = off)")
+    p.add_argument("--blockwise-lr", type=float, default=None, help="block-wise learning rate (default 1e-3)")
+    p.add_argument("--blockwise-target", choices=["fp-prefix", "quant-prefix"], default=None,
+                   help="block-wise targets: fp block on fp inputs (default) or on the quantized prefix's")
+    p.add_argument("--steps", type=int, default=None, help="end-to-end optimizer steps (0 = block-wise only)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-4)")
     p.add_argument("--batch-size", type=int, default=None, help="windows per micro-batch per process")
     p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per step")
@@ -135,8 +146,9 @@ def cmd_recover(a) -> dict:
                                               "max_windows": a.max_windows})
     res = run_recover(a.model_dir, a.out, qcfg, rcfg, ecfg, overwrite=a.overwrite,
                       trust_remote_code=a.trust_remote_code, progress=not a.no_progress)
+    before = "after block-wise reconstruction" if rcfg.blockwise_steps else "before recovery"
     print(f"wrote {res['out']}: GIFT-SW {res['variant']} w{res['bits']} ({res['effective_bits']:.3f} bits/weight), "
-          f"perplexity {res['ppl_before']:.3f} before recovery -> {res['ppl_after']:.3f} after")
+          f"loss {rcfg.loss}, perplexity {res['ppl_before']:.3f} {before} -> {res['ppl_after']:.3f} after")
     return res
 
 
@@ -250,7 +262,10 @@ def _recover_overrides(a) -> dict:
     return {"variant": a.variant, "noise": a.noise, "noise_bits": a.noise_bits, "steps": a.steps, "lr": a.lr,
             "batch_size": a.batch_size, "grad_accum": a.grad_accum, "warmup_ratio": a.warmup_ratio,
             "seq_len": a.seq_len, "train_data": a.train_data, "eval_data": a.eval_data, "save_every": a.save_every,
-            "gradient_checkpointing": a.gradient_checkpointing, "seed": a.seed}
+            "gradient_checkpointing": a.gradient_checkpointing, "seed": a.seed, "loss": a.loss,
+            "kd_temperature": a.kd_temperature, "ce_weight": a.ce_weight, "teacher_device": a.teacher_device,
+            "blockwise_steps": a.blockwise_steps, "blockwise_lr": a.blockwise_lr,
+            "blockwise_target": a.blockwise_target}
 
 
 def make_parser() -> argparse.ArgumentParser:

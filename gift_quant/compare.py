@@ -85,17 +85,17 @@ def _quantize(model_dir, out: Path, qcfg: QuantizeConfig):
     return read_gift_config(out)["effective_bits"]
 
 
-def _train_and_pack(model, tokenizer, rcfg: RecoverConfig, run_dir: Path, device):
-    from .pipeline import _train_stage
+def _train_and_pack(model, tokenizer, rcfg: RecoverConfig, run_dir: Path, device, src: Path, qcfg: QuantizeConfig):
+    from .recover.stage import train_stage
 
-    return _train_stage(model, tokenizer, rcfg, run_dir, device, progress=False)
+    return train_stage(model, tokenizer, rcfg, run_dir, device, progress=False, teacher_src=src, qcfg=qcfg)
 
 
 def run_method(method: str, model_dir: str | None, root: Path, qcfg: QuantizeConfig, rcfg: RecoverConfig,
                ecfg: EvalConfig, tasks: list[str], limit: int | None) -> dict:
     """Run one method end to end in this process; returns its result row."""
     from .checkpoint import load, read_gift_config, save_checkpoint
-    from .models import load_model, load_tokenizer, resolve_device, resolve_model_dir
+    from .models import load_model, load_tokenizer, parse_dtype, resolve_device, resolve_model_dir
     from .recover.model import convert_to_dense, convert_to_quant, prepare_quantized
     from .recover.qat import convert_qat, prepare_qat
 
@@ -141,13 +141,16 @@ def run_method(method: str, model_dir: str | None, root: Path, qcfg: QuantizeCon
         base_bits = read_gift_config(salient_base)["effective_bits"]
         model = load(salient_base)
         if method in ("salient-ft", "gift-post"):
+            from .recover.model import linear_weights
+
             noise = "none" if method == "salient-ft" else rcfg.noise
-            prepare_quantized(model, noise=noise, noise_bits=noise_bits, seed=rcfg.seed)
-            timed("train", _train_and_pack, model, tok, rcfg, work / "train", device)
-            convert_to_quant(model.cpu(), qcfg.bits, qcfg.sym)
+            prepare_quantized(model, noise=noise, noise_bits=noise_bits, seed=rcfg.seed,
+                              reference=linear_weights(load_model(src)))
+            timed("train", _train_and_pack, model, tok, rcfg, work / "train", device, src, qcfg)
+            convert_to_quant(model.cpu(), qcfg.bits, qcfg.sym, parse_dtype(qcfg.salient_dtype))
         elif method == "ste":
             prepare_qat(model)
-            timed("train", _train_and_pack, model, tok, rcfg, work / "train", device)
+            timed("train", _train_and_pack, model, tok, rcfg, work / "train", device, src, qcfg)
             convert_qat(model.cpu())
         else:
             from peft import LoraConfig, get_peft_model
@@ -158,7 +161,7 @@ def run_method(method: str, model_dir: str | None, root: Path, qcfg: QuantizeCon
             targets = sorted({n.rsplit(".", 1)[-1] for n in read_gift_config(salient_base)["layers"]})
             torch.manual_seed(rcfg.seed)  # LoRA's A is drawn from the global generator: seed it for reruns
             model = get_peft_model(model, LoraConfig(r=64, lora_alpha=64, lora_dropout=0.0, target_modules=targets))
-            timed("train", _train_and_pack, model, tok, rcfg, work / "train", device)
+            timed("train", _train_and_pack, model, tok, rcfg, work / "train", device, src, qcfg)
         if method == "quik-lora":
             lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
             layers = read_gift_config(salient_base)["layers"].values()
@@ -174,7 +177,9 @@ def run_method(method: str, model_dir: str | None, root: Path, qcfg: QuantizeCon
         from .pipeline import run_recover
 
         ckpt = work / "ckpt"
-        pre = dataclasses.replace(rcfg, variant="pre")
+        # the pre variant injects noise at the target bits (the paper); rcfg.noise_bits is the post variant's
+        pre = dataclasses.replace(rcfg, variant="pre", noise_bits=qcfg.bits)
+        row["noise_bits"] = qcfg.bits
         summary = timed("recover", run_recover, model_dir, ckpt, qcfg, pre, ecfg, progress=False)
         model, bits = load(ckpt), summary["effective_bits"]
     else:

@@ -81,8 +81,8 @@ def run_peft_method(method: str, lr: float, model_dir, root: Path, qcfg: Quantiz
                     tasks: list[str], limit: int | None, final: bool) -> dict:
 
     from .models import load_model, load_tokenizer, resolve_device, resolve_model_dir
-    from .pipeline import _train_stage
     from .recover.model import prepare_dense
+    from .recover.stage import train_stage
     from .recover.train import eval_loss
 
     src = resolve_model_dir(model_dir)
@@ -111,8 +111,8 @@ def run_peft_method(method: str, lr: float, model_dir, root: Path, qcfg: Quantiz
     work = root / f"{method}-lr{lr:g}"
     summary = {"history": []}
     if method != "base":
-        summary = _train_stage(model, tok, dataclasses.replace(rcfg, lr=lr), work / "train", device,
-                               progress=False)
+        summary = train_stage(model, tok, dataclasses.replace(rcfg, lr=lr), work / "train", device,
+                              progress=False, teacher_src=src, qcfg=qcfg)
     model.eval()
     split = "test" if final else "validation"
     ids, labels = _windows(tok, rcfg, split, rcfg.eval_windows * (4 if final else 1), rcfg.seed + 7)

@@ -84,6 +84,10 @@ class RecoverConfig:
     variant: str = "post"  # post: quantize then train; pre: train with noise at the target bits, then quantize
     noise: str = "normal"  # normal | uniform | none (--no-noise: plain salient fine-tuning)
     noise_bits: int | None = None  # None: 4 for post (the paper), the target bits for pre
+    loss: str = "ce"  # ce | kd | kd+ce (recover/objective.py)
+    kd_temperature: float = 1.0
+    ce_weight: float = 1.0  # weight of the CE term in kd+ce
+    teacher_device: str = "auto"  # where the full-precision teacher runs: auto (the training device) or cpu
     steps: int = 100
     lr: float = 1e-4
     batch_size: int = 4
@@ -99,6 +103,11 @@ class RecoverConfig:
     save_every: int = 10
     seed: int = 0
     gradient_checkpointing: bool = False
+    # block-wise reconstruction (recover/blockwise.py): right after GPTQ of each block, train its salient
+    # columns (same noise) to match the full-precision block's outputs on the calibration windows
+    blockwise_steps: int = 0  # 0: off
+    blockwise_lr: float = 1e-3  # one step = one calibration batch (--calib-batch-size windows)
+    blockwise_target: str = "fp-prefix"  # fp-prefix: fp block on fp inputs; quant-prefix: fp block on quantized inputs
 
     def __post_init__(self):
         if self.variant not in ("post", "pre"):
@@ -107,11 +116,25 @@ class RecoverConfig:
             raise GiftQuantError(f"noise must be normal, uniform or none (got {self.noise!r})")
         if self.noise_bits is not None and not 1 <= self.noise_bits <= 16:
             raise GiftQuantError(f"--noise-bits must be in 1..16 (got {self.noise_bits})")
-        for name in ("steps", "batch_size", "grad_accum", "seq_len", "save_every"):
+        if self.loss not in ("ce", "kd", "kd+ce"):
+            raise GiftQuantError(f"--loss must be ce, kd or kd+ce (got {self.loss!r})")
+        if self.teacher_device not in ("auto", "cpu"):
+            raise GiftQuantError(f"--teacher-device must be auto or cpu (got {self.teacher_device!r})")
+        if self.blockwise_target not in ("fp-prefix", "quant-prefix"):
+            raise GiftQuantError(f"blockwise_target must be fp-prefix or quant-prefix (got {self.blockwise_target!r})")
+        for name in ("batch_size", "grad_accum", "seq_len", "save_every"):
             if getattr(self, name) <= 0:
                 raise GiftQuantError(f"{name} must be positive (got {getattr(self, name)})")
-        if self.lr <= 0:
-            raise GiftQuantError(f"--lr must be positive (got {self.lr})")
+        for name in ("lr", "kd_temperature", "blockwise_lr"):
+            if getattr(self, name) <= 0:
+                raise GiftQuantError(f"{name} must be positive (got {getattr(self, name)})")
+        if self.steps < 0 or self.blockwise_steps < 0 or self.ce_weight < 0 or self.eval_every < 0:
+            raise GiftQuantError("steps, blockwise_steps, ce_weight and eval_every must be >= 0 "
+                                 f"(got {self.steps}, {self.blockwise_steps}, {self.ce_weight}, {self.eval_every})")
+        if self.steps == 0 and self.blockwise_steps == 0:
+            raise GiftQuantError("nothing to train: give --steps > 0 (end-to-end) and/or --blockwise-steps > 0")
+        if not 0 <= self.warmup_ratio < 1:
+            raise GiftQuantError(f"warmup_ratio must be in [0, 1) (got {self.warmup_ratio})")
 
     def resolved_noise_bits(self, target_bits: int) -> int:
         if self.noise_bits is not None:

@@ -121,21 +121,38 @@ def _token_stream(tokenizer, docs: list[str], budget: int | None) -> list[int]:
     return ids
 
 
+def _calibration_stream(tokenizer, docs: list[str], n_samples: int, seq_len: int, seed: int):
+    """(rng, documents read, token stream) of a calibration draw: seeded shuffle, then a token budget."""
+    rng = random.Random(seed)
+    docs = list(docs)
+    rng.shuffle(docs)
+    budget = max(4 * n_samples * seq_len, seq_len + 1)
+    used, ids = [], []
+    for doc in docs:  # same stream as _token_stream, remembering which documents it read
+        used.append(doc)
+        ids.extend(_token_stream(tokenizer, [doc], None))
+        if len(ids) >= budget:
+            break
+    return rng, used, ids
+
+
 def calibration_windows(tokenizer, docs: list[str], n_samples: int, seq_len: int, seed: int,
                         source: str = "calibration data") -> torch.Tensor:
     """(n_samples, seq_len) windows at seeded random offsets of the shuffled documents' token stream."""
     if n_samples <= 0 or seq_len <= 0:
         raise GiftQuantError(f"--calib-samples and --seq-len must be positive (got {n_samples}, {seq_len})")
-    rng = random.Random(seed)
-    docs = list(docs)
-    rng.shuffle(docs)
-    ids = _token_stream(tokenizer, docs, budget=max(4 * n_samples * seq_len, seq_len + 1))
+    rng, _, ids = _calibration_stream(tokenizer, docs, n_samples, seq_len, seed)
     if len(ids) <= seq_len:
         raise GiftQuantError(
             f"{source} is too short: {len(ids)} tokens, need more than --seq-len {seq_len}; "
             "give more text or a smaller --seq-len")
     starts = [rng.randrange(0, len(ids) - seq_len + 1) for _ in range(n_samples)]
     return torch.tensor([ids[s : s + seq_len] for s in starts], dtype=torch.long)
+
+
+def calibration_documents(tokenizer, docs: list[str], n_samples: int, seq_len: int, seed: int) -> list[str]:
+    """The documents a calibration draw reads: training on the same source must leave these out."""
+    return _calibration_stream(tokenizer, docs, n_samples, seq_len, seed)[1]
 
 
 def eval_windows(tokenizer, docs: list[str], seq_len: int, max_windows: int | None = None,

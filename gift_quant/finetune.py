@@ -22,9 +22,10 @@ from .cache import atomic_dir, atomic_write_text
 from .checkpoint import copy_tokenizer_files
 from .config import QuantizeConfig, RecoverConfig
 from .models import check_causal_lm, resolve_device, resolve_model_dir
-from .pipeline import Stages, _train_stage, claim_run, load_source, prepare_output
+from .pipeline import Stages, claim_run, load_source, prepare_output
 from .quant.engine import quantize_model
 from .recover.model import convert_to_dense, prepare_dense, salient_layers
+from .recover.stage import train_stage
 
 
 def source_dtype(model_dir: Path) -> torch.dtype:
@@ -71,7 +72,8 @@ def run_finetune(model_dir: str | None, out: str | Path, qcfg: QuantizeConfig, r
     prepare_dense(model, salient, noise=rcfg.noise, noise_bits=noise_bits, seed=rcfg.seed)
     summary = {}
     if not stages.finished("train"):
-        summary = _train_stage(model, tokenizer, rcfg, run_dir / "train", device, progress)
+        summary = train_stage(model, tokenizer, rcfg, run_dir / "train", device, progress, teacher_src=src, qcfg=qcfg,
+                              trust_remote_code=trust_remote_code)
         stages.mark("train", {"final_loss": summary["history"][-1]["loss"] if summary["history"] else None})
     else:  # training finished earlier: its final state holds the trained columns
         tensors = load_file(str(run_dir / "train" / "state" / "trainable.safetensors"))

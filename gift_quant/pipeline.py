@@ -22,7 +22,7 @@ import torch
 from .cache import atomic_write_text
 from .checkpoint import is_checkpoint, load, read_gift_config, save_checkpoint
 from .config import EvalConfig, QuantizeConfig
-from .data import calibration_windows, eval_windows, fingerprint_tokens, load_documents, load_records
+from .data import calibration_windows, eval_windows, fingerprint_tokens, load_documents
 from .errors import GiftQuantError
 from .eval.perplexity import perplexity
 from .models import (
@@ -188,42 +188,6 @@ class Stages:
         atomic_write_text(self.path, json.dumps(self.done, indent=1, default=str))
 
 
-def training_windows(tokenizer, rcfg, n_windows: int):
-    from .recover.data import pack_examples
-
-    # a few records per window is plenty; named sets are stored shuffled, so the first N are a fair sample
-    records = load_records(rcfg.train_data, default_split="train", limit=max(2000, 8 * n_windows))
-    train = pack_examples(tokenizer, records, rcfg.seq_len, n_windows, rcfg.seed, source=rcfg.train_data)
-    if rcfg.eval_data is not None:
-        held = load_records(rcfg.eval_data, default_split="validation", limit=max(200, 8 * rcfg.eval_windows))
-    else:
-        from . import datasets as named
-
-        if not named.is_named(rcfg.train_data):
-            return train, None
-        held = load_records(rcfg.train_data.split(":")[0] + ":validation", default_split="validation",
-                            limit=max(200, 8 * rcfg.eval_windows))
-    held_out = pack_examples(tokenizer, held, rcfg.seq_len, rcfg.eval_windows, rcfg.seed + 1, source="held-out data")
-    return train, held_out
-
-
-def _train_stage(model, tokenizer, rcfg, run_dir: Path, device, progress: bool) -> dict:
-    from accelerate import PartialState
-
-    from .recover.train import TrainSettings, train
-
-    # every process takes batch_size * grad_accum windows a step: the global batch is that times the processes
-    n_windows = rcfg.steps * rcfg.batch_size * rcfg.grad_accum * PartialState().num_processes
-    (ids, labels), held = training_windows(tokenizer, rcfg, n_windows)
-    settings = TrainSettings(steps=rcfg.steps, lr=rcfg.lr, batch_size=rcfg.batch_size, grad_accum=rcfg.grad_accum,
-                             warmup_ratio=rcfg.warmup_ratio, max_grad_norm=rcfg.max_grad_norm,
-                             weight_decay=rcfg.weight_decay, eval_every=rcfg.eval_every,
-                             save_every=rcfg.save_every, seed=rcfg.seed,
-                             gradient_checkpointing=rcfg.gradient_checkpointing)
-    return train(model, ids, labels, settings, run_dir, held[0] if held else None, held[1] if held else None,
-                 device=device, progress=progress)
-
-
 def _ppl(model, tokenizer, ecfg: EvalConfig, device, progress: bool, desc: str) -> dict:
     docs = load_documents(ecfg.ppl_data, default_split="test")
     windows = eval_windows(tokenizer, docs, ecfg.seq_len, ecfg.max_windows, source=ecfg.ppl_data)
@@ -240,7 +204,8 @@ def run_recover(model_dir: str | None, out: str | Path, qcfg: QuantizeConfig, rc
     """
     from accelerate import PartialState
 
-    from .recover.model import convert_to_dense, convert_to_quant, prepare_dense, prepare_quantized
+    from .recover.model import convert_to_dense, convert_to_quant, linear_weights, prepare_dense, prepare_quantized
+    from .recover.stage import train_stage
 
     out = Path(out)
     src = resolve_model_dir(model_dir)
@@ -257,21 +222,23 @@ def run_recover(model_dir: str | None, out: str | Path, qcfg: QuantizeConfig, rc
         stages = Stages(run_dir)
         noise_bits = rcfg.resolved_noise_bits(qcfg.bits)
 
-        def quantized_checkpoint(name: str, source_model, fixed=None) -> Path:
+        def quantized_checkpoint(name: str, source_model, fixed=None, blockwise: bool = False) -> Path:
             """Quantize ``source_model`` into run/<name> (a native checkpoint); resumable per block."""
             path = run_dir / name
             if not stages.finished(name):
                 t0 = time.perf_counter()
                 qmodel = source_model
+                rec = blockwise_reconstructor(rcfg, qcfg, noise_bits) if blockwise else None
                 report = quantize_model(qmodel, windows, qcfg, device, path / RUN_DIR, progress=progress,
-                                        fixed_salient=fixed)
+                                        fixed_salient=fixed, reconstruct=rec,
+                                        reconstruct_target=rcfg.blockwise_target)
                 save_checkpoint(qmodel, path, src, _gift_config(qcfg, report, src, identity, windows))
                 stages.mark(name, {"seconds": time.perf_counter() - t0,
                                    "effective_bits": report.mean_effective_bits()})
             return path
 
         if rcfg.variant == "post":
-            qpath = quantized_checkpoint("quantized", model)
+            qpath = quantized_checkpoint("quantized", model, blockwise=rcfg.blockwise_steps > 0)
             del model
             if not stages.finished("eval_before"):
                 stages.mark("eval_before", _ppl(load(qpath), tokenizer, ecfg, device, progress, "ppl before"))
@@ -294,13 +261,23 @@ def run_recover(model_dir: str | None, out: str | Path, qcfg: QuantizeConfig, rc
                                                 "ppl before"))
     before = stages.done["eval_before"]
 
+    if not stages.finished("recover") and rcfg.steps == 0:  # block-wise reconstruction only
+        if dist.is_main_process:
+            shutil.copytree(qpath if rcfg.variant == "post" else run_dir / "quantized", run_dir / "recovered",
+                            dirs_exist_ok=True, ignore=shutil.ignore_patterns(RUN_DIR))
+            stages.mark("recover", {"seconds": 0.0, "noise_bits": noise_bits, "final_loss": None})
     if not stages.finished("recover"):
         t0 = time.perf_counter()
         if rcfg.variant == "post":
-            model = prepare_quantized(load(qpath), noise=rcfg.noise, noise_bits=noise_bits, seed=rcfg.seed)
+            # the noise step is fitted on the full-precision weights (as the paper's code does)
+            reference = linear_weights(load_model(src, parse_dtype(qcfg.dtype), trust_remote_code))
+            model = prepare_quantized(load(qpath), noise=rcfg.noise, noise_bits=noise_bits, seed=rcfg.seed,
+                                      reference=reference)
+            del reference
         else:
             prepare_dense(model, salient, noise=rcfg.noise, noise_bits=noise_bits, seed=rcfg.seed)
-        summary = _train_stage(model, tokenizer, rcfg, run_dir / "recover", device, progress)
+        summary = train_stage(model, tokenizer, rcfg, run_dir / "recover", device, progress, teacher_src=src,
+                              qcfg=qcfg, trust_remote_code=trust_remote_code)
         if dist.is_main_process:
             if rcfg.variant == "post":
                 convert_to_quant(model.cpu(), qcfg.bits, qcfg.sym, parse_dtype(qcfg.salient_dtype))
@@ -310,7 +287,9 @@ def run_recover(model_dir: str | None, out: str | Path, qcfg: QuantizeConfig, rc
                 convert_to_dense(model.cpu())
                 model.save_pretrained(run_dir / "trained")
             stages.mark("recover", {"seconds": time.perf_counter() - t0, "noise_bits": noise_bits,
-                                    "final_loss": summary["history"][-1]["loss"] if summary["history"] else None})
+                                    "final_loss": summary["history"][-1]["loss"] if summary["history"] else None,
+                                    "train_tokens": summary.get("train_tokens"),
+                                    "teacher_mb": summary.get("teacher_mb")})
     if not dist.is_main_process:
         dist.wait_for_everyone()  # rank 0 packs and evaluates
         return json.loads((out / "summary.json").read_text())
@@ -319,7 +298,7 @@ def run_recover(model_dir: str | None, out: str | Path, qcfg: QuantizeConfig, rc
     else:
         del model
         trained = load_model(run_dir / "trained", parse_dtype(qcfg.dtype))
-        final_src = quantized_checkpoint("recovered", trained, salient)
+        final_src = quantized_checkpoint("recovered", trained, salient, blockwise=rcfg.blockwise_steps > 0)
 
     if not stages.finished("pack"):
         t0 = time.perf_counter()
@@ -341,6 +320,17 @@ def run_recover(model_dir: str | None, out: str | Path, qcfg: QuantizeConfig, rc
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     dist.wait_for_everyone()
     return summary
+
+
+def blockwise_reconstructor(rcfg, qcfg: QuantizeConfig, noise_bits: int):
+    """The engine's per-block hook for ``--blockwise-steps`` (recover/blockwise.py)."""
+    import functools
+
+    from .recover.blockwise import reconstruct_block
+
+    return functools.partial(reconstruct_block, steps=rcfg.blockwise_steps, lr=rcfg.blockwise_lr, noise=rcfg.noise,
+                             noise_bits=noise_bits, bits=qcfg.bits, sym=qcfg.sym,
+                             salient_dtype=parse_dtype(qcfg.salient_dtype), seed=rcfg.seed)
 
 
 def _gift_config(cfg: QuantizeConfig, report, src: Path, identity: dict, windows: torch.Tensor) -> dict:

@@ -35,8 +35,9 @@ def _driver(argv: list[str]) -> None:
     from safetensors.torch import load_file, save_file
 
     from gift_quant.checkpoint import load
+    from gift_quant.config import RecoverConfig
     from gift_quant.recover.model import prepare_quantized, trainable_state
-    from gift_quant.recover.train import TrainSettings, train
+    from gift_quant.recover.train import train
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--ckpt", required=True)
@@ -50,7 +51,7 @@ def _driver(argv: list[str]) -> None:
     for noise in NOISES:
         model = prepare_quantized(load(a.ckpt), noise=noise, noise_bits=4, seed=0)
         init = trainable_state(model)
-        settings = TrainSettings(steps=STEPS, lr=LR, batch_size=BATCH, grad_accum=a.grad_accum, warmup_ratio=0.0,
+        settings = RecoverConfig(steps=STEPS, lr=LR, batch_size=BATCH, grad_accum=a.grad_accum, warmup_ratio=0.0,
                                  save_every=STEPS, seed=0)
         summary = train(model, data["ids"], data["labels"], settings, out / f"run-{noise}", device="cpu",
                         progress=False)

@@ -7,10 +7,10 @@ import torch
 from tiny import corpus, make_model_dir
 
 from gift_quant.checkpoint import load, read_gift_config, save_checkpoint
-from gift_quant.config import QuantizeConfig, read_recipe
+from gift_quant.config import QuantizeConfig, RecoverConfig, read_recipe
 from gift_quant.pipeline import quantize_to_checkpoint
 from gift_quant.recover.model import convert_to_quant, prepare_quantized, salient_layers
-from gift_quant.recover.train import TrainSettings, eval_loss, train
+from gift_quant.recover.train import eval_loss, train
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_loss_decreases_and_checkpoint_reproduces_trained_model(quantized, tmp_p
     ids, labels = _windows(0)
     before = eval_loss(model, ids[:4], labels[:4], "cpu")
     start = {n: s.gift_salient.detach().clone() for n, s in salient_layers(model).items()}
-    summary = train(model, ids, labels, TrainSettings(steps=15, lr=2e-2, batch_size=4, save_every=100),
+    summary = train(model, ids, labels, RecoverConfig(steps=15, lr=2e-2, batch_size=4, save_every=100),
                     tmp_path / "run", progress=False)
     after = eval_loss(model, ids[:4], labels[:4], "cpu")
     losses = [h["loss"] for h in summary["history"]]
@@ -82,5 +82,5 @@ def test_fsdp_launch_is_refused_with_advice(quantized, tmp_path, monkeypatch):
     model = prepare_quantized(load(root / "q"), noise="normal", noise_bits=4, seed=0)
     ids, labels = _windows(0, n=4)
     with pytest.raises(GiftQuantError, match="does not support FSDP.*torchrun"):
-        train(model, ids, labels, TrainSettings(steps=1, batch_size=2), tmp_path / "run", progress=False)
+        train(model, ids, labels, RecoverConfig(steps=1, batch_size=2), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()

@@ -12,6 +12,7 @@ loads finished blocks instead of recomputing them (only their forward pass is re
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -166,23 +167,32 @@ def _load_block(run_dir: Path, i: int, block: nn.Module, cfg: QuantizeConfig) ->
 
 def quantize_model(model: nn.Module, windows: torch.Tensor, cfg: QuantizeConfig, device: torch.device,
                    run_dir: Path | None, progress: bool = True, score_only: bool = False,
-                   fixed_salient: dict[str, torch.Tensor] | None = None) -> QuantizeReport:
+                   fixed_salient: dict[str, torch.Tensor] | None = None, reconstruct=None,
+                   reconstruct_target: str = "fp-prefix") -> QuantizeReport:
     """Replace every block linear of ``model`` (on CPU) by a QuantLinear; returns per-layer metrics.
 
     ``score_only``: only select salient columns (``report.salient``), leave the weights untouched;
     ``fixed_salient``: qualified name -> salient indices to use instead of selecting them.
     ``run_dir`` None disables the per-block artifacts (and so resuming).
+    ``reconstruct(i, block, fp_block, inputs, targets, kwargs) -> metrics``: called right after block i is
+    quantized, before it is saved and its outputs feed block i + 1 (block-wise reconstruction,
+    recover/blockwise.py). ``targets`` are the full-precision block's outputs on the full-precision
+    model's inputs (``fp-prefix``) or on the quantized prefix's (``quant-prefix``).
     """
     t0 = time.perf_counter()
     prefix, blocks = find_blocks(model)
     validate_salient_counts(model, cfg)
     report = QuantizeReport()
     inputs, all_kwargs = capture_block_inputs(model, blocks, windows, device, cfg.calib_batch_size)
+    fp_prefix = reconstruct is not None and reconstruct_target == "fp-prefix"
+    fp_inputs = inputs if fp_prefix else None  # the full-precision model's activations, propagated alongside
     bar = tqdm(range(len(blocks)), desc=f"GPTQ w{cfg.bits}", unit="block", disable=not progress)
     for i in bar:
         block = blocks[i].to(device)
         kwargs = move_kwargs(all_kwargs[i], device)
+        fp_block = copy.deepcopy(block) if reconstruct is not None else None  # before any quantization
         loaded = None if run_dir is None or score_only else _load_block(run_dir, i, block, cfg)
+        targets = None
         if loaded is not None:
             qlins, metrics = loaded
             for name, q in qlins.items():
@@ -208,10 +218,19 @@ def quantize_model(model: nn.Module, windows: torch.Tensor, cfg: QuantizeConfig,
                     qlins[name], scores[name], salient[name], metrics[name] = q, s, sal, m
                     report.salient[qualified] = sal
                 del stats
+            if reconstruct is not None and not score_only:
+                targets = run_block(fp_block, fp_inputs if fp_prefix else inputs, kwargs)
+                rec = reconstruct(i, block, fp_block, inputs, targets, kwargs)
+                qlins = dict(block_linears(block))
+                for name in metrics:
+                    metrics[name]["blockwise"] = rec
             if run_dir is not None and not score_only:
                 _save_block(run_dir, i, qlins, scores, salient, metrics)
         for name, m in metrics.items():
             report.layers[f"{prefix}.{i}.{name}"] = m
+        if fp_prefix:
+            fp_inputs = targets if targets is not None else run_block(fp_block, fp_inputs, kwargs)
+        del fp_block
         inputs = run_block(block, inputs, kwargs)
         blocks[i] = block.to("cpu")
         if metrics:

@@ -60,8 +60,10 @@ def pack_examples(tokenizer, records: list[dict], seq_len: int, n_windows: int, 
         x, y = encode_record(tokenizer, records[i])
         if eos is not None:
             x, y = [*x, eos], [*y, eos]
-        # an example longer than a window keeps its end: the answer (what is trained) and the prompt's tail
-        x, y = x[-seq_len:], y[-seq_len:]
+        if IGNORE in y:
+            # an example longer than a window keeps its end: the answer (what is trained) and the prompt's
+            # tail; plain text (every token trained) is kept whole and spans several windows
+            x, y = x[-seq_len:], y[-seq_len:]
         ids.extend(x)
         labels.extend(y)
         while len(ids) >= seq_len:

@@ -41,7 +41,8 @@ class SalientLinear(nn.Module):
                  zeros: torch.Tensor | None = None, g_idx: torch.Tensor | None = None,
                  dense: torch.Tensor | None = None, salient_weight: torch.Tensor,
                  bias: torch.Tensor | None = None, noise: str = "normal", noise_bits: int = 4,
-                 seed: int = 0, param_dtype: torch.dtype = torch.float32):
+                 seed: int = 0, param_dtype: torch.dtype = torch.float32,
+                 noise_reference: torch.Tensor | None = None):
         super().__init__()
         if noise not in NOISE_TYPES:
             raise ValueError(f"noise must be one of {NOISE_TYPES} (got {noise!r})")
@@ -66,8 +67,12 @@ class SalientLinear(nn.Module):
             self.codes = None
         self.gift_salient = nn.Parameter(salient_weight.detach().to(param_dtype).clone())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        with cpu_threads(1, self.base_weight().device.type == "cpu"):  # clip search: small ops (threads.py)
-            delta = step_sizes(self.base_weight()[:, mask], GridSpec(bits=noise_bits, sym=True))
+        # Delta_i is fitted on the non-salient weights of ``noise_reference`` (the full-precision layer, as the
+        # paper's code does) when given, else on the base itself. Fitting on already-quantized weights locks
+        # the grid search onto a sub-grid of the codes and gives 20-33 % smaller steps.
+        ref = self.base_weight() if noise_reference is None else noise_reference.detach().float().to(mask.device)
+        with cpu_threads(1, ref.device.type == "cpu"):  # clip search: small ops (threads.py)
+            delta = step_sizes(ref[:, mask], GridSpec(bits=noise_bits, sym=True))
         self.register_buffer("delta", delta)
         self._generator: torch.Generator | None = None
         # Set by the training loop before each micro-batch: the noise then depends only on

@@ -40,16 +40,36 @@ def freeze_all_but_gift(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
-def prepare_quantized(model: nn.Module, noise: str = "normal", noise_bits: int = 4, seed: int = 0) -> nn.Module:
+def salient_from_quant(q: QuantLinear, noise: str, noise_bits: int, seed: int,
+                       noise_reference: torch.Tensor | None = None) -> SalientLinear:
+    """A packed layer as a SalientLinear (codes base, trainable salient columns)."""
+    return SalientLinear(
+        q.in_features, q.out_features, q.salient_idx.long(),
+        codes=q.codes(), scales=q.scales.T.float(), zeros=q.zero_points().T, g_idx=q.g_idx,
+        salient_weight=q.salient_weight.float(), bias=q.bias, noise=noise, noise_bits=noise_bits,
+        seed=seed, noise_reference=noise_reference).to(q.qweight.device)
+
+
+def quant_from_salient(s: SalientLinear, bits: int, sym: bool, salient_dtype: torch.dtype) -> QuantLinear:
+    """A trained SalientLinear back as a packed layer holding the trained salient columns."""
+    q = QuantLinear.from_parts(s.codes.long(), s.scales, s.zeros, s.g_idx, s.salient_idx,
+                               s.gift_salient.detach().float(), bits, sym, s.bias, salient_dtype)
+    return q.to(s.delta.device).eval()
+
+
+def linear_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Qualified name -> weight of every block linear (the full-precision reference of the noise step)."""
+    return {n: m.weight.detach() for n, m in named_block_linears(model).items()}
+
+
+def prepare_quantized(model: nn.Module, noise: str = "normal", noise_bits: int = 4, seed: int = 0,
+                      reference: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """Swap every QuantLinear for a SalientLinear; ``reference``: full-precision weights to fit the noise step on."""
     for i, (name, q) in enumerate(named_block_linears(model).items()):
         if not isinstance(q, QuantLinear):
             raise TypeError(f"{name} is {type(q).__name__}, expected a QuantLinear (quantize first)")
-        layer = SalientLinear(
-            q.in_features, q.out_features, q.salient_idx.long(),
-            codes=q.codes(), scales=q.scales.T.float(), zeros=q.zero_points().T, g_idx=q.g_idx,
-            salient_weight=q.salient_weight.float(), bias=q.bias, noise=noise, noise_bits=noise_bits,
-            seed=seed * 100_003 + i)
-        _replace(model, name, layer.to(q.qweight.device))
+        ref = None if reference is None else reference[name]
+        _replace(model, name, salient_from_quant(q, noise, noise_bits, seed * 100_003 + i, ref))
     freeze_all_but_gift(model)
     return model
 
@@ -76,9 +96,7 @@ def convert_to_quant(model: nn.Module, bits: int, sym: bool, salient_dtype: torc
     for name, s in salient_layers(model).items():
         if s.codes is None:
             raise TypeError(f"{name} has a dense base; use convert_to_dense")
-        q = QuantLinear.from_parts(s.codes.long(), s.scales, s.zeros, s.g_idx, s.salient_idx,
-                                   s.gift_salient.detach().float(), bits, sym, s.bias, salient_dtype)
-        _replace(model, name, q.to(s.delta.device).eval())
+        _replace(model, name, quant_from_salient(s, bits, sym, salient_dtype))
     return model
 
 

@@ -15,50 +15,44 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..cache import atomic_dir, atomic_write_text
+from ..config import RecoverConfig
 from ..errors import GiftQuantError
 from .model import set_noise_key, trainable_state
-
-IGNORE = -100
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    steps: int = 100
-    lr: float = 1e-4
-    batch_size: int = 4
-    grad_accum: int = 1
-    warmup_ratio: float = 0.03
-    max_grad_norm: float = 1.0
-    weight_decay: float = 0.0
-    eval_every: int = 50
-    save_every: int = 25
-    seed: int = 0
-    gradient_checkpointing: bool = False
+from .objective import Objective, Teacher, objective_loss
 
 
-def cosine_schedule(optimizer, total_steps: int, warmup_ratio: float):
-    from transformers import get_cosine_schedule_with_warmup
+def warmup_cosine_schedule(optimizer, total_steps: int, warmup_ratio: float):
+    """Linear warm-up then cosine decay to 0; step s of W warm-up steps runs at (s + 1) / (W + 1) of the lr.
 
-    return get_cosine_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * total_steps), total_steps)
+    transformers' schedule starts at exactly 0, which spends the whole first optimizer step doing
+    nothing -- a visible share of a 30-step CPU budget.
+    """
+    warmup = math.ceil(warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def objective_of(settings: RecoverConfig) -> Objective:
+    return Objective(loss=settings.loss, temperature=settings.kd_temperature, ce_weight=settings.ce_weight)
 
 
 def token_loss(model, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Mean next-token cross-entropy over unmasked labels, and the number of such tokens."""
-    logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1].float()
-    target = labels[:, 1:]
-    n = int((target != IGNORE).sum())
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE,
-                           reduction="sum")
-    return loss / max(n, 1), n
+    """Mean next-token cross-entropy over unmasked labels (chunked over the vocabulary), and their count."""
+    loss, parts = objective_loss(model, input_ids, labels, Objective("ce"))
+    return loss, parts["tokens"]
 
 
 @torch.no_grad()
@@ -118,10 +112,13 @@ def _logged_step(line: str) -> int | None:
         return None
 
 
-def train(model, windows: torch.Tensor, labels: torch.Tensor, settings: TrainSettings, run_dir: Path,
+def train(model, windows: torch.Tensor, labels: torch.Tensor, settings: RecoverConfig, run_dir: Path,
           eval_windows: torch.Tensor | None = None, eval_labels: torch.Tensor | None = None,
-          device: torch.device | str = "cpu", progress: bool = True) -> dict:
-    """Train the ``gift_`` parameters of ``model`` in place; returns a summary (losses, timings)."""
+          device: torch.device | str = "cpu", progress: bool = True, teacher: Teacher | None = None) -> dict:
+    """Train the trainable parameters of ``model`` in place with ``settings.loss``; returns a summary.
+
+    ``teacher`` (the full-precision model) is needed by the ``kd`` and ``kd+ce`` objectives.
+    """
     from accelerate import Accelerator, DistributedType
 
     dev = torch.device(device)
@@ -149,7 +146,10 @@ def train(model, windows: torch.Tensor, labels: torch.Tensor, settings: TrainSet
     if not params:
         raise ValueError("no trainable gift_ parameters: the model has no salient columns (K = 0)")
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    scheduler = cosine_schedule(optimizer, settings.steps, settings.warmup_ratio)
+    scheduler = warmup_cosine_schedule(optimizer, settings.steps, settings.warmup_ratio)
+    objective = objective_of(settings)
+    if objective.needs_teacher and teacher is None:
+        raise GiftQuantError(f"--loss {settings.loss} needs the full-precision teacher; none was given")
     start, history = 0, []
     if (state_dir / "step.json").is_file():
         start, meta = _load_state(state_dir, model, optimizer, scheduler)
@@ -167,6 +167,7 @@ def train(model, windows: torch.Tensor, labels: torch.Tensor, settings: TrainSet
         lines = metrics_path.read_text().splitlines()
         kept = [ln for ln in lines if (s := _logged_step(ln)) is not None and s <= start]
         atomic_write_text(metrics_path, "".join(k + "\n" for k in kept))  # a kill here must not lose lines
+    last_eval = None
     bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc="recover",
                unit="step", disable=not progress or rank != 0)
     for step in bar:
@@ -174,16 +175,20 @@ def train(model, windows: torch.Tensor, labels: torch.Tensor, settings: TrainSet
         rows = step_rows(step, global_batch, len(windows), settings.seed)
         per_rank = settings.batch_size * micro_per_rank
         local = rows[rank * per_rank:(rank + 1) * per_rank]
-        step_loss, step_tokens = 0.0, 0
+        step_loss, step_tokens, parts = 0.0, 0, {"ce": 0.0, "kd": 0.0}
         for a in range(micro_per_rank):
             mb = local[a * settings.batch_size:(a + 1) * settings.batch_size]
             set_noise_key(model, step * micro_per_rank * world + rank * micro_per_rank + a)
             last = a == micro_per_rank - 1
             sync = contextlib.nullcontext() if last or world == 1 else accelerator.no_sync(wrapped)
             with sync, accelerator.autocast():
-                loss, _ = token_loss(wrapped, windows[mb].to(accelerator.device), labels[mb].to(accelerator.device))
+                loss, got = objective_loss(wrapped, windows[mb].to(accelerator.device),
+                                           labels[mb].to(accelerator.device), objective, teacher,
+                                           check=step == start and a == 0)
                 accelerator.backward(loss / micro_per_rank)
             step_loss += float(loss.detach()) / micro_per_rank
+            for k in parts:
+                parts[k] += got[k] / micro_per_rank
             step_tokens += int(windows[mb].numel())
         grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
         optimizer.step()
@@ -192,17 +197,21 @@ def train(model, windows: torch.Tensor, labels: torch.Tensor, settings: TrainSet
         set_noise_key(model, None)
         step_loss = float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "mean"))
         seconds = time.perf_counter() - t0
-        record = {"step": step + 1, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
+        record = {"step": step + 1, "loss": step_loss, "ce": parts["ce"], "lr": scheduler.get_last_lr()[0],
                   "grad_norm": float(grad_norm),
                   "tokens_per_s": step_tokens * world / seconds}
         if eval_windows is not None and settings.eval_every and ((step + 1) % settings.eval_every == 0
                                                                 or step + 1 == settings.steps):
             record["eval_loss"] = eval_loss(model, eval_windows, eval_labels, accelerator.device)
+            last_eval = record["eval_loss"]
         history.append({k: record[k] for k in ("step", "loss") if k in record})
         if rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-        bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        shown = {"loss": f"{step_loss:.4f}", "tok_s": f"{record['tokens_per_s']:.0f}"}
+        if last_eval is not None:
+            shown["held_out"] = f"{last_eval:.4f}"
+        bar.set_postfix(shown)
         done = step + 1
         if done % settings.save_every == 0 or done == settings.steps:
             accelerator.wait_for_everyone()

@@ -1,0 +1,182 @@
+"""Training objectives of recovery: next-token cross-entropy, distillation from the full-precision model, both.
+
+* ``ce``: mean next-token cross-entropy over the tokens whose label is not masked (-100).
+* ``kd``: mean over the same tokens of ``T^2 * KL(softmax(t / T) || softmax(s / T))``, ``t`` the
+  full-precision teacher's logits, ``s`` the student's (logit distillation as in LLM-QAT, BitDistiller,
+  PV-Tuning). It needs no labels, so plain text trains on every token.
+* ``kd+ce``: ``kd + ce_weight * ce``.
+
+Memory: the logits are never materialised for the whole batch. The model runs to its final hidden
+states (``output_hidden_states`` with ``logits_to_keep=1``), and the vocabulary-sized work -- the head's
+matmul, the log-softmaxes of student and teacher, the KL -- runs on ``chunk_tokens`` positions at a
+time under activation checkpointing, so peak memory holds one chunk's logits (about
+``chunk_tokens x vocab`` floats, a few times over) instead of ``batch x seq x vocab`` twice. The
+teacher only contributes its final hidden states (no grad); its logits are recomputed per chunk with
+the head, which is the student's own when the two heads are equal (lm_head is never quantized or
+trained), so a teacher kept on the CPU sends only ``batch x seq x hidden`` to the accelerator.
+Writing this by hand is needed because HF models either return all logits or a fixed slice of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..errors import GiftQuantError
+
+IGNORE = -100
+LOSSES = ("ce", "kd", "kd+ce")
+
+
+@dataclass(frozen=True)
+class Objective:
+    loss: str = "ce"
+    temperature: float = 1.0
+    ce_weight: float = 1.0  # weight of the CE term in kd+ce
+    chunk_tokens: int = 512
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.loss != "ce"
+
+
+# ------------------------------------------------------------------ pure numeric core
+
+
+def _chunk_sums(h_s: torch.Tensor, h_t: torch.Tensor | None, targets: torch.Tensor, head_s, head_t,
+                obj: Objective) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of CE, sum of T^2 KL) over the rows of one chunk (rows = positions; targets already valid).
+
+    CE is always computed (it is logged under every objective); KL only with teacher states.
+    """
+    s = head_s(h_s).float()
+    s_logp = F.log_softmax(s / obj.temperature, dim=-1)
+    if obj.temperature == 1.0:
+        ce = -s_logp.gather(1, targets.unsqueeze(1)).sum()
+    else:
+        ce = F.cross_entropy(s, targets, reduction="sum")
+    if h_t is None:
+        return ce, s.new_zeros(())
+    with torch.no_grad():
+        t_logp = F.log_softmax(head_t(h_t).float() / obj.temperature, dim=-1)
+    kl = F.kl_div(s_logp, t_logp, log_target=True, reduction="sum") * obj.temperature**2
+    return ce, kl
+
+
+def chunked_loss(h_s: torch.Tensor, h_t: torch.Tensor | None, labels: torch.Tensor, head_s, head_t,
+                 obj: Objective) -> tuple[torch.Tensor, dict]:
+    """Loss of final hidden states ``h_s`` (B, L, d) against next-token ``labels`` (B, L) and/or teacher states.
+
+    Position p predicts token p + 1; positions whose next label is -100 carry no loss. Returns the
+    loss (a mean over counted positions) and its parts as floats.
+    """
+    target = labels[:, 1:].reshape(-1)
+    keep = (target != IGNORE).nonzero().squeeze(1)
+    rows_s = h_s[:, :-1].reshape(-1, h_s.shape[-1]).index_select(0, keep)
+    rows_t = None if h_t is None else h_t[:, :-1].reshape(-1, h_t.shape[-1]).index_select(0, keep.to(h_t.device))
+    targets = target.index_select(0, keep)
+    n = int(keep.numel())
+    ce_sum = kl_sum = h_s.new_zeros((), dtype=torch.float32)
+    for a in range(0, n, obj.chunk_tokens):
+        sl = slice(a, a + obj.chunk_tokens)
+        args = (rows_s[sl], None if rows_t is None else rows_t[sl], targets[sl], head_s, head_t, obj)
+        if torch.is_grad_enabled() and rows_s.requires_grad:
+            # recompute this chunk's logits in backward instead of keeping every chunk's alive
+            ce, kl = checkpoint(_chunk_sums, *args, use_reentrant=False)
+        else:
+            ce, kl = _chunk_sums(*args)
+        ce_sum, kl_sum = ce_sum + ce, kl_sum + kl
+    denom = max(n, 1)
+    ce_mean, kl_mean = ce_sum / denom, kl_sum / denom
+    if obj.loss == "ce":
+        loss = ce_mean
+    elif obj.loss == "kd":
+        loss = kl_mean
+    else:
+        loss = kl_mean + obj.ce_weight * ce_mean
+    return loss, {"ce": float(ce_mean.detach()), "kd": float(kl_mean.detach()), "tokens": n}
+
+
+# ------------------------------------------------------------------ model plumbing
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)  # DDP
+
+
+def _capped(head, config):
+    """Gemma-style final logit softcapping, when the config has it."""
+    cap = getattr(config, "final_logit_softcapping", None)
+    return (lambda h: torch.tanh(head(h) / cap) * cap) if cap else head
+
+
+def head_fn(model: nn.Module):
+    """hidden -> logits exactly as the model computes them (output embedding, then softcap if any)."""
+    inner = _unwrap(model)
+    return _capped(inner.get_output_embeddings(), getattr(inner, "config", None))
+
+
+def final_hidden(model: nn.Module, input_ids: torch.Tensor, check: bool = False) -> torch.Tensor:
+    """Final (normed) hidden states (B, L, d), through ``model``'s own forward (so DDP hooks run).
+
+    ``logits_to_keep=1`` keeps the full head matmul out of the forward pass. ``check`` verifies that
+    the head applied to the returned states reproduces the model's own last logits, i.e. that this
+    architecture's last hidden state is what its head consumes.
+    """
+    out = model(input_ids=input_ids, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+    h = out.hidden_states[-1]
+    if check:
+        with torch.no_grad():
+            mine = head_fn(model)(h[:, -1:]).float()
+            if not torch.allclose(mine, out.logits.float(), atol=1e-3 * (1 + out.logits.float().abs().max().item())):
+                raise GiftQuantError(
+                    f"{type(_unwrap(model)).__name__}: the last hidden state does not reproduce the model's logits, "
+                    "so chunked losses cannot be computed for it; train with --loss ce is not affected, report this")
+    return h
+
+
+class Teacher:
+    """The full-precision source model, frozen, on ``device``; gives final hidden states on another device."""
+
+    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype | None = None):
+        self.device = torch.device(device)
+        self.model = model.to(self.device, dtype=dtype).eval().requires_grad_(False)
+        self._head = None
+
+    def bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in list(self.model.parameters()) + list(self.model.buffers()))
+
+    def hidden(self, input_ids: torch.Tensor, to: torch.device) -> torch.Tensor:
+        with torch.no_grad():
+            return final_hidden(self.model, input_ids.to(self.device)).to(to)
+
+    def head_for(self, student: nn.Module):
+        """The head that turns teacher states into teacher logits on the student's device."""
+        if self._head is None:
+            s_head = _unwrap(student).get_output_embeddings()
+            t_head = self.model.get_output_embeddings()
+            same = s_head.weight.shape == t_head.weight.shape and torch.equal(
+                s_head.weight.detach().cpu().float(), t_head.weight.detach().cpu().float())
+            if same:
+                self._head = head_fn(student)
+            else:  # a head that differs (never ours: lm_head is not quantized) is copied to the student's device
+                import copy
+
+                moved = copy.deepcopy(t_head).to(s_head.weight.device, dtype=s_head.weight.dtype)
+                self._head = _capped(moved, self.model.config)
+        return self._head
+
+
+def objective_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, obj: Objective,
+                   teacher: Teacher | None = None, check: bool = False) -> tuple[torch.Tensor, dict]:
+    """The training loss of one micro-batch (see module docstring); labels -100 are not counted."""
+    if obj.needs_teacher and teacher is None:
+        raise GiftQuantError(f"--loss {obj.loss} needs the full-precision teacher model; none was loaded")
+    h_s = final_hidden(model, input_ids, check=check)
+    h_t = teacher.hidden(input_ids, h_s.device).to(h_s.dtype) if obj.needs_teacher else None
+    head_t = teacher.head_for(model) if obj.needs_teacher else None
+    return chunked_loss(h_s, h_t, labels, head_fn(model), head_t, obj)

@@ -1,0 +1,297 @@
+"""The recovery study: which objective and stage win back most of what 3-bit quantization lost.
+
+Every job starts from a quantized starting point (``gift-quant quantize`` output: GPTQ + salient
+columns, untrained) made from one calibration draw (``--seed``), and runs one recovery configuration
+at a fixed budget; its result (held-out perplexity with per-window NLL, recovery seconds, settings)
+goes to ``OUT/jobs/<config>-w<bits>-s<seed>.json``. ``report`` turns every job into the study:
+the share of the gap closed, ``(ppl_start - ppl_recovered) / (ppl_start - ppl_fp)``, as a mean with a
+95 % t-interval over starting points, plus a paired per-window interval for single-start screening
+rows, a CSV/JSON, a markdown table and one plot.
+
+    python tools/recovery_study.py run --config kd-text --seed 0 --start runs/study/start/w3-s0 --out runs/study
+    python tools/recovery_study.py report --out runs/study --results results/recovery-study
+
+Configurations (``CONFIGS``) differ only in what the recovery stage does; calibration, salient columns,
+evaluation text and the budget are shared. Block-wise configurations re-run GPTQ from the source
+model with the same calibration draw (GPTQ is deterministic, so block 0 gets exactly the start's
+codes) and count only the block-wise training in their recovery time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+RECIPE = ROOT / "recipes" / "smollm2-135m-w3.yaml"
+
+# Settings shared by every configuration at this budget; each configuration overrides a few.
+BASE = dict(seq_len=256, batch_size=2, grad_accum=1, warmup_ratio=0.03, eval_every=0, save_every=10,
+            noise="normal", noise_bits=None, variant="post", blockwise_steps=0)
+CONFIGS: dict[str, dict] = {
+    # the paper's set-up: CE on instruction answers (prompts masked)
+    "paper": dict(method="gift-post", loss="ce", train_data="natural-instructions", lr=3e-4),
+    "paper-nonoise": dict(method="gift-post", loss="ce", train_data="natural-instructions", lr=3e-4, noise="none"),
+    # plain text (State of the Union, calibration speeches left out), every token trained
+    "ce-text": dict(method="gift-post", loss="ce", train_data="sotu", lr=3e-4),
+    "ce-text-nonoise": dict(method="gift-post", loss="ce", train_data="sotu", lr=3e-4, noise="none"),
+    "kd-text": dict(method="gift-post", loss="kd", train_data="sotu", lr=3e-4),
+    "kd-text-nonoise": dict(method="gift-post", loss="kd", train_data="sotu", lr=3e-4, noise="none"),
+    # block-wise reconstruction right after each block's GPTQ (no end-to-end step)
+    "bw": dict(method="recover", steps=0, blockwise_steps=32, train_data="sotu"),
+    "bw-nonoise": dict(method="recover", steps=0, blockwise_steps=32, train_data="sotu", noise="none"),
+    "bw+kd": dict(method="recover", loss="kd", train_data="sotu", lr=3e-4, blockwise_steps=32),
+    "bw+kd-nonoise": dict(method="recover", loss="kd", train_data="sotu", lr=3e-4, blockwise_steps=32,
+                          noise="none"),
+    # baselines at the same objective and budget as kd-text
+    "ste-kd": dict(method="ste", loss="kd", train_data="sotu", lr=3e-4),
+    "quik-lora-kd": dict(method="quik-lora", loss="kd", train_data="sotu", lr=3e-4),
+}
+
+
+def _settings(config: str, bits: int, seed: int, steps: int):
+    from gift_quant.config import EvalConfig, QuantizeConfig, RecoverConfig, build, read_recipe
+
+    recipe = read_recipe(RECIPE)
+    spec = {**BASE, "steps": steps, **CONFIGS[config]}
+    spec.pop("method")
+    qcfg = build(QuantizeConfig, recipe, "quantize", {"bits": bits, "seed": seed, "device": "cpu"})
+    fields = {f.name for f in dataclasses.fields(RecoverConfig)}
+    rcfg = RecoverConfig(**{k: v for k, v in spec.items() if k in fields}, seed=seed)
+    ecfg = build(EvalConfig, recipe, "eval", {})
+    return qcfg, rcfg, ecfg
+
+
+def run_job(config: str, bits: int, seed: int, start: Path, out: Path, steps: int) -> dict:
+    from gift_quant.compare import _eval, run_method
+    from gift_quant.models import load_tokenizer, resolve_model_dir
+
+    out = Path(out)
+    name = f"{config}-w{bits}-s{seed}"
+    result_path = out / "jobs" / f"{name}.json"
+    if result_path.is_file():
+        return json.loads(result_path.read_text())
+    method = CONFIGS[config]["method"] if config not in ("fp", "start") else config
+    qcfg, rcfg, ecfg = _settings(config if config in CONFIGS else "paper", bits, seed, steps)
+    work = out / "work" / name
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    row = {"config": config, "bits": bits, "seed": seed, "start": str(start), "steps": rcfg.steps,
+           "recover": dataclasses.asdict(rcfg) if config in CONFIGS else None}
+    if method == "fp":
+        from gift_quant.models import load_model
+
+        src = resolve_model_dir(None)
+        row.update(_eval(load_model(src).eval(), load_tokenizer(src), ecfg, [], None, "cpu"))
+    elif method == "start":
+        from gift_quant.checkpoint import load
+
+        row.update(_eval(load(start).eval(), load_tokenizer(Path(start)), ecfg, [], None, "cpu"))
+    elif method == "recover":
+        from gift_quant.pipeline import run_recover
+
+        summary = run_recover(None, work / "out", qcfg, rcfg, ecfg, progress=False)
+        stages = json.loads((work / "out" / "run" / "stages.json").read_text())
+        metrics = json.loads((work / "out" / "gift_quant_config.json").read_text())["layers"]
+        per_block = {json.dumps(m.get("blockwise"), sort_keys=True): m.get("blockwise") for m in metrics.values()}
+        bw = [b for b in per_block.values() if b]
+        row.update({"ppl": summary["ppl_after"], "ppl_after_blockwise": summary["ppl_before"],
+                    "blockwise_seconds": sum(b.get("seconds", 0.0) for b in bw),
+                    "train_seconds": stages["recover"].get("seconds", 0.0),
+                    "blockwise_relative_mse": [[b["relative_mse_before"], b["relative_mse_after"]] for b in bw]})
+        from gift_quant.checkpoint import load
+
+        row["window_nll"] = _eval(load(work / "out").eval(), load_tokenizer(work / "out"), ecfg, [], None,
+                                  "cpu")["window_nll"]
+        row["recovery_seconds"] = row["blockwise_seconds"] + row["train_seconds"]
+    else:
+        root = work / "root"
+        (root / "owq").mkdir(parents=True, exist_ok=True)
+        link = root / "owq" / "ckpt"
+        if not link.exists():
+            link.symlink_to(Path(start).resolve())
+        res = run_method(method, None, root, qcfg, rcfg, ecfg, [], None)
+        row.update({k: res[k] for k in ("ppl", "window_nll", "effective_bits", "seconds", "loss_curve") if k in res})
+        row["recovery_seconds"] = res["seconds"].get("train")
+    row["total_seconds"] = time.perf_counter() - t0
+    result_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = result_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(row, indent=1))
+    tmp.replace(result_path)
+    return row
+
+
+# ------------------------------------------------------------------ report
+
+
+def t_interval(values: list[float]) -> tuple[float, float, float]:
+    """(mean, low, high): 95 % Student-t interval over independent runs (nan bounds for one run)."""
+    n = len(values)
+    mean = statistics.fmean(values)
+    if n < 2:
+        return mean, float("nan"), float("nan")
+    crit = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365}.get(n, 2.262)
+    half = crit * statistics.stdev(values) / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def paired_gap_interval(nll_start, nll_rec, ppl_fp) -> tuple[float, float]:
+    """95 % interval of the gap closed over evaluation windows (bootstrap, fixed seed): screening only."""
+    import random
+
+    n = len(nll_start)
+    rng = random.Random(0)
+    vals = []
+    for _ in range(2000):
+        idx = [rng.randrange(n) for _ in range(n)]
+        ps = math.exp(sum(nll_start[i] for i in idx) / n)
+        pr = math.exp(sum(nll_rec[i] for i in idx) / n)
+        vals.append((ps - pr) / (ps - ppl_fp))
+    vals.sort()
+    return vals[int(0.025 * len(vals))], vals[int(0.975 * len(vals)) - 1]
+
+
+def report(out: Path, results: Path) -> list[dict]:
+    jobs = [json.loads(p.read_text()) for p in sorted((Path(out) / "jobs").glob("*.json"))]
+    fp = [j for j in jobs if j["config"] == "fp"]
+    if not fp:
+        raise SystemExit("no fp job: run --config fp first")
+    ppl_fp = fp[0]["ppl"]
+    starts = {(j["bits"], j["seed"]): j for j in jobs if j["config"] == "start"}
+    rows = []
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for j in jobs:
+        if j["config"] in ("fp", "start") or (j["bits"], j["seed"]) not in starts:
+            continue
+        groups.setdefault((j["config"], j["bits"]), []).append(j)
+    for (config, bits), js in sorted(groups.items()):
+        gaps, pairs = [], []
+        for j in sorted(js, key=lambda x: x["seed"]):
+            s = starts[(bits, j["seed"])]
+            gaps.append((s["ppl"] - j["ppl"]) / (s["ppl"] - ppl_fp))
+            pairs.append((s, j))
+        mean, lo, hi = t_interval(gaps)
+        row = {"config": config, "bits": bits, "seeds": [j["seed"] for _, j in pairs], "gap_closed": gaps,
+               "gap_mean": mean, "gap_low": lo, "gap_high": hi,
+               "ppl_start": [s["ppl"] for s, _ in pairs], "ppl_recovered": [j["ppl"] for _, j in pairs],
+               "recovery_seconds": [j.get("recovery_seconds") for _, j in pairs], "steps": js[0].get("steps")}
+        if len(pairs) == 1 and "window_nll" in pairs[0][0] and "window_nll" in pairs[0][1]:
+            row["window_low"], row["window_high"] = paired_gap_interval(
+                pairs[0][0]["window_nll"], pairs[0][1]["window_nll"], ppl_fp)
+        rows.append(row)
+    results = Path(results)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "study.json").write_text(json.dumps({"ppl_fp": ppl_fp, "starts": {f"w{b}-s{s}": v["ppl"] for (b, s), v
+                                                    in starts.items()}, "rows": rows}, indent=1))
+    _write_csv(results / "study.csv", rows)
+    _write_markdown(results / "study.md", rows, ppl_fp, starts)
+    _plot(results / "gap_closed.png", rows)
+    return rows
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["config", "bits", "n_starts", "gap_mean", "gap_low", "gap_high", "window_low", "window_high",
+                    "ppl_start_mean", "ppl_recovered_mean", "recovery_seconds_mean"])
+        for r in rows:
+            secs = [s for s in r["recovery_seconds"] if s is not None]
+            w.writerow([r["config"], r["bits"], len(r["seeds"]), f"{r['gap_mean']:.4f}", f"{r['gap_low']:.4f}",
+                        f"{r['gap_high']:.4f}", f"{r.get('window_low', float('nan')):.4f}",
+                        f"{r.get('window_high', float('nan')):.4f}", f"{statistics.fmean(r['ppl_start']):.3f}",
+                        f"{statistics.fmean(r['ppl_recovered']):.3f}",
+                        f"{statistics.fmean(secs):.0f}" if secs else ""])
+
+
+def _fmt_interval(r: dict) -> str:
+    if len(r["seeds"]) > 1:
+        return (f"{100 * r['gap_mean']:.1f} % ({100 * r['gap_low']:.1f} to {100 * r['gap_high']:.1f}), "
+                f"{len(r['seeds'])} starts")
+    if "window_low" in r:
+        return (f"{100 * r['gap_mean']:.1f} % (windows: {100 * r['window_low']:.1f} to "
+                f"{100 * r['window_high']:.1f}), 1 start")
+    return f"{100 * r['gap_mean']:.1f} %, 1 start"
+
+
+def _write_markdown(path: Path, rows: list[dict], ppl_fp: float, starts: dict) -> None:
+    lines = ["# Recovery study (generated by tools/recovery_study.py report)", "",
+             f"Full-precision reference (dequantized from the Q4_1 GGUF): perplexity {ppl_fp:.3f}.",
+             "Starting points (GPTQ + salient columns, untrained): " + ", ".join(
+                 f"w{b} seed {s}: {v['ppl']:.3f}" for (b, s), v in sorted(starts.items())), "",
+             "| config | bits | gap closed (95 % interval) | perplexity start -> recovered | recovery s |",
+             "|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["bits"], -r["gap_mean"])):
+        secs = [s for s in r["recovery_seconds"] if s is not None]
+        ppl = ", ".join(f"{a:.2f} -> {b:.2f}" for a, b in zip(r["ppl_start"], r["ppl_recovered"]))
+        lines.append(f"| {r['config']} | {r['bits']} | {_fmt_interval(r)} | {ppl} | "
+                     f"{statistics.fmean(secs):.0f} |" if secs else f"| {r['config']} | {r['bits']} | "
+                     f"{_fmt_interval(r)} | {ppl} | - |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _plot(path: Path, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(rows, key=lambda r: (r["bits"], r["gap_mean"]))
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.5))
+    for y, r in enumerate(rows):
+        multi = len(r["seeds"]) > 1
+        lo, hi = (r["gap_low"], r["gap_high"]) if multi else (r.get("window_low"), r.get("window_high"))
+        color = "tab:blue" if multi else "tab:gray"
+        if lo is not None and not math.isnan(lo):
+            ax.plot([100 * lo, 100 * hi], [y, y], color=color, lw=2)
+        ax.plot(100 * r["gap_mean"], y, "o", color=color)
+        for g in r["gap_closed"]:
+            ax.plot(100 * g, y, "|", color="black", ms=8)
+    ax.set_yticks(range(len(rows)), [f"{r['config']} (w{r['bits']}, {len(r['seeds'])} start"
+                                     f"{'s' if len(r['seeds']) > 1 else ''})" for r in rows])
+    ax.axvline(0, color="black", lw=0.8)
+    ax.axvline(100, color="green", lw=0.8, ls="--")
+    ax.set_xlabel("share of the quantization gap closed, % (0 = untrained start, 100 = full precision)")
+    ax.set_title("Recovery by configuration: blue = 95 % t-interval over starts, gray = window bootstrap (1 start)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--config", required=True, choices=[*CONFIGS, "fp", "start"])
+    r.add_argument("--bits", type=int, default=3)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--start", default=None, help="quantized starting point (gift-quant quantize output)")
+    r.add_argument("--steps", type=int, default=60, help="end-to-end steps (the budget)")
+    r.add_argument("--out", default="runs/study")
+    g = sub.add_parser("report")
+    g.add_argument("--out", default="runs/study")
+    g.add_argument("--results", default="results/recovery-study")
+    a = p.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if a.cmd == "run":
+        row = run_job(a.config, a.bits, a.seed, Path(a.start) if a.start else None, Path(a.out), a.steps)
+        print(json.dumps({k: v for k, v in row.items() if k not in ("window_nll", "loss_curve", "recover")}))
+    else:
+        for row in report(Path(a.out), Path(a.results)):
+            print(row["config"], row["bits"], _fmt_interval(row))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
