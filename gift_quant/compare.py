@@ -339,23 +339,29 @@ def write_report(report_dir: Path, command: str) -> dict:
     doc = {"date": str(date.today()), "command": command, "machine": platform.platform(),
            "cpus": torch.get_num_threads(), "versions": versions, "rows": rows}
     atomic_write_text(report_dir / "report.json", json.dumps(doc, indent=1, default=str))
-    fields = ["bits", "method", "effective_bits", "ppl", "zeroshot_mean", "size_mb", "total_seconds",
+    fields = ["bits", "method", "effective_bits", "ppl", "gap_closed", "zeroshot_mean", "size_mb", "total_seconds",
               "peak_rss_mb", "failed"]
+    gaps = {id(r): g for r in rows if (g := gap_closed(r, rows)) is not None}
     with open(report_dir / "report.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         for r in rows:
-            w.writerow({k: (_mean_zs(r) if k == "zeroshot_mean" else r.get(k)) for k in fields})
+            extra = {"zeroshot_mean": _mean_zs(r), "gap_closed": gaps.get(id(r))}
+            w.writerow({k: extra[k] if k in extra else r.get(k) for k in fields})
     lines = [f"# gift-quant compare ({doc['date']})", "", f"Command: `{command}`", "",
-             "| bits | method | eff. bits | perplexity | zero-shot mean | size (MB) | time (s) | peak RSS (MB) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "Gap closed: (ppl of the untrained GPTQ + salient start - ppl) / (that - full-precision ppl), "
+             "for methods trained from that start.", "",
+             "| bits | method | eff. bits | perplexity | gap closed | zero-shot mean | size (MB) | time (s) | "
+             "peak RSS (MB) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r.get("method") != "fp", r.get("bits", 0), _order(r.get("method")))):
         if "failed" in r:
-            lines.append(f"| {r['bits']} | {r['method']} | failed: {r['failed'][:80]} | | | | | |")
+            lines.append(f"| {r['bits']} | {r['method']} | failed: {r['failed'][:80]} | | | | | | |")
             continue
-        zs = _mean_zs(r)
+        zs, gap = _mean_zs(r), gaps.get(id(r))
         lines.append(f"| {'fp' if r['method'] == 'fp' else r['bits']} | {r['method']} | {r['effective_bits']:.3f} | "
-                     f"{r['ppl']:.3f} | {'' if zs is None else f'{zs:.4f}'} | {r['size_mb']:.1f} | "
+                     f"{r['ppl']:.3f} | {'' if gap is None else f'{100 * gap:.1f} %'} | "
+                     f"{'' if zs is None else f'{zs:.4f}'} | {r['size_mb']:.1f} | "
                      f"{r['total_seconds']:.0f} | {r['peak_rss_mb']:.0f} |")
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()), "",
               "![perplexity by method](ppl_by_method.png)", "", "![perplexity vs effective bits](ppl_vs_bits.png)", "",
@@ -363,6 +369,18 @@ def write_report(report_dir: Path, command: str) -> dict:
     atomic_write_text(report_dir / "report.md", "\n".join(lines))
     _plots(report_dir, rows)
     return doc
+
+
+def gap_closed(row: dict, rows: list[dict]) -> float | None:
+    """Share of the gap between the untrained start (owq) and full precision that a trained method closed."""
+    if row.get("method") not in TRAINED or "failed" in row or row.get("ppl") is None:
+        return None
+    fp = next((r for r in rows if r.get("method") == "fp" and "failed" not in r), None)
+    start = next((r for r in rows if r.get("method") == "owq" and r.get("bits") == row.get("bits")
+                  and "failed" not in r), None)
+    if fp is None or start is None or start["ppl"] <= fp["ppl"]:
+        return None
+    return (start["ppl"] - row["ppl"]) / (start["ppl"] - fp["ppl"])
 
 
 def _order(method):

@@ -20,7 +20,8 @@ def test_compare_smoke_reports_every_method(tmp_path):
     env = {**os.environ, "GIFT_QUANT_TEST_FAIL_METHOD": "rtn"}
     cmd = [sys.executable, "-m", "gift_quant.cli", "compare", str(src), "--out", str(out), "--bits", "3",
            "--recipe", "recipes/tiny-debug.yaml", "--calib-data", str(text), "--train-data", str(train),
-           "--eval-data", str(text), "--ppl-data", str(text), "--methods", "fp,rtn,gptq,gift-post", "--no-progress"]
+           "--eval-data", str(text), "--ppl-data", str(text), "--methods", "fp,rtn,gptq,gift-post", "--no-progress",
+           "--loss", "kd+ce"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = {r["method"]: r for r in csv.DictReader(open(out / "report.csv"))}
@@ -36,6 +37,9 @@ def test_compare_smoke_reports_every_method(tmp_path):
     assert (out / "ppl_vs_bits.png").stat().st_size > 1000 and (out / "loss_curves.png").is_file()
     assert (out / "ppl_by_method.png").stat().st_size > 1000 and "ppl_by_method.png" in (out / "report.md").read_text()
     assert "| 3 | gift-post |" in (out / "report.md").read_text()
+    fp, start, trained = (float(rows[m]["ppl"]) for m in ("fp", "owq", "gift-post"))
+    assert float(rows["gift-post"]["gap_closed"]) == pytest.approx((start - trained) / (start - fp))
+    assert rows["owq"]["gap_closed"] == ""  # untrained rows have none
     # another bit width into the same report: the settings are shared, the bits are per job (fp is cached)
     again = [c if c != "3" else "2" for c in cmd]
     again[again.index("--methods") + 1] = "fp"
@@ -106,3 +110,23 @@ def test_peft_baselines_are_peft_layers_seeded_and_alone_trainable(tmp_path, dor
     assert trainable and all("lora_" in n for n in trainable)
     sa, sb = a.state_dict(), b.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa if "lora_A" in k)  # same seed, same init
+
+
+def test_gift_pre_injects_noise_at_the_target_bits_whatever_the_post_setting(tmp_path, monkeypatch):
+    """The committed 3-bit gift-pre row was trained with the post variant's 4-bit noise: never again."""
+    import gift_quant.pipeline as pipeline
+    from gift_quant.compare import run_method
+    from gift_quant.config import EvalConfig, QuantizeConfig, RecoverConfig
+
+    seen = {}
+
+    def fake_recover(model_dir, out, qcfg, rcfg, ecfg, **kw):
+        seen["variant"], seen["noise_bits"] = rcfg.variant, rcfg.resolved_noise_bits(qcfg.bits)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(pipeline, "run_recover", fake_recover)
+    src = make_model_dir("llama", tmp_path / "src")
+    with pytest.raises(RuntimeError, match="stop here"):
+        run_method("gift-pre", str(src), tmp_path / "root", QuantizeConfig(bits=3, device="cpu"),
+                   RecoverConfig(noise_bits=4), EvalConfig(), [], None)
+    assert seen == {"variant": "pre", "noise_bits": 3}
