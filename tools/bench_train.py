@@ -1,4 +1,4 @@
-"""Benchmark: one training step of GIFT-SW against PEFT LoRA (rank 64, all seven linears).
+"""Benchmark: one training step of GIFT-SW against PEFT LoRA (rank 64, all seven linears), per objective.
 
 Both train on the same quantized model (gift-quant GPTQ + salient columns of the default model), with
 the same batch, sequence length and optimizer, each in its own subprocess so peak memory is its own:
@@ -10,6 +10,12 @@ the same batch, sequence length and optimizer, each in its own subprocess so pea
 * ``lora``:       peft LoRA r=64 (alpha 64) on q,k,v,o,gate,up,down of the same model with its quantized
                   weights materialized as frozen fp32 nn.Linear (QUIK+LoRA; peft has no layer for our
                   QuantLinear).
+* ``gift-kd`` / ``lora-kd``: the same with the distillation objective (``--loss kd``): the full-precision
+                  teacher (fp32 on CPU, bf16 on GPU) runs forward on the same batch; its memory counts.
+* ``gift-blockwise``: one block-wise reconstruction step (``--blockwise-steps``): one decoder block's
+                  forward and backward on the batch, MSE to a target; its tokens/s is divided by the
+                  number of blocks, i.e. the rate at which a block-wise pass over the whole model
+                  consumes tokens, comparable with the end-to-end rows.
 
 Prints a table and writes JSON: tokens/s, seconds/step, memory, trainable parameters, and the ratios
 gift/lora. Memory is reported two ways: the process's total peak (CPU: peak RSS; GPU: peak allocated) --
@@ -35,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-METHODS = ("gift", "gift-dense", "lora")
+METHODS = ("gift", "gift-kd", "gift-blockwise", "gift-dense", "lora", "lora-kd")
 
 
 def _rss_mb() -> float:
@@ -45,12 +51,19 @@ def _rss_mb() -> float:
 def worker(args) -> dict:
     from gift_quant.checkpoint import load
     from gift_quant.recover.model import convert_to_dense, freeze_all_but_gift, prepare_quantized
-    from gift_quant.recover.train import token_loss
+    from gift_quant.recover.objective import Objective, Teacher, objective_loss
 
     torch.manual_seed(0)
     device = torch.device(args.device)
     model = load(args.ckpt)
-    if args.method in ("gift", "gift-dense"):
+    teacher = None
+    if args.method.endswith("-kd"):
+        from gift_quant.models import default_model_dir, load_model
+
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        teacher = Teacher(load_model(default_model_dir(), dtype), device)
+    objective = Objective("kd" if teacher is not None else "ce")
+    if args.method in ("gift", "gift-kd", "gift-dense", "gift-blockwise"):
         model = prepare_quantized(model, noise="normal", noise_bits=4, seed=0)
         if args.method == "gift-dense":
             from gift_quant.recover.model import named_block_linears, prepare_dense
@@ -77,11 +90,32 @@ def worker(args) -> dict:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 49152, (args.batch_size, args.seq_len), generator=g).to(device)
 
-    def step():
-        loss, _ = token_loss(model, ids, ids)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    if args.method == "gift-blockwise":
+        from gift_quant.arch import find_blocks
+        from gift_quant.capture import capture_block_inputs
+
+        _, blocks = find_blocks(model)
+        n_blocks = len(blocks)
+        with torch.no_grad():
+            inputs, kwargs = capture_block_inputs(model, blocks, ids, device, args.batch_size)
+        block, x, kw = blocks[n_blocks // 2], inputs[0], kwargs[n_blocks // 2]
+        target = x + 0.01 * torch.randn_like(x)
+
+        def step():
+            out = block(x, **kw)
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            loss = (out - target).pow(2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    else:
+        n_blocks = 1
+
+        def step():
+            loss, _ = objective_loss(model, ids, ids, objective, teacher)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
     rss_before = _rss_mb()
     if device.type == "cuda":
@@ -96,8 +130,8 @@ def worker(args) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - t0) / args.steps
-    out = {"method": args.method, "seconds_per_step": seconds,
-           "tokens_per_s": args.batch_size * args.seq_len / seconds,
+    out = {"method": args.method, "seconds_per_step": seconds * n_blocks,
+           "tokens_per_s": args.batch_size * args.seq_len / (seconds * n_blocks),
            "trainable_params": sum(p.numel() for p in params),
            "peak_rss_growth_mb": _rss_mb() - rss_before, "peak_rss_mb": _rss_mb()}
     if device.type == "cuda":
@@ -129,15 +163,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="interleaved runs per method; the fastest counts")
     ap.add_argument("--out", default="results/bench_train")
     ap.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     args = ap.parse_args()
     if args.method:  # subprocess mode
         print(json.dumps(worker(args)))
         return
     ensure_checkpoint(Path(args.ckpt), args.calib_samples)
-    runs: dict[str, list[dict]] = {m: [] for m in METHODS}
+    methods = [m for m in args.methods.split(",") if m]
+    runs: dict[str, list[dict]] = {m: [] for m in methods}
     failed: dict[str, list[str]] = {}
     for _ in range(args.repeats):
-        for method in METHODS:
+        for method in methods:
             cmd = [sys.executable, __file__, "--method", method, "--steps", str(args.steps), "--batch-size",
                    str(args.batch_size), "--seq-len", str(args.seq_len), "--device", args.device,
                    "--ckpt", args.ckpt]
@@ -148,18 +184,19 @@ def main() -> None:
             runs[method].append(json.loads(res.stdout.strip().splitlines()[-1]))
             print(f"{method}: {runs[method][-1]}", file=sys.stderr)
     rows = [min(runs[m], key=lambda r: r["seconds_per_step"]) if runs[m] else {"method": m, "failed": failed[m]}
-            for m in METHODS]
+            for m in methods]
     by = {r["method"]: r for r in rows if "failed" not in r}
     cuda = args.device.startswith("cuda")
     peak, growth = ("peak_cuda_mb", "peak_cuda_growth_mb") if cuda else ("peak_rss_mb", "peak_rss_growth_mb")
     ratios = {}
     if "gift" in by and "lora" in by:
         lora = by["lora"]
-        for m in ("gift", "gift-dense"):
+        for m in ("gift", "gift-kd", "gift-blockwise", "gift-dense"):
             if m in by:
-                ratios[m] = {"tokens_per_s_ratio": by[m]["tokens_per_s"] / lora["tokens_per_s"],
-                             "peak_memory_ratio": by[m][peak] / max(lora[peak], 1e-9),
-                             "training_growth_ratio": by[m][growth] / max(lora[growth], 1e-9)}
+                ref = by.get("lora-kd", lora) if m == "gift-kd" else lora  # same objective
+                ratios[m] = {"vs": ref["method"], "tokens_per_s_ratio": by[m]["tokens_per_s"] / ref["tokens_per_s"],
+                             "peak_memory_ratio": by[m][peak] / max(ref[peak], 1e-9),
+                             "training_growth_ratio": by[m][growth] / max(ref[growth], 1e-9)}
     report = {"date": str(date.today()), "machine": platform.processor() or platform.machine(),
               "cpus": torch.get_num_threads(), "torch": torch.__version__, "device": args.device,
               "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps, "repeats": args.repeats,
@@ -176,7 +213,7 @@ def main() -> None:
         lines.append(f"| {r['method']} | {r['trainable_params']:,} | {r['seconds_per_step']:.2f} | "
                      f"{r['tokens_per_s']:.0f} | {r[peak]:.0f} | {r[growth]:.0f} |")
     for m, v in ratios.items():
-        lines.append(f"\n{m} / lora: tokens/s x{v['tokens_per_s_ratio']:.2f}, "
+        lines.append(f"\n{m} / {v['vs']}: tokens/s x{v['tokens_per_s_ratio']:.2f}, "
                      f"peak memory x{v['peak_memory_ratio']:.2f}, growth in training x{v['training_growth_ratio']:.2f}")
     (out / "bench_train.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
