@@ -46,3 +46,15 @@ def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
         if is_linear(m) and not any(name.startswith(f"{p}.") for p in found):
             found[name] = m
     return found
+
+
+def model_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """Qualified name -> linear for every linear inside the decoder blocks, block by block."""
+    prefix, blocks = find_blocks(model)
+    return {f"{prefix}.{i}.{n}": m for i, b in enumerate(blocks) for n, m in block_linears(b).items()}
+
+
+def set_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
+    """Replace the submodule at ``dotted`` (relative to ``root``) by ``new``."""
+    parent, _, child = dotted.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)

@@ -186,11 +186,11 @@ def main(argv=None) -> dict:
     torch.set_num_threads(1)
 
     from gift_quant.arch import find_blocks
+    from gift_quant.arch import model_linears as target_linears
     from gift_quant.config import QuantizeConfig
     from gift_quant.grid import GridSpec
     from gift_quant.models import load_model, load_tokenizer, resolve_model_dir
     from gift_quant.pipeline import calibration_set
-    from gift_quant.quant.engine import target_linears
 
     src = resolve_model_dir(a.model)
     tok = load_tokenizer(src)

@@ -77,7 +77,7 @@ def _save_weights(weights: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def _block_linear_names(model) -> list[str]:
-    from gift_quant.quant.engine import target_linears
+    from gift_quant.arch import model_linears as target_linears
 
     return list(target_linears(model))
 
@@ -259,7 +259,7 @@ def worker_peer(a) -> None:
 def fp_hessians(model, windows: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """X^T X (float64) of every block linear's input in the full-precision model, one pass over the
     calibration windows. Linears fed the same tensor (q/k/v, gate/up) share one matrix."""
-    from gift_quant.quant.engine import target_linears
+    from gift_quant.arch import model_linears as target_linears
 
     linears = target_linears(model)
     calls: list[tuple[str, torch.Tensor]] = []
@@ -433,7 +433,7 @@ def orchestrate(args) -> dict:
     hess_s = time.perf_counter() - t0
     print(f"[bench] full-precision Hessians of {len(alias)} linears ({len(hess)} distinct inputs) in {hess_s:.1f}s",
           flush=True)
-    from gift_quant.quant.engine import target_linears
+    from gift_quant.arch import model_linears as target_linears
 
     linears = target_linears(model)
     ref = {n: lin.weight.detach().clone() for n, lin in linears.items()}

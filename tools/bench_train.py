@@ -66,7 +66,8 @@ def worker(args) -> dict:
     if args.method in ("gift", "gift-kd", "gift-dense", "gift-blockwise"):
         model = prepare_quantized(model, noise="normal", noise_bits=4, seed=0)
         if args.method == "gift-dense":
-            from gift_quant.recover.model import named_block_linears, prepare_dense
+            from gift_quant.arch import model_linears as named_block_linears
+            from gift_quant.recover.model import prepare_dense
 
             salient = {n: m.salient_idx.clone() for n, m in named_block_linears(model).items()}
             trained = {n: m.gift_salient.detach().clone() for n, m in named_block_linears(model).items()}

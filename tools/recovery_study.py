@@ -269,6 +269,39 @@ def _plot(path: Path, rows: list[dict]) -> None:
     plt.close(fig)
 
 
+PROMPTS = ["What is the capital of France?", "Name three primary colors.", "Who wrote Romeo and Juliet?",
+           "What is 12 plus 7?", "Write one sentence about the ocean."]
+
+
+def greedy_answers(models: dict[str, str | None], results: Path, max_new_tokens: int = 40) -> list[dict]:
+    """Greedy answers of each model to fixed chat prompts -> answers.md / answers.json."""
+    import torch
+
+    from gift_quant.pipeline import load_any
+
+    rows = []
+    for label, path in models.items():
+        model, tok, _, _ = load_any(path)
+        model.eval()
+        for prompt in PROMPTS:
+            ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                          return_tensors="pt", return_dict=True)
+            with torch.no_grad():
+                out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tok.eos_token_id)
+            answer = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+            rows.append({"model": label, "path": path, "prompt": prompt, "answer": answer})
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "answers.json").write_text(json.dumps(rows, indent=1))
+    lines = ["# Greedy answers to fixed prompts", "", "| prompt | " + " | ".join(models) + " |",
+             "|---|" + "---|" * len(models)]
+    for prompt in PROMPTS:
+        cells = [next(r["answer"] for r in rows if r["model"] == m and r["prompt"] == prompt) for m in models]
+        lines.append(f"| {prompt} | " + " | ".join(c.replace("|", "/").replace("\n", " ")[:160] for c in cells) + " |")
+    (results / "answers.md").write_text("\n".join(lines) + "\n")
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -282,11 +315,17 @@ def main(argv=None) -> int:
     g = sub.add_parser("report")
     g.add_argument("--out", default="runs/study")
     g.add_argument("--results", default="results/recovery-study")
+    ans = sub.add_parser("answers", help="greedy answers of LABEL=PATH models (PATH 'default': the fp model)")
+    ans.add_argument("models", nargs="+")
+    ans.add_argument("--results", default="results/recovery-study")
     a = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if a.cmd == "run":
         row = run_job(a.config, a.bits, a.seed, Path(a.start) if a.start else None, Path(a.out), a.steps)
         print(json.dumps({k: v for k, v in row.items() if k not in ("window_nll", "loss_curve", "recover")}))
+    elif a.cmd == "answers":
+        pairs = dict(m.split("=", 1) for m in a.models)
+        greedy_answers({k: None if v == "default" else v for k, v in pairs.items()}, Path(a.results))
     else:
         for row in report(Path(a.out), Path(a.results)):
             print(row["config"], row["bits"], _fmt_interval(row))

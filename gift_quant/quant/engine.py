@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..arch import block_linears, find_blocks
+from ..arch import block_linears, find_blocks, model_linears, set_module
 from ..cache import atomic_write_text
 from ..capture import capture_block_inputs, collect_inputs, move_kwargs, run_block, sequential_groups
 from ..config import QuantizeConfig
@@ -59,21 +59,9 @@ def check_finite(model: nn.Module, source: str) -> None:
             raise GiftQuantError(f"{source}: parameter {name} has {bad} NaN/Inf values; the checkpoint is corrupt")
 
 
-def target_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """Qualified name -> linear for every linear inside the decoder blocks."""
-    prefix, blocks = find_blocks(model)
-    return {f"{prefix}.{i}.{n}": m for i, b in enumerate(blocks) for n, m in block_linears(b).items()}
-
-
 def validate_salient_counts(model: nn.Module, cfg: QuantizeConfig) -> None:
-    for name, lin in target_linears(model).items():
+    for name, lin in model_linears(model).items():
         cfg.salient_count(lin.in_features, name)
-
-
-def _set_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
-    parent_name, _, child = dotted.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
 
 
 def score_layer(linear: nn.Linear, stats: ColumnStats, cfg: QuantizeConfig, name: str):
@@ -196,7 +184,7 @@ def quantize_model(model: nn.Module, windows: torch.Tensor, cfg: QuantizeConfig,
         if loaded is not None:
             qlins, metrics = loaded
             for name, q in qlins.items():
-                _set_module(block, name, q.to(device))
+                set_module(block, name, q.to(device))
         else:
             metrics, scores, salient = {}, {}, {}
             qlins = {}
@@ -214,7 +202,7 @@ def quantize_model(model: nn.Module, windows: torch.Tensor, cfg: QuantizeConfig,
                         continue
                     fixed = None if fixed_salient is None else fixed_salient[qualified]
                     q, s, sal, m = quantize_layer(lin, stats, hessian, cfg, qualified, fixed)
-                    _set_module(block, name, q)
+                    set_module(block, name, q)
                     qlins[name], scores[name], salient[name], metrics[name] = q, s, sal, m
                     report.salient[qualified] = sal
                 del stats

@@ -27,16 +27,11 @@ import time
 import torch
 from torch import nn
 
-from ..arch import block_linears
+from ..arch import block_linears, set_module
 from ..capture import run_block
 from ..qlinear import QuantLinear
 from .layer import SalientLinear
 from .model import freeze_all_but_gift, quant_from_salient, salient_from_quant
-
-
-def _set(block: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(block.get_submodule(parent) if parent else block, child, module)
 
 
 @torch.no_grad()
@@ -62,7 +57,7 @@ def reconstruct_block(index: int, block: nn.Module, fp_block: nn.Module, inputs:
         if not isinstance(q, QuantLinear):
             raise TypeError(f"block {index}: {name} is {type(q).__name__}, expected a QuantLinear")
         layer_seed = (seed * 1_009 + index) * 100_003 + j
-        _set(block, name, salient_from_quant(q, noise, noise_bits, layer_seed, fp_linears[name].weight))
+        set_module(block, name, salient_from_quant(q, noise, noise_bits, layer_seed, fp_linears[name].weight))
     params = freeze_all_but_gift(block)
     layers = [m for m in block.modules() if isinstance(m, SalientLinear)]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -92,7 +87,7 @@ def reconstruct_block(index: int, block: nn.Module, fp_block: nn.Module, inputs:
     for m in layers:
         m.noise_key = None
     for name, s in list(block_linears(block).items()):
-        _set(block, name, quant_from_salient(s, bits, sym, salient_dtype))
+        set_module(block, name, quant_from_salient(s, bits, sym, salient_dtype))
     block.eval().requires_grad_(False)
     after = relative_mse(block, inputs, targets, kwargs)
     return {"relative_mse_before": before, "relative_mse_after": after, "steps": steps,

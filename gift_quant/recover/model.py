@@ -13,21 +13,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..arch import block_linears, find_blocks
+from ..arch import model_linears, set_module
 from ..qlinear import QuantLinear
 from .layer import SalientLinear
 
 TRAINABLE_PREFIX = "gift_"
-
-
-def _replace(root: nn.Module, dotted: str, new: nn.Module) -> None:
-    parent, _, child = dotted.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
-
-
-def named_block_linears(model: nn.Module) -> dict[str, nn.Module]:
-    prefix, blocks = find_blocks(model)
-    return {f"{prefix}.{i}.{n}": m for i, b in enumerate(blocks) for n, m in block_linears(b).items()}
 
 
 def freeze_all_but_gift(model: nn.Module) -> list[nn.Parameter]:
@@ -59,31 +49,31 @@ def quant_from_salient(s: SalientLinear, bits: int, sym: bool, salient_dtype: to
 
 def linear_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """Qualified name -> weight of every block linear (the full-precision reference of the noise step)."""
-    return {n: m.weight.detach() for n, m in named_block_linears(model).items()}
+    return {n: m.weight.detach() for n, m in model_linears(model).items()}
 
 
 def prepare_quantized(model: nn.Module, noise: str = "normal", noise_bits: int = 4, seed: int = 0,
                       reference: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """Swap every QuantLinear for a SalientLinear; ``reference``: full-precision weights to fit the noise step on."""
-    for i, (name, q) in enumerate(named_block_linears(model).items()):
+    for i, (name, q) in enumerate(model_linears(model).items()):
         if not isinstance(q, QuantLinear):
             raise TypeError(f"{name} is {type(q).__name__}, expected a QuantLinear (quantize first)")
         ref = None if reference is None else reference[name]
-        _replace(model, name, salient_from_quant(q, noise, noise_bits, seed * 100_003 + i, ref))
+        set_module(model, name, salient_from_quant(q, noise, noise_bits, seed * 100_003 + i, ref))
     freeze_all_but_gift(model)
     return model
 
 
 def prepare_dense(model: nn.Module, salient: dict[str, torch.Tensor], noise: str = "normal", noise_bits: int = 4,
                   seed: int = 0) -> nn.Module:
-    for i, (name, lin) in enumerate(named_block_linears(model).items()):
+    for i, (name, lin) in enumerate(model_linears(model).items()):
         idx = salient[name].long()
         w = lin.weight.detach()
         layer = SalientLinear(lin.in_features, lin.out_features, idx, dense=w.float(),
                               salient_weight=w[:, idx].float(), bias=lin.bias, noise=noise,
                               noise_bits=noise_bits, seed=seed * 100_003 + i)
         layer.source_dtype = w.dtype
-        _replace(model, name, layer.to(w.device))
+        set_module(model, name, layer.to(w.device))
     freeze_all_but_gift(model)
     return model
 
@@ -96,7 +86,7 @@ def convert_to_quant(model: nn.Module, bits: int, sym: bool, salient_dtype: torc
     for name, s in salient_layers(model).items():
         if s.codes is None:
             raise TypeError(f"{name} has a dense base; use convert_to_dense")
-        _replace(model, name, quant_from_salient(s, bits, sym, salient_dtype))
+        set_module(model, name, quant_from_salient(s, bits, sym, salient_dtype))
     return model
 
 
@@ -110,7 +100,7 @@ def convert_to_dense(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
             if s.bias is not None:
                 lin.bias.copy_(s.bias.to(out_dtype))
         lin.requires_grad_(False)
-        _replace(model, name, lin)
+        set_module(model, name, lin)
     return model
 
 

@@ -12,9 +12,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..arch import model_linears, set_module
 from ..grid import dequantize, quantize_codes
 from ..qlinear import QuantLinear
-from .model import _replace, freeze_all_but_gift, named_block_linears
+from .model import freeze_all_but_gift
 
 
 class QATLinear(nn.Module):
@@ -48,10 +49,10 @@ class QATLinear(nn.Module):
 
 
 def prepare_qat(model: nn.Module) -> nn.Module:
-    for name, q in named_block_linears(model).items():
+    for name, q in model_linears(model).items():
         if not isinstance(q, QuantLinear):
             raise TypeError(f"{name} is {type(q).__name__}, expected a QuantLinear")
-        _replace(model, name, QATLinear(q).to(q.qweight.device))
+        set_module(model, name, QATLinear(q).to(q.qweight.device))
     freeze_all_but_gift(model)
     return model
 
@@ -65,5 +66,5 @@ def convert_qat(model: nn.Module, salient_dtype: torch.dtype = torch.float16) ->
         codes[:, m.salient_idx] = m.zero_cols[:, m.salient_idx].to(torch.int32)
         q = QuantLinear.from_parts(codes, m.scales_g.float().T, m.zeros_g.T, m.g_idx, m.salient_idx,
                                    w[:, m.salient_idx], m.bits, m.sym, m.bias, salient_dtype)
-        _replace(model, name, q.to(w.device).eval())
+        set_module(model, name, q.to(w.device).eval())
     return model
