@@ -52,8 +52,9 @@ FAIL_ENV = "GIFT_QUANT_TEST_FAIL_METHOD"
 
 
 def _eval(model, tokenizer, ecfg: EvalConfig, tasks: list[str], limit: int | None, device) -> dict:
-    from .data import eval_windows, load_documents
     from .eval.perplexity import perplexity
+    from .text_sources import load_documents
+    from .windows import eval_windows
 
     docs = load_documents(ecfg.ppl_data, default_split="test")
     windows = eval_windows(tokenizer, docs, ecfg.seq_len, ecfg.max_windows, source=ecfg.ppl_data)

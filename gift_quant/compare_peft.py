@@ -51,10 +51,10 @@ def matched_lora_rank(model, salient: dict[str, torch.Tensor]) -> int:
 
 def _windows(tokenizer, rcfg: RecoverConfig, split: str, n: int, seed: int):
     """Held-out windows: the named training set's ``split``; for other data, ``--eval-data`` (both splits)."""
-    from . import datasets as named
-    from .data import load_records
+    from . import named_data as named
     from .errors import GiftQuantError
-    from .recover.data import pack_examples
+    from .recover.examples import pack_examples
+    from .text_sources import load_records
 
     if named.is_named(rcfg.train_data):
         spec = rcfg.train_data.split(":")[0] + f":{split}"

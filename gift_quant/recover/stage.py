@@ -12,15 +12,16 @@ from pathlib import Path
 import torch
 
 from ..config import QuantizeConfig, RecoverConfig
-from ..data import calibration_documents, load_documents, load_records
 from ..errors import GiftQuantError
-from .data import pack_examples
+from ..text_sources import load_documents, load_records
+from ..windows import calibration_documents
+from .examples import pack_examples
 from .objective import Teacher
 from .train import train
 
 
 def _same_source(a: str, b: str, default_a: str, default_b: str) -> bool:
-    from .. import datasets as named
+    from .. import named_data as named
 
     if named.is_named(a) and named.is_named(b):
         return named.parse_spec(a, default_a) == named.parse_spec(b, default_b)
@@ -32,7 +33,7 @@ def training_windows(tokenizer, rcfg: RecoverConfig, n_windows: int, qcfg: Quant
 
     With ``qcfg``, documents of its calibration draw are removed from training text of the same source.
     """
-    from .. import datasets as named
+    from .. import named_data as named
 
     # a few records per window is plenty for instructions; named sets are stored shuffled, so the
     # first N are a fair sample (plain-text documents give many windows each)

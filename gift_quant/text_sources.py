@@ -1,21 +1,18 @@
-"""Text sources -> token windows for calibration, training and perplexity.
+"""Where text comes from: a data spec -> records (dicts) or plain-text documents.
 
 A data spec is one of: a named dataset of gift-quant (``sotu``, ``boolq-passages:test`` ..., see
-``gift_quant.datasets``), a local ``.txt`` / ``.jsonl`` / ``.parquet`` file, a folder of such files,
+``gift_quant.named_data``), a local ``.txt`` / ``.jsonl`` / ``.parquet`` file, a folder of such files,
 or a Hugging Face dataset name (``name``, ``name:config`` or ``name:config:split``) for users who are
 online. Documents are lists of strings; records are dicts (``text``, or ``prompt``/``response``, or
-chat ``messages``).
+chat ``messages``). Turning documents into token windows is windows.py's job.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import random
 from pathlib import Path
 
-import torch
-
+from . import named_data
 from .errors import GiftQuantError
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -39,10 +36,8 @@ def _load_records(spec: str, default_split: str, limit: int | None) -> list[dict
         return records
     if spec.startswith((".", "/", "~")) or Path(spec).suffix in TEXT_SUFFIXES:
         raise GiftQuantError(f"data file {spec} does not exist")
-    from . import datasets as named
-
-    if named.is_named(spec):
-        return named.load_named_records(spec, default_split, limit)
+    if named_data.is_named(spec):
+        return named_data.load_named_records(spec, default_split, limit)
     return _load_hf(spec, default_split)
 
 
@@ -56,6 +51,7 @@ def load_documents(spec: str, default_split: str = "train") -> list[str]:
 
 
 def record_text(r: dict) -> str:
+    """One record as plain text: ``text``; ``prompt`` and ``response`` on two lines; chat contents by line."""
     if "text" in r:
         return str(r["text"])
     if "prompt" in r and "response" in r:
@@ -92,7 +88,7 @@ def _read_file(path: Path) -> list[dict]:
 
 
 def _load_hf(spec: str, default_split: str) -> list[dict]:
-    import datasets
+    import datasets  # Hugging Face `datasets`, imported only for specs that name a hub dataset
 
     parts = spec.split(":")
     name, config = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None)
@@ -104,69 +100,3 @@ def _load_hf(spec: str, default_split: str) -> list[dict]:
             f"{spec!r} is not a local file or folder, a gift-quant dataset name, or a reachable Hugging Face "
             f"dataset ({type(exc).__name__}: {str(exc)[:200]})") from exc
     return [dict(r) for r in ds]
-
-
-# ---------------------------------------------------------------- token windows
-
-
-def _token_stream(tokenizer, docs: list[str], budget: int | None) -> list[int]:
-    sep = tokenizer.eos_token_id
-    ids: list[int] = []
-    for doc in docs:
-        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
-        if sep is not None:
-            ids.append(sep)
-        if budget is not None and len(ids) >= budget:
-            break
-    return ids
-
-
-def _calibration_stream(tokenizer, docs: list[str], n_samples: int, seq_len: int, seed: int):
-    """(rng, documents read, token stream) of a calibration draw: seeded shuffle, then a token budget."""
-    rng = random.Random(seed)
-    docs = list(docs)
-    rng.shuffle(docs)
-    budget = max(4 * n_samples * seq_len, seq_len + 1)
-    used, ids = [], []
-    for doc in docs:  # same stream as _token_stream, remembering which documents it read
-        used.append(doc)
-        ids.extend(_token_stream(tokenizer, [doc], None))
-        if len(ids) >= budget:
-            break
-    return rng, used, ids
-
-
-def calibration_windows(tokenizer, docs: list[str], n_samples: int, seq_len: int, seed: int,
-                        source: str = "calibration data") -> torch.Tensor:
-    """(n_samples, seq_len) windows at seeded random offsets of the shuffled documents' token stream."""
-    if n_samples <= 0 or seq_len <= 0:
-        raise GiftQuantError(f"--calib-samples and --seq-len must be positive (got {n_samples}, {seq_len})")
-    rng, _, ids = _calibration_stream(tokenizer, docs, n_samples, seq_len, seed)
-    if len(ids) <= seq_len:
-        raise GiftQuantError(
-            f"{source} is too short: {len(ids)} tokens, need more than --seq-len {seq_len}; "
-            "give more text or a smaller --seq-len")
-    starts = [rng.randrange(0, len(ids) - seq_len + 1) for _ in range(n_samples)]
-    return torch.tensor([ids[s : s + seq_len] for s in starts], dtype=torch.long)
-
-
-def calibration_documents(tokenizer, docs: list[str], n_samples: int, seq_len: int, seed: int) -> list[str]:
-    """The documents a calibration draw reads: training on the same source must leave these out."""
-    return _calibration_stream(tokenizer, docs, n_samples, seq_len, seed)[1]
-
-
-def eval_windows(tokenizer, docs: list[str], seq_len: int, max_windows: int | None = None,
-                 source: str = "evaluation data") -> torch.Tensor:
-    """Consecutive non-overlapping windows of the documents joined in order (GPTQ-paper protocol)."""
-    budget = None if max_windows is None else (max_windows + 1) * seq_len
-    ids = _token_stream(tokenizer, docs, budget)
-    n = len(ids) // seq_len
-    if n == 0:
-        raise GiftQuantError(f"{source} is too short: {len(ids)} tokens for one window of {seq_len}")
-    if max_windows is not None:
-        n = min(n, max_windows)
-    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
-
-
-def fingerprint_tokens(windows: torch.Tensor) -> str:
-    return hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16]
