@@ -79,7 +79,7 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class RecoverConfig:
-    """Noise-injected fine-tuning of the salient columns (GIFT-SW, DESIGN.md item 3)."""
+    """Noise-injected fine-tuning of the salient columns (GIFT-SW, docs/method.md sections 4-5)."""
 
     variant: str = "post"  # post: quantize then train; pre: train with noise at the target bits, then quantize
     noise: str = "normal"  # normal | uniform | none (--no-noise: plain salient fine-tuning)

@@ -9,7 +9,7 @@ Conventions follow the GPTQ reference so that checkpoints export to the GPTQ for
 * asymmetric grids span ``[min, max]`` of the row with an integer zero point.
 
 The clip search shrinks the range by a grid of factors and keeps, per row, the factor minimizing
-``sum |w - Q(w)|**norm`` (norm 2 by default: the squared error of DESIGN.md; GPTQ used 2.4).
+``sum |w - Q(w)|**norm`` (norm 2 by default: the squared error of docs/method.md [Q]; GPTQ used 2.4).
 Scales are rounded to float16 at fit time because that is how they are stored: the in-memory model
 and the packed checkpoint then compute with identical numbers.
 """

@@ -110,7 +110,7 @@ def effective_bits(in_features: int, out_features: int, bits: int, n_groups: int
     """Stored bits per weight of one QuantLinear, everything on disk counted.
 
     Packed codes (salient columns included), fp16 scales, packed zeros (asymmetric only), int32 g_idx,
-    the salient columns at ``salient_bits`` and their int32 indices; this is DESIGN.md's
+    the salient columns at ``salient_bits`` and their int32 indices; this is docs/method.md's [Bits],
     ``b + 16 k / in + overhead``.
     """
     stored = (packed_length(in_features, bits) * out_features * 32

@@ -1,8 +1,8 @@
 """Generalized sensitivity metric and salient-column selection. Pure tensor code.
 
-``s_j = ||D_:,j||_tau * ||X_:,j||_rho ** gamma`` (GIFT-SW, eq. 2) where ``D = W - Q_b(W)`` for a
-symmetric per-row grid with clip search, or ``D = W``. The paper's choice (preset ``gift``) is
-tau = rho = inf, gamma = 1. Other presets are special cases used by related methods:
+``s_j = ||D_:,j||_tau * ||X_:,j||_rho ** gamma`` (GIFT-SW's generalized sensitivity, docs/method.md [S])
+where ``D = W - Q_b(W)`` for a symmetric per-row grid with clip search, or ``D = W``. The paper's choice
+(preset ``gift``) is tau = rho = inf, gamma = 1. Other presets are special cases used by related methods:
 
 * ``owq``:   diag(H)_j * ||D_:,j||_2^2, i.e. tau = 2 (squared) and ||X_j||_2^2 (rho = 2, gamma = 2);
 * ``quik``:  max_t |X_tj|  (what the released GIFT-SW code does: D = 1, rho = inf, gamma = 1);

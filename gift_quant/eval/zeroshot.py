@@ -15,7 +15,7 @@ The model is handed to lm-eval as an object (``HFLM(pretrained=model)``), so a g
 whose linears are custom modules inside a transformers model, is scored exactly like a plain model.
 
 Which metric enters the mean: lm-eval reports ``acc`` for every task and also ``acc_norm`` (log-likelihood
-divided by the continuation's length in characters) for ARC, HellaSwag and PIQA. DESIGN.md only says
+divided by the continuation's length in characters) for ARC, HellaSwag and PIQA. docs/method.md only says
 "mean zero-shot accuracy". The paper's per-task HellaSwag numbers for LLaMA-2-7B (~76-77) are on the
 ``acc_norm`` scale (its ``acc`` is ~57), the usual convention of the quantization papers it compares to,
 so the headline mean (``mean``) takes ``acc_norm`` where lm-eval reports it and ``acc`` elsewhere.
