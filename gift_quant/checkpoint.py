@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from .arch import set_module
 from .cache import atomic_write_text
 from .errors import GiftQuantError
 from .models import parse_dtype
@@ -77,11 +78,7 @@ def build_quant_skeleton(model: nn.Module, layers: dict, bits: int, sym: bool, s
     """Swap the linears named in ``layers`` (name -> per-layer info) for empty QuantLinears."""
     for name, info in layers.items():
         lin = model.get_submodule(name)
-        q = QuantLinear(lin.in_features, lin.out_features, bits, info["groups"], info["salient"], sym,
-                        lin.bias is not None, lin.bias.dtype if lin.bias is not None else torch.float32,
-                        salient_dtype)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, q)
+        set_module(model, name, QuantLinear.empty_like(lin, bits, sym, info["groups"], info["salient"], salient_dtype))
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,

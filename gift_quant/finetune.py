@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .cache import atomic_dir, atomic_write_text
+from .cache import atomic_write_text
 from .checkpoint import copy_tokenizer_files
 from .config import QuantizeConfig, RecoverConfig
 from .models import check_causal_lm, resolve_device, resolve_model_dir
@@ -34,22 +34,9 @@ def source_dtype(model_dir: Path) -> torch.dtype:
     return getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else torch.float32
 
 
-def onehot_adapter(deltas: dict[str, tuple[torch.Tensor, torch.Tensor, int]], r: int) -> dict[str, torch.Tensor]:
-    """PEFT LoRA tensors reproducing ``W[:, idx] += delta``: A = one-hot rows (r x in), B = delta (out x r)."""
-    tensors = {}
-    for name, (idx, delta, in_features) in deltas.items():
-        a = torch.zeros(r, in_features)
-        a[torch.arange(idx.numel()), idx.long()] = 1.0
-        b = torch.zeros(delta.shape[0], r)
-        b[:, : idx.numel()] = delta.float()
-        tensors[f"base_model.model.{name}.lora_A.weight"] = a.contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = b.contiguous()
-    return tensors
-
-
 def run_finetune(model_dir: str | None, out: str | Path, qcfg: QuantizeConfig, rcfg: RecoverConfig,
                  overwrite: bool = False, trust_remote_code: bool = False, progress: bool = True) -> dict:
-    from .export import _adapter_config_json, lora_rank
+    from .export.adapter import lora_rank, write_adapter
 
     out = Path(out)
     src = resolve_model_dir(model_dir)
@@ -88,13 +75,8 @@ def run_finetune(model_dir: str | None, out: str | Path, qcfg: QuantizeConfig, r
     r = lora_rank(max_k)
     convert_to_dense(model.cpu(), dtype=in_dtype)
     model.to(in_dtype)
-    with atomic_dir(out / "adapter") as tmp:
-        save_file(onehot_adapter(deltas, r), str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        targets = sorted({n.rsplit(".", 1)[-1] for n in deltas})
-        _adapter_config_json(r, targets, tmp)
-        cfg = json.loads((tmp / "adapter_config.json").read_text())
-        cfg["base_model_name_or_path"] = str(src.resolve())
-        (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+    write_adapter(out / "adapter", deltas, r, sorted({n.rsplit(".", 1)[-1] for n in deltas}),
+                  base_model=str(src.resolve()))
     model.save_pretrained(out)
     copy_tokenizer_files(src, out)
     trainable = sum(v[1].numel() for v in deltas.values())

@@ -1,9 +1,10 @@
 """The peer: GPTQ by GPTQModel on the same model and calibration windows, for ``compare``'s ``gptq-peer``.
 
 GPTQModel (the ``[peers]`` extra) quantizes and saves a standard GPTQ checkpoint. For evaluation its
-weights are decoded exactly (``scale * (code - zero)`` in fp32, with gift_quant.pack, independent of
-GPTQModel's fp16 CPU kernel) into a plain full-precision copy of the model, the same way gift-quant's
-own checkpoints are evaluated, so the comparison is between quantizers, not kernels.
+weights are decoded exactly (``scale * (code - zero)`` in fp32 by ``pack.dequantize_packed``, the packed
+layer's own dequantization, independent of GPTQModel's fp16 CPU kernel) into a plain full-precision copy
+of the model, the same way gift-quant's own checkpoints are evaluated, so the comparison is between
+quantizers, not kernels.
 """
 
 from __future__ import annotations
@@ -16,17 +17,13 @@ import torch
 
 from .config import QuantizeConfig
 from .errors import GiftQuantError
+from .pack import dequantize_packed, unpack_cols
 
 
-def dense_from_gptq(qweight, qzeros, scales, g_idx, bits: int, in_features: int, out_features: int,
-                    zero_offset: int) -> torch.Tensor:
-    """Dense (out, in) fp32 weight of a GPTQ-layout layer; ``zero_offset`` = 1 for format v1 (stores zero-1)."""
-    from .pack import unpack_cols, unpack_rows
-
-    codes = unpack_rows(qweight.to(torch.int32), bits, in_features).float()  # (in, out)
-    zeros = unpack_cols(qzeros.to(torch.int32), bits, out_features).float() + zero_offset  # (G, out)
-    g = g_idx.long()
-    return (scales.float()[g] * (codes - zeros[g])).T.contiguous()
+def dense_from_gptq(qweight, qzeros, scales, g_idx, bits: int, zero_offset: int) -> torch.Tensor:
+    """Dense (out, in) fp32 weight of a GPTQ-format layer; ``zero_offset`` = 1 for format v1 (stores zero-1)."""
+    zeros = unpack_cols(qzeros.to(torch.int32), bits, scales.shape[1]).long() + zero_offset  # (G, out)
+    return dequantize_packed(qweight.to(torch.int32), scales, zeros, g_idx, bits)
 
 
 def gptq_stored_bits(in_features: int, out_features: int, bits: int, n_groups: int) -> float:
@@ -82,7 +79,7 @@ def quantize_with_gptqmodel(src: Path, out: Path, qcfg: QuantizeConfig):
         linear = plain.get_submodule(key)
         o, i = linear.weight.shape
         w = dense_from_gptq(tensors[f"{key}.qweight"], tensors[f"{key}.qzeros"], tensors[f"{key}.scales"],
-                            tensors[f"{key}.g_idx"], qcfg.bits, i, o, zero_offset)
+                            tensors[f"{key}.g_idx"], qcfg.bits, zero_offset)
         with torch.no_grad():
             linear.weight.copy_(w)
         num += gptq_stored_bits(i, o, qcfg.bits, tensors[f"{key}.scales"].shape[0]) * i * o

@@ -6,6 +6,9 @@ salient columns scattered in)``; that dense weight is built once and cached on f
 on CPU or GPU through plain matmuls, no custom kernels). Buffers use the GPTQ layout (qweight packed
 along in-features, scales (groups, out) in float16, qzeros packed along out-features) so exporting to
 GPTQ is a relabelling, not a recomputation.
+
+The one model of a stored layer: ``load``, the quantization engine's resume (``empty_like``) and the
+exports (``from_buffers``) all build this class, and it dequantizes with ``pack.dequantize_packed``.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .pack import pack_cols, pack_rows, packed_length, unpack_cols, unpack_rows
+from .pack import dequantize_packed, pack_cols, pack_rows, packed_length, unpack_cols, unpack_rows
 
 
 class QuantLinear(nn.Module):
@@ -40,6 +43,29 @@ class QuantLinear(nn.Module):
         self._dense: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def empty_like(cls, linear: nn.Module, bits: int, sym: bool, n_groups: int, n_salient: int,
+                   salient_dtype: torch.dtype = torch.float16) -> QuantLinear:
+        """An empty packed layer with ``linear``'s shape and bias (its dtype kept), to load stored buffers into."""
+        bias = linear.bias
+        return cls(linear.in_features, linear.out_features, bits, n_groups, n_salient, sym, bias is not None,
+                   bias.dtype if bias is not None else torch.float32, salient_dtype)
+
+    @classmethod
+    def from_buffers(cls, buffers: dict[str, torch.Tensor], bits: int, sym: bool) -> QuantLinear:
+        """The layer holding these stored buffers themselves (no copy; shapes and dtypes as stored).
+
+        ``buffers``: qweight, scales, g_idx, salient_idx, salient_weight, qzeros (asymmetric only) and
+        bias (if any). A shape that does not fit the others raises RuntimeError (load_state_dict's check).
+        """
+        bias = buffers.get("bias")
+        with torch.device("meta"):  # the constructor's placeholder buffers are replaced below: allocate nothing
+            m = cls(buffers["g_idx"].numel(), buffers["scales"].shape[1], bits, buffers["scales"].shape[0],
+                    buffers["salient_idx"].numel(), sym, bias is not None,
+                    bias.dtype if bias is not None else torch.float32, buffers["salient_weight"].dtype)
+        m.load_state_dict(buffers, assign=True)
+        return m
 
     @classmethod
     def from_parts(cls, codes, scales, zeros, g_idx, salient_idx, salient_weight, bits: int, sym: bool,
@@ -73,11 +99,7 @@ class QuantLinear(nn.Module):
 
     def dequantized_base(self) -> torch.Tensor:
         """dequant(codes) (out, in) float32, zero on salient columns."""
-        g = self.g_idx.long()
-        scales = self.scales.float()[g]  # (in, out)
-        zeros = self.zero_points().to(scales.device)[g]
-        codes = unpack_rows(self.qweight, self.bits, self.in_features).float()  # (in, out)
-        return (scales * (codes - zeros)).T.contiguous()
+        return dequantize_packed(self.qweight, self.scales, self.zero_points(), self.g_idx, self.bits)
 
     def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         w = self.dequantized_base()

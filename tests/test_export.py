@@ -10,7 +10,6 @@ Tolerances: gptqmodel's exact torch kernel dequantizes in float16 (scale * (q - 
 default 4-bit CPU kernel (TorchAtenLinear, aten int4 matmul) computes in bfloat16: ~1e-2.
 """
 
-import importlib.util
 import json
 import os
 import shutil
@@ -216,8 +215,8 @@ def test_gptq_lora_matches_native(name, ckpt, ids, tmp_path, no_compile):
 def test_gptq_groups_have_the_act_order_shape(ckpt):
     """Every group of the exported layers holds group_size columns but the last; salient columns are 0."""
     nat = NativeCheckpoint(ckpt("w4g32"))
-    for lay in nat.layers.values():
-        g = gptq_layer(lay, 32)
+    for name, lay in nat.layers.items():
+        g = gptq_layer(name, lay, 32)
         counts = torch.bincount(g.g_idx.long(), minlength=-(-lay.in_features // 32))
         assert (counts[:-1] == 32).all() and 0 < counts[-1] <= 32
         assert not g.trivial_g_idx
@@ -437,35 +436,50 @@ def test_refusals(ckpt, tmp_path):
 # ---------------------------------------------------------------------------- tied embeddings (SmolLM2's layout)
 
 
-def test_tied_embeddings_export(tmp_path, calib, ids, no_compile):
-    """The native file keeps only ``lm_head.weight`` of a tied pair; the exports write the input embedding
+@pytest.fixture(scope="module")
+def tied(calib, ids, tmp_path_factory):
+    """(native checkpoint of a tied-embedding model, logits of the in-memory quantized model)."""
+    root = tmp_path_factory.mktemp("tied")
+    src = make_src(root / "src", tied=True)
+    cfg = QuantizeConfig(calib_data=str(calib), calib_samples=4, seq_len=32, device="cpu", **CASES["w4g32"])
+    qmodel, _ = quantize_to_checkpoint(str(src), root / "q", cfg, progress=False)
+    with torch.no_grad():
+        return root / "q", qmodel(ids).logits
+
+
+def test_tied_embeddings_dense_export(tied, ids, tmp_path):
+    """The native file keeps only ``lm_head.weight`` of a tied pair; the export writes the input embedding
     as transformers expects. Reference: the in-memory quantized model."""
     from transformers import AutoModelForCausalLM
 
-    src = make_src(tmp_path / "src", tied=True)
-    cfg = QuantizeConfig(calib_data=str(calib), calib_samples=4, seq_len=32, device="cpu", **CASES["w4g32"])
-    qmodel, _ = quantize_to_checkpoint(str(src), tmp_path / "q", cfg, progress=False)
-    with torch.no_grad():
-        ref = qmodel(ids).logits
-    export_dense(tmp_path / "q", tmp_path / "dense")
+    native, ref = tied
+    export_dense(native, tmp_path / "dense")
     dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float32)
     assert dense.lm_head.weight.data_ptr() == dense.model.embed_tokens.weight.data_ptr()
     with torch.no_grad():
         assert rel_err(dense(ids).logits, ref) < 1e-5
-    if importlib.util.find_spec("gptqmodel") and importlib.util.find_spec("optimum"):
-        from peft import PeftModel
-        from transformers import GPTQConfig
-
-        export_gptq_lora(tmp_path / "q", tmp_path / "gptq")
-        base = AutoModelForCausalLM.from_pretrained(tmp_path / "gptq", dtype=torch.float32, device_map="cpu",
-                                                    quantization_config=GPTQConfig(bits=4, backend="torch"))
-        model = PeftModel.from_pretrained(base, str(tmp_path / "gptq" / ADAPTER_DIR))
-        with torch.no_grad():
-            assert rel_err(model(ids).logits, ref) < 1e-3
 
 
-def test_native_load_of_tied_model(tmp_path, calib):
-    src = make_src(tmp_path / "src", tied=True)
-    cfg = QuantizeConfig(calib_data=str(calib), calib_samples=4, seq_len=32, device="cpu", bits=4, salient=4)
-    quantize_to_checkpoint(str(src), tmp_path / "q", cfg, progress=False)
-    load(tmp_path / "q")
+def test_tied_embeddings_gptq_lora_export(tied, ids, tmp_path, no_compile):
+    pytest.importorskip("optimum")
+    pytest.importorskip("gptqmodel")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, GPTQConfig
+
+    native, ref = tied
+    export_gptq_lora(native, tmp_path / "gptq")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "gptq", dtype=torch.float32, device_map="cpu",
+                                                quantization_config=GPTQConfig(bits=4, backend="torch"))
+    assert base.lm_head.weight.data_ptr() == base.model.embed_tokens.weight.data_ptr()
+    model = PeftModel.from_pretrained(base, str(tmp_path / "gptq" / ADAPTER_DIR))
+    with torch.no_grad():
+        assert rel_err(model(ids).logits, ref) < 1e-3
+
+
+def test_native_load_of_tied_model(tied, ids):
+    """``load`` ties lm_head to the embedding the file stores once and computes what was quantized in memory."""
+    native, ref = tied
+    model = load(native)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref)

@@ -145,9 +145,7 @@ def _load_block(run_dir: Path, i: int, block: nn.Module, cfg: QuantizeConfig) ->
     qlins = {}
     for name, lin in block_linears(block).items():
         m = metrics[name]
-        q = QuantLinear(lin.in_features, lin.out_features, cfg.bits, m["groups"], m["salient"], cfg.sym,
-                        lin.bias is not None, lin.bias.dtype if lin.bias is not None else torch.float32,
-                        parse_dtype(cfg.salient_dtype))
+        q = QuantLinear.empty_like(lin, cfg.bits, cfg.sym, m["groups"], m["salient"], parse_dtype(cfg.salient_dtype))
         q.load_state_dict({b: tensors[f"{name}.{b}"] for b in _QL_BUFFERS if f"{name}.{b}" in tensors})
         qlins[name] = q
     return qlins, metrics

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..grid import GridSpec, dequantize, fit_rows, quantize_codes
+from ..pack import dequantize_codes
 from ..threads import cpu_threads
 
 
@@ -37,8 +38,8 @@ class GPTQResult:
 
     def dequantized(self) -> torch.Tensor:
         """The effective weight: dequantized codes with the salient columns inserted."""
-        g = self.g_idx.long()
-        w = dequantize(self.codes.float(), self.scales[:, g], self.zeros[:, g])
+        # the packed layer's dequantization, on this result's (out, in) tensors seen in the GPTQ layout
+        w = dequantize_codes(self.codes.T, self.scales.T, self.zeros.T, self.g_idx)
         w[:, self.salient_idx] = self.salient_weight
         return w
 

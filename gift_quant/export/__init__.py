@@ -1,0 +1,55 @@
+"""Exports of a native gift-quant checkpoint to formats that other tools load without gift-quant.
+
+One module per format, all reading the checkpoint through ``native.NativeCheckpoint`` (its layers are
+``QuantLinear`` modules, so each format dequantizes exactly as ``gift_quant.load`` computes) and
+writing through ``folder.write_export``:
+
+* ``gptq.py``, ``export_gptq_lora``: a standard GPTQ checkpoint of the non-salient part (transformers +
+  optimum + gptqmodel, GPTQModel, vLLM) plus the LoRA adapter in ``adapter/``;
+* ``compressed_tensors.py``, ``export_compressed_tensors``: the non-salient part as compressed-tensors
+  ``pack-quantized`` linears (vLLM's WNA16 path, transformers) plus the same adapter;
+* ``dense.py``, ``export_dense``: the merged full-precision model, an ordinary Hugging Face folder;
+* ``adapter.py``: the one-hot PEFT LoRA adapter that adds the salient columns back (also written by
+  ``finetune``).
+
+``export`` is the command line's entry point.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import GiftQuantError
+from .adapter import ADAPTER_DIR, LORA_RANKS, SalientAdapter, lora_rank, write_adapter
+from .compressed_tensors import (
+    CT_FORMAT,
+    CT_VERSION,
+    CTLayer,
+    ct_layer,
+    ct_quantization_config,
+    export_compressed_tensors,
+)
+from .dense import export_dense
+from .folder import EXPORT_INFO
+from .gptq import GPTQ_GROUP_SIZES, GPTQLayer, export_gptq_lora, gptq_layer
+from .native import NativeCheckpoint
+
+FORMATS = ("gptq-lora", "compressed-tensors", "dense")
+
+__all__ = [
+    "ADAPTER_DIR", "CT_FORMAT", "CT_VERSION", "EXPORT_INFO", "FORMATS", "GPTQ_GROUP_SIZES", "LORA_RANKS", "CTLayer",
+    "GPTQLayer", "NativeCheckpoint", "SalientAdapter", "ct_layer", "ct_quantization_config", "export",
+    "export_compressed_tensors", "export_dense", "export_gptq_lora", "gptq_layer", "lora_rank", "write_adapter",
+]
+
+
+def export(ckpt: str | Path, out_dir: str | Path, fmt: str = "gptq-lora", dtype: str | None = None,
+           checkpoint_format: str = "auto", overwrite: bool = False) -> dict:
+    """The CLI's entry point: ``fmt`` is one of FORMATS."""
+    if fmt == "gptq-lora":
+        return export_gptq_lora(ckpt, out_dir, dtype=dtype, checkpoint_format=checkpoint_format, overwrite=overwrite)
+    if fmt == "compressed-tensors":
+        return export_compressed_tensors(ckpt, out_dir, dtype=dtype, overwrite=overwrite)
+    if fmt == "dense":
+        return export_dense(ckpt, out_dir, dtype=dtype, overwrite=overwrite)
+    raise GiftQuantError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
