@@ -14,6 +14,7 @@ from pathlib import Path
 from .cache import atomic_write_text
 from .config import EvalConfig, QuantizeConfig, RecoverConfig, build, read_recipe
 from .errors import GiftQuantError
+from .logs import quiet_import_noise
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -175,7 +176,8 @@ def parse_lr_grid(text: str, methods: list[str]) -> dict[str, tuple[float, ...]]
 
 
 def cmd_compare(a) -> dict:
-    from .compare import METHODS, run_compare, run_compare_peft
+    from .compare import METHODS, run_compare
+    from .compare_peft import run_compare_peft
 
     recipe = read_recipe(a.recipe)
     qcfg = build(QuantizeConfig, recipe, "quantize", _quantize_overrides(a))
@@ -340,19 +342,6 @@ def make_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", dest="json_out", default=None, metavar="FILE", help="also write the result as JSON")
     i.set_defaults(func=cmd_inspect)
     return parser
-
-
-def quiet_import_noise() -> None:
-    """Silence warnings printed when transformers imports torchao (a gptqmodel dependency), for the CLI only.
-
-    transformers imports torchao whenever it is installed; torchao then logs, on every command, that its
-    CUDA-only kernels cannot load and that some enums are registered with torch's pytree. Neither
-    concerns gift-quant; library users keep their own logging untouched.
-    """
-    import logging
-
-    for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:

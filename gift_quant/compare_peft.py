@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import torch
 
 from .config import QuantizeConfig, RecoverConfig
+from .report import claim_settings, plot_loss_curves, subprocess_row
 
 PEFT_METHODS = ("gift", "gift-no-noise", "lora", "dora", "full")
 LR_GRID = {"gift": (1e-4, 3e-4, 1e-3), "gift-no-noise": (1e-4, 3e-4, 1e-3), "lora": (1e-4, 3e-4, 1e-3),
@@ -27,8 +29,8 @@ def salient_sets(model_dir, root: Path, qcfg: QuantizeConfig) -> dict[str, torch
     from safetensors.torch import load_file, save_file
 
     from .models import load_model, load_tokenizer, resolve_device, resolve_model_dir
-    from .pipeline import calibration_set
     from .quant.engine import quantize_model
+    from .stages import calibration_set
 
     path = root / "salient.safetensors"
     if not path.is_file():
@@ -166,8 +168,6 @@ def write_peft_report(report_dir: Path, rows: list[dict], command: str) -> None:
               "![training loss](peft_loss_curves.png)", ""]
     atomic_write_text(report_dir / "report_peft.md", "\n".join(lines))
     atomic_write_text(report_dir / "report_peft.json", json.dumps({"command": command, "rows": rows}, indent=1))
-    from .compare import plot_loss_curves
-
     _plot_results(report_dir / "peft_results.png", [r for r in final if "failed" not in r])
     plot_loss_curves(report_dir / "peft_loss_curves.png",
                      {f"{r['method']} (lr {r['lr']:g})": r["loss_curve"] for r in final if r.get("loss_curve")})
@@ -223,3 +223,41 @@ def _plot_results(path: Path, final: list[dict]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def run_compare_peft(model_dir: str | None, report_dir: Path, methods: list[str], qcfg: QuantizeConfig,
+                     rcfg: RecoverConfig, tasks: list[str], limit: int | None, progress: bool = True,
+                     lr_grid: list[float] | dict[str, tuple[float, ...]] | None = None) -> dict:
+    """PEFT comparison: learning-rate grid on validation, then the best run of each method on test."""
+    from tqdm.auto import tqdm
+
+    report_dir = Path(report_dir)
+    root = report_dir / "runs" / "peft"
+    root.mkdir(parents=True, exist_ok=True)
+    if isinstance(lr_grid, dict):  # per method; the others keep their default grid
+        grid = {m: tuple(lr_grid.get(m, LR_GRID[m])) for m in methods}
+    else:
+        grid = {m: tuple(lr_grid) if lr_grid else LR_GRID[m] for m in methods}
+    settings = {"model_dir": model_dir, **peft_settings_doc(qcfg, rcfg), "lr_grid": grid, "tasks": tasks,
+                "limit": limit}
+    claim_settings(report_dir / "settings_peft.json", settings, report_dir)
+    # the untrained model on the same test split and tasks: the reference every method should beat
+    rows = [{**subprocess_row(report_dir, root, "peft:base:0:final", "settings_peft.json"), "final": True}]
+    bar = tqdm(total=sum(len(grid[m]) + 1 for m in methods), desc="compare peft", disable=not progress)
+    for method in methods:
+        grid_rows = []
+        for lr in grid[method]:
+            grid_rows.append(subprocess_row(report_dir, root, f"peft:{method}:{lr:g}:search", "settings_peft.json"))
+            bar.update()
+        rows += grid_rows
+        try:
+            lr = best_lr(grid_rows)
+        except ValueError:
+            rows.append({"method": method, "final": True, "failed": "every learning rate failed"})
+            bar.update()
+            continue
+        final = subprocess_row(report_dir, root, f"peft:{method}:{lr:g}:final", "settings_peft.json")
+        rows.append({**final, "final": True})
+        bar.update()
+    write_peft_report(report_dir, rows, " ".join(sys.argv))
+    return {"rows": rows}

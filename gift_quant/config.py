@@ -131,6 +131,8 @@ class RecoverConfig:
         if self.steps < 0 or self.blockwise_steps < 0 or self.ce_weight < 0 or self.eval_every < 0:
             raise GiftQuantError("steps, blockwise_steps, ce_weight and eval_every must be >= 0 "
                                  f"(got {self.steps}, {self.blockwise_steps}, {self.ce_weight}, {self.eval_every})")
+        if self.steps == 0 and self.variant == "pre":
+            raise GiftQuantError("--variant pre trains the full-precision model first: give --steps > 0")
         if self.steps == 0 and self.blockwise_steps == 0:
             raise GiftQuantError("nothing to train: give --steps > 0 (end-to-end) and/or --blockwise-steps > 0")
         if not 0 <= self.warmup_ratio < 1:

@@ -22,10 +22,11 @@ from .cache import atomic_write_text
 from .checkpoint import copy_tokenizer_files
 from .config import QuantizeConfig, RecoverConfig
 from .models import check_causal_lm, resolve_device, resolve_model_dir
-from .pipeline import Stages, claim_run, load_source, prepare_output
 from .quant.engine import quantize_model
 from .recover.model import convert_to_dense, prepare_dense, salient_layers
 from .recover.stage import train_stage
+from .rundir import Stages, claim_run, prepare_output
+from .stages import load_source
 
 
 def source_dtype(model_dir: Path) -> torch.dtype:

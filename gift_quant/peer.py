@@ -47,7 +47,7 @@ def quantize_with_gptqmodel(src: Path, out: Path, qcfg: QuantizeConfig):
     from safetensors import safe_open
 
     from .models import load_model, load_tokenizer, resolve_device
-    from .pipeline import calibration_set
+    from .stages import calibration_set
 
     if qcfg.salient not in (None, 0) or (qcfg.salient is None and qcfg.salient_fraction):
         raise GiftQuantError("gptq-peer is plain GPTQ: call it with K = 0 salient columns")

@@ -224,7 +224,7 @@ def test_encoder_only_is_refused(world, capsys, tmp_path, monkeypatch):
     def accepted(*_a, **_k):
         raise AssertionError("an encoder-only model reached quantization")
 
-    monkeypatch.setattr("gift_quant.pipeline.quantize_model", accepted)
+    monkeypatch.setattr("gift_quant.stages.quantize_model", accepted)
     rc, _, err = run_in_process(capsys, quantize_args(world, world["bert"], tmp_path / "out"))
     line = assert_cli_error(rc, err, "bert")
     assert "encoder" in line or "decoder-only" in line

@@ -17,7 +17,15 @@ def test_compare_smoke_reports_every_method(tmp_path):
     text.write_text(corpus(3000, seed=2))
     train = write_instruction_jsonl(tmp_path / "train.jsonl")
     out = tmp_path / "report"
-    env = {**os.environ, "GIFT_QUANT_TEST_FAIL_METHOD": "rtn"}
+    # make rtn fail inside its subprocess: a sitecustomize on PYTHONPATH swaps its table entry at start-up
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(
+        "import gift_quant.compare_methods as m\n"
+        "def _boom(job):\n"
+        "    raise RuntimeError('rtn failed on purpose (injected by the test)')\n"
+        "m.METHOD_TABLE['rtn'] = _boom\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(inject), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "gift_quant.cli", "compare", str(src), "--out", str(out), "--bits", "3",
            "--recipe", "recipes/tiny-debug.yaml", "--calib-data", str(text), "--train-data", str(train),
            "--eval-data", str(text), "--ppl-data", str(text), "--methods", "fp,rtn,gptq,gift-post", "--no-progress",

@@ -46,11 +46,13 @@ CONFIGS: dict[str, dict] = {
     "ce-text-nonoise": dict(method="gift-post", loss="ce", train_data="sotu", lr=3e-4, noise="none"),
     "kd-text": dict(method="gift-post", loss="kd", train_data="sotu", lr=3e-4),
     "kd-text-nonoise": dict(method="gift-post", loss="kd", train_data="sotu", lr=3e-4, noise="none"),
-    # block-wise reconstruction right after each block's GPTQ (no end-to-end step)
-    "bw": dict(method="recover", steps=0, blockwise_steps=32, train_data="sotu"),
-    "bw-nonoise": dict(method="recover", steps=0, blockwise_steps=32, train_data="sotu", noise="none"),
-    "bw+kd": dict(method="recover", loss="kd", train_data="sotu", lr=3e-4, blockwise_steps=32),
-    "bw+kd-nonoise": dict(method="recover", loss="kd", train_data="sotu", lr=3e-4, blockwise_steps=32,
+    "kd-text-lr1e-3": dict(method="gift-post", loss="kd", train_data="sotu", lr=1e-3),
+    # block-wise reconstruction right after each block's GPTQ (no end-to-end step); 16 steps = one pass
+    # over the 16 calibration batches of 8 windows
+    "bw": dict(method="recover", steps=0, blockwise_steps=16, train_data="sotu"),
+    "bw-nonoise": dict(method="recover", steps=0, blockwise_steps=16, train_data="sotu", noise="none"),
+    "bw+kd": dict(method="recover", loss="kd", train_data="sotu", lr=3e-4, blockwise_steps=16),
+    "bw+kd-nonoise": dict(method="recover", loss="kd", train_data="sotu", lr=3e-4, blockwise_steps=16,
                           noise="none"),
     # baselines at the same objective and budget as kd-text
     "ste-kd": dict(method="ste", loss="kd", train_data="sotu", lr=3e-4),

@@ -323,8 +323,8 @@ def run_eval_tasks(path: str | None, tasks="gift6", limit: int | None = None, ba
     """`evaluate_tasks` on a model folder, a gift-quant checkpoint, or the embedded default (None).
 
     `progress` is accepted for symmetry with `run_eval_ppl`; lm-eval draws its own progress bars."""
+    from ..loading import load_any
     from ..models import resolve_device
-    from ..pipeline import load_any
 
     names = resolve_tasks(tasks)  # fail on a bad name before loading a model
     _require_lm_eval()

@@ -1,0 +1,20 @@
+"""Console output of the command line: which library log lines it silences.
+
+Library users keep their own logging untouched; only the CLI (and the compare subprocesses it starts)
+call these.
+"""
+
+from __future__ import annotations
+
+
+def quiet_import_noise() -> None:
+    """Silence warnings printed when transformers imports torchao (a gptqmodel dependency), for the CLI only.
+
+    transformers imports torchao whenever it is installed; torchao then logs, on every command, that its
+    CUDA-only kernels cannot load and that some enums are registered with torch's pytree. Neither
+    concerns gift-quant; library users keep their own logging untouched.
+    """
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)

@@ -1,0 +1,101 @@
+"""Run folders: the output folder's identity, resume, and the record of finished stages.
+
+An output folder of ``quantize``/``recover``/``finetune`` holds the result and a ``run/`` folder with
+the stage artifacts (``run.json``: settings and fingerprints; ``stages.json``: finished stages with
+their results). Rerunning the same command resumes; a different model, calibration set or setting is
+refused instead of mixing two runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from .cache import atomic_write_text
+from .checkpoint import is_checkpoint
+from .errors import GiftQuantError
+
+RUN_DIR = "run"
+RUN_FILE = "run.json"
+
+
+def tool_version() -> str:
+    try:
+        return version("gift-quant")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def model_fingerprint(path: Path) -> str:
+    """sha256 over config.json and the weight files (names, sizes and contents)."""
+    h = hashlib.sha256()
+    files = [path / "config.json"] + sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
+    for f in files:
+        if f.is_file():
+            h.update(f.name.encode())
+            with open(f, "rb") as fh:
+                while chunk := fh.read(1 << 22):
+                    h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def prepare_output(out: Path, overwrite: bool) -> None:
+    """Refuse folders that hold something else; ``overwrite`` clears a previous gift-quant output."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise GiftQuantError(f"--out {out} is a file; give a folder path")
+    ours = (out / RUN_DIR / RUN_FILE).is_file() or is_checkpoint(out)
+    if any(out.iterdir()) and not ours:
+        raise GiftQuantError(
+            f"--out {out} exists and is not a gift-quant output; choose a new folder or empty it")
+    if overwrite and ours:
+        shutil.rmtree(out)
+
+
+def claim_run(out: Path, identity: dict) -> Path:
+    """Create or resume ``out/run``; refuses to mix runs whose identity differs."""
+    run_dir = out / RUN_DIR
+    run_file = run_dir / RUN_FILE
+    if run_file.is_file():
+        previous = json.loads(run_file.read_text())
+        if previous.get("identity") != identity:
+            old = previous.get("identity", {})
+            changed = []
+            for k in sorted(set(old) | set(identity)):
+                a, b = old.get(k), identity.get(k)
+                if a == b:
+                    continue
+                if isinstance(a, dict) and isinstance(b, dict):
+                    diffs = [f"{f}: {a.get(f)} -> {b.get(f)}" for f in sorted(set(a) | set(b)) if a.get(f) != b.get(f)]
+                    changed.append(f"{k} ({', '.join(diffs)})")
+                else:
+                    changed.append(k)
+            raise GiftQuantError(
+                f"{out} holds a run with different {', '.join(changed)}; resume needs the same model, data and "
+                "settings: use a new --out or pass --overwrite to start over")
+        print(f"gift-quant: resuming the run in {out}", file=sys.stderr)
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_file, json.dumps({"identity": identity, "started": time.time()}, indent=1))
+    return run_dir
+
+
+class Stages:
+    """``run/stages.json``: which stages finished, with their results; written atomically."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "stages.json"
+        self.done: dict = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def finished(self, name: str) -> bool:
+        return name in self.done
+
+    def mark(self, name: str, result: dict) -> None:
+        self.done[name] = result
+        atomic_write_text(self.path, json.dumps(self.done, indent=1, default=str))
