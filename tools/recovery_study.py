@@ -47,6 +47,8 @@ CONFIGS: dict[str, dict] = {
     "kd-text": dict(method="gift-post", loss="kd", train_data="sotu", lr=3e-4),
     "kd-text-nonoise": dict(method="gift-post", loss="kd", train_data="sotu", lr=3e-4, noise="none"),
     "kd-text-lr1e-3": dict(method="gift-post", loss="kd", train_data="sotu", lr=1e-3),
+    # the same at 100 steps: what the 15-minute budget buys when spent on end-to-end KD alone
+    "kd-text-100": dict(method="gift-post", loss="kd", train_data="sotu", lr=3e-4, steps=100),
     # block-wise reconstruction right after each block's GPTQ (no end-to-end step); 16 steps = one pass
     # over the 16 calibration batches of 8 windows
     "bw": dict(method="recover", steps=0, blockwise_steps=16, train_data="sotu"),
