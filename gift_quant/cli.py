@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from .cache import atomic_write_text
-from .config import EvalConfig, QuantizeConfig, RecoverConfig, build, read_recipe
+from .config import DEFAULT_PEFT_TRAIN_DATA, EvalConfig, QuantizeConfig, RecoverConfig, build, read_recipe
 from .errors import GiftQuantError
 from .logs import quiet_import_noise
 
@@ -113,7 +113,8 @@ def _add_recover_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--noise", dest="noise", choices=["normal", "uniform", "none"], help="noise distribution")
     p.add_argument("--noise-bits", type=int, default=None, help="bits of the noise step (post default 4)")
     p.add_argument("--loss", choices=["ce", "kd", "kd+ce"], default=None,
-                   help="objective: ce (next-token cross-entropy), kd (KL to the full-precision model), kd+ce")
+                   help="objective: kd (KL to the full-precision model; recover's default), ce (next-token "
+                        "cross-entropy; finetune's default), kd+ce")
     p.add_argument("--kd-temperature", type=float, default=None, help="distillation temperature (default 1)")
     p.add_argument("--ce-weight", type=float, default=None, help="weight of CE in kd+ce (default 1)")
     p.add_argument("--teacher-device", choices=["auto", "cpu"], default=None,
@@ -123,12 +124,14 @@ def _add_recover_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--blockwise-lr", type=float, default=None, help="block-wise learning rate (default 1e-3)")
     p.add_argument("--blockwise-target", choices=["fp-prefix", "quant-prefix"], default=None,
                    help="block-wise targets: fp block on fp inputs (default) or on the quantized prefix's")
-    p.add_argument("--steps", type=int, default=None, help="end-to-end optimizer steps (0 = block-wise only)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-4)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="end-to-end optimizer steps (default 100; 0 = block-wise only)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 3e-4)")
     p.add_argument("--batch-size", type=int, default=None, help="windows per micro-batch per process")
     p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per step")
     p.add_argument("--warmup-ratio", type=float, default=None)
-    p.add_argument("--train-data", default=None, help="named dataset, file or HF name (default natural-instructions)")
+    p.add_argument("--train-data", default=None,
+                   help="named dataset, file or HF name (default sotu for recover, natural-instructions for finetune)")
     p.add_argument("--eval-data", default=None, help="held-out text for periodic eval during training")
     p.add_argument("--save-every", type=int, default=None, help="save resumable state every N steps")
     p.add_argument("--gradient-checkpointing", action="store_true", default=None)
@@ -181,7 +184,8 @@ def cmd_compare(a) -> dict:
 
     recipe = read_recipe(a.recipe)
     qcfg = build(QuantizeConfig, recipe, "quantize", _quantize_overrides(a))
-    rcfg = build(RecoverConfig, recipe, "recover", _recover_overrides(a))
+    overrides = _peft_overrides(a, recipe) if a.mode == "peft" else _recover_overrides(a)
+    rcfg = build(RecoverConfig, recipe, "recover", overrides)
     if a.mode == "peft":
         from .compare_peft import PEFT_METHODS
 
@@ -246,7 +250,7 @@ def cmd_finetune(a) -> dict:
 
     recipe = read_recipe(a.recipe)
     qcfg = build(QuantizeConfig, recipe, "quantize", _quantize_overrides(a))
-    rcfg = build(RecoverConfig, recipe, "recover", _recover_overrides(a))
+    rcfg = build(RecoverConfig, recipe, "recover", _peft_overrides(a, recipe))
     res = run_finetune(a.model_dir, a.out, qcfg, rcfg, overwrite=a.overwrite, trust_remote_code=a.trust_remote_code,
                        progress=not a.no_progress)
     print(f"wrote {res['out']} (merged, {res['dtype']}) and {res['adapter']} (LoRA rank {res['lora_rank']}, "
@@ -258,6 +262,22 @@ def _expand_tasks(text: str) -> list[str]:
     from .eval.zeroshot import resolve_tasks
 
     return resolve_tasks(text)  # fails fast on unknown names, before any model is built
+
+
+def _peft_overrides(a, recipe: dict) -> dict:
+    """Fine-tuning a full-precision model: CE on instructions unless the recipe or a flag says otherwise.
+
+    Distillation needs a teacher better than the student; here the teacher would be the model itself.
+    """
+    overrides = _recover_overrides(a)
+    section = recipe.get("recover", {})
+    for key, value in (("loss", "ce"), ("train_data", DEFAULT_PEFT_TRAIN_DATA)):
+        if overrides.get(key) is None and key not in section:
+            overrides[key] = value
+    if (overrides.get("loss") or section.get("loss")) != "ce":
+        raise GiftQuantError("fine-tuning a full-precision model has no better teacher to distil from: "
+                             "use --loss ce (the default for finetune and compare --mode peft)")
+    return overrides
 
 
 def _recover_overrides(a) -> dict:

@@ -18,7 +18,10 @@ from .errors import GiftQuantError
 
 DEFAULT_CALIB_DATA = "sotu"
 DEFAULT_PPL_DATA = "boolq-passages:test"
-DEFAULT_TRAIN_DATA = "natural-instructions"
+# Recovery trains by distillation on plain text (the recovery study, results/recovery-study/); PEFT
+# fine-tuning of a full-precision model has no teacher to distil from and trains on instructions.
+DEFAULT_TRAIN_DATA = "sotu"
+DEFAULT_PEFT_TRAIN_DATA = "natural-instructions"
 
 
 @dataclass(frozen=True)
@@ -84,13 +87,13 @@ class RecoverConfig:
     variant: str = "post"  # post: quantize then train; pre: train with noise at the target bits, then quantize
     noise: str = "normal"  # normal | uniform | none (--no-noise: plain salient fine-tuning)
     noise_bits: int | None = None  # None: 4 for post (the paper), the target bits for pre
-    loss: str = "ce"  # ce | kd | kd+ce (recover/objective.py)
+    loss: str = "kd"  # ce | kd | kd+ce (recover/objective.py); kd won the recovery study
     kd_temperature: float = 1.0
     ce_weight: float = 1.0  # weight of the CE term in kd+ce
     teacher_device: str = "auto"  # where the full-precision teacher runs: auto (the training device) or cpu
     steps: int = 100
-    lr: float = 1e-4
-    batch_size: int = 4
+    lr: float = 3e-4
+    batch_size: int = 2
     grad_accum: int = 1
     seq_len: int = 256
     warmup_ratio: float = 0.03
