@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from .cache import atomic_write_text
-from .config import DEFAULT_PEFT_TRAIN_DATA, EvalConfig, QuantizeConfig, RecoverConfig, build, read_recipe
+from .config import DEFAULT_PEFT_TRAIN_DATA, NOISE_KINDS, EvalConfig, QuantizeConfig, RecoverConfig, build, read_recipe
 from .errors import GiftQuantError
 from .logs import quiet_import_noise
 
@@ -110,7 +110,7 @@ def _add_recover_flags(p: argparse.ArgumentParser) -> None:
                    help="post: quantize then train (default, best at 2-3 bits); pre: train then quantize")
     p.add_argument("--no-noise", dest="noise", action="store_const", const="none", default=None,
                    help="plain salient fine-tuning (ablation)")
-    p.add_argument("--noise", dest="noise", choices=["normal", "uniform", "none"], help="noise distribution")
+    p.add_argument("--noise", dest="noise", choices=NOISE_KINDS, help="noise distribution")
     p.add_argument("--noise-bits", type=int, default=None, help="bits of the noise step (post default 4)")
     p.add_argument("--loss", choices=["ce", "kd", "kd+ce"], default=None,
                    help="objective: kd (KL to the full-precision model; recover's default), ce (next-token "

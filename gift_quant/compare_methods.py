@@ -112,7 +112,7 @@ def _salient_training(noise_of: Callable[[Job], str]):
         model = prepare_recovery(job.salient_base, job.src, noise_of(job), rcfg.resolved_noise_bits(job.qcfg.bits),
                                  rcfg.seed)
         job.train(model)
-        convert_recovered(model, job.qcfg)
+        convert_recovered(model)
         return (model, *job.save(model, {"method": job.method}))
     return method
 

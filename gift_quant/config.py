@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from .errors import GiftQuantError
+from .grid import GRID_BITS, SUPPORTED_BITS
 
 DEFAULT_CALIB_DATA = "sotu"
 DEFAULT_PPL_DATA = "boolq-passages:test"
@@ -49,8 +50,9 @@ class QuantizeConfig:
     device: str = "auto"
 
     def __post_init__(self):
-        if self.bits not in (2, 3, 4, 8):
-            raise GiftQuantError(f"--bits {self.bits} is not supported: use 2, 3, 4 or 8")
+        if self.bits not in SUPPORTED_BITS:
+            widths = ", ".join(map(str, SUPPORTED_BITS))
+            raise GiftQuantError(f"--bits {self.bits} is not supported: use one of {widths}")
         if self.salient is not None and self.salient < 0:
             raise GiftQuantError(f"--salient must be >= 0 (got {self.salient})")
         if not 0.0 <= self.salient_fraction < 1.0:
@@ -71,6 +73,27 @@ class QuantizeConfig:
                 f"salient count {k} >= in_features {in_features} of layer {layer}: choose a smaller --salient "
                 "(at most in_features - 1) or --salient-fraction")
         return k
+
+
+NOISE_KINDS = ("normal", "uniform", "none")
+
+
+@dataclass(frozen=True)
+class NoiseSpec:
+    """The noise injected into the frozen non-salient weights while training (docs/method.md, [Noise]).
+
+    ``normal``: 0.5 * Delta_i * N(0, 1); ``uniform``: Delta_i * U(-1/2, 1/2); ``none``: plain salient
+    fine-tuning. ``bits``: the grid whose per-row step Delta_i scales the noise. Validated here only.
+    """
+
+    kind: str = "normal"
+    bits: int = 4
+
+    def __post_init__(self):
+        if self.kind not in NOISE_KINDS:
+            raise GiftQuantError(f"noise must be one of {', '.join(NOISE_KINDS)} (got {self.kind!r})")
+        if self.bits not in GRID_BITS:
+            raise GiftQuantError(f"--noise-bits must be in {GRID_BITS.start}..{GRID_BITS.stop - 1} (got {self.bits})")
 
 
 @dataclass(frozen=True)
@@ -115,10 +138,7 @@ class RecoverConfig:
     def __post_init__(self):
         if self.variant not in ("post", "pre"):
             raise GiftQuantError(f"--variant must be post or pre (got {self.variant!r})")
-        if self.noise not in ("normal", "uniform", "none"):
-            raise GiftQuantError(f"noise must be normal, uniform or none (got {self.noise!r})")
-        if self.noise_bits is not None and not 1 <= self.noise_bits <= 16:
-            raise GiftQuantError(f"--noise-bits must be in 1..16 (got {self.noise_bits})")
+        NoiseSpec(self.noise, 4 if self.noise_bits is None else self.noise_bits)  # validates both
         if self.loss not in ("ce", "kd", "kd+ce"):
             raise GiftQuantError(f"--loss must be ce, kd or kd+ce (got {self.loss!r})")
         if self.teacher_device not in ("auto", "cpu"):
@@ -140,6 +160,10 @@ class RecoverConfig:
             raise GiftQuantError("nothing to train: give --steps > 0 (end-to-end) and/or --blockwise-steps > 0")
         if not 0 <= self.warmup_ratio < 1:
             raise GiftQuantError(f"warmup_ratio must be in [0, 1) (got {self.warmup_ratio})")
+
+    def noise_spec(self, target_bits: int) -> NoiseSpec:
+        """The noise of this run when quantizing to ``target_bits``."""
+        return NoiseSpec(self.noise, self.resolved_noise_bits(target_bits))
 
     def resolved_noise_bits(self, target_bits: int) -> int:
         if self.noise_bits is not None:
@@ -196,4 +220,5 @@ def as_dict(cfg) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-__all__ = ["EvalConfig", "QuantizeConfig", "RecoverConfig", "as_dict", "build", "read_recipe", "register_section"]
+__all__ = ["NOISE_KINDS", "EvalConfig", "NoiseSpec", "QuantizeConfig", "RecoverConfig", "as_dict", "build",
+           "read_recipe", "register_section"]

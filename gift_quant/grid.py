@@ -20,6 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
+# Widths a checkpoint can store (pack.py packs these); the one list every setting is checked against.
+SUPPORTED_BITS = (2, 3, 4, 8)
+# Widths a grid can be computed at (the noise step may use any of them).
+GRID_BITS = range(2, 17)
+
 
 @dataclass(frozen=True)
 class GridSpec:
@@ -34,8 +39,8 @@ class GridSpec:
     clip_norm: float = 2.0
 
     def __post_init__(self) -> None:
-        if self.bits not in (2, 3, 4, 8):
-            raise ValueError(f"bits must be one of 2, 3, 4, 8 (got {self.bits})")
+        if self.bits not in GRID_BITS:
+            raise ValueError(f"bits must be in {GRID_BITS.start}..{GRID_BITS.stop - 1} (got {self.bits})")
         if self.clip not in ("mse", "minmax"):
             raise ValueError(f"clip must be 'mse' or 'minmax' (got {self.clip!r})")
 

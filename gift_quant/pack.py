@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .grid import dequantize
-
-SUPPORTED_BITS = (2, 3, 4, 8)
+from .grid import SUPPORTED_BITS, dequantize
 
 
 def packed_length(n: int, bits: int) -> int:

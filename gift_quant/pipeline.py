@@ -158,7 +158,7 @@ class _RecoverRun:
         if not self.dist.is_main_process:
             return None
         if rcfg.variant == "post":
-            convert_recovered(model, self.qcfg)
+            convert_recovered(model)
             save_checkpoint(model, self.run_dir / "recovered", self.src,
                             {**read_gift_config(qpath), "recover": dataclasses.asdict(rcfg)})
         else:

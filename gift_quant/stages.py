@@ -68,8 +68,7 @@ def blockwise_reconstructor(rcfg: RecoverConfig, qcfg: QuantizeConfig, noise_bit
     from .recover.blockwise import reconstruct_block
 
     return functools.partial(reconstruct_block, steps=rcfg.blockwise_steps, lr=rcfg.blockwise_lr, noise=rcfg.noise,
-                             noise_bits=noise_bits, bits=qcfg.bits, sym=qcfg.sym,
-                             salient_dtype=parse_dtype(qcfg.salient_dtype), seed=rcfg.seed)
+                             noise_bits=noise_bits, seed=rcfg.seed)
 
 
 def quantize_stage(model, windows: torch.Tensor, qcfg: QuantizeConfig, src: Path, identity: dict, out: Path,
@@ -110,9 +109,9 @@ def prepare_recovery(qckpt: Path, src: Path, noise: str, noise_bits: int, seed: 
     return prepare_quantized(load(qckpt), noise=noise, noise_bits=noise_bits, seed=seed, reference=reference)
 
 
-def convert_recovered(model, qcfg: QuantizeConfig):
+def convert_recovered(model):
     """Trained SalientLinear layers back to packed QuantLinear layers holding the trained columns."""
-    return convert_to_quant(model.cpu(), qcfg.bits, qcfg.sym, parse_dtype(qcfg.salient_dtype))
+    return convert_to_quant(model.cpu())  # each layer carries its bits, grid and salient dtype
 
 
 def evaluate_perplexity(model, tokenizer, ecfg: EvalConfig, device, progress: bool = True,

@@ -40,7 +40,7 @@ def test_loss_decreases_and_checkpoint_reproduces_trained_model(quantized, tmp_p
     ids, labels = _windows(0)
     before = eval_loss(model, ids[:4], labels[:4], "cpu")
     start = {n: s.gift_salient.detach().clone() for n, s in salient_layers(model).items()}
-    summary = train(model, ids, labels, RecoverConfig(steps=15, lr=2e-2, batch_size=4, save_every=100),
+    summary = train(model, ids, labels, RecoverConfig(loss="ce", steps=15, lr=2e-2, batch_size=4, save_every=100),
                     tmp_path / "run", progress=False)
     after = eval_loss(model, ids[:4], labels[:4], "cpu")
     losses = [h["loss"] for h in summary["history"]]
@@ -82,5 +82,5 @@ def test_fsdp_launch_is_refused_with_advice(quantized, tmp_path, monkeypatch):
     model = prepare_quantized(load(root / "q"), noise="normal", noise_bits=4, seed=0)
     ids, labels = _windows(0, n=4)
     with pytest.raises(GiftQuantError, match="does not support FSDP.*torchrun"):
-        train(model, ids, labels, RecoverConfig(steps=1, batch_size=2), tmp_path / "run", progress=False)
+        train(model, ids, labels, RecoverConfig(loss="ce", steps=1, batch_size=2), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()

@@ -240,7 +240,7 @@ def test_killed_in_quantize_stage_resumes_to_the_same_model(runs):
     _assert_steps_once(out)
 
 
-@pytest.mark.parametrize("flag,value,shown", [("--lr", "0.001", ("lr", "0.0001", "0.001")),
+@pytest.mark.parametrize("flag,value,shown", [("--lr", "0.001", ("lr", "0.0003", "0.001")),
                                               ("--steps", str(STEPS + 6), ("steps", str(STEPS), str(STEPS + 6)))])
 def test_changed_setting_into_partly_run_folder_is_refused(runs, capsys, torch_single_thread, flag, value, shown):
     """In process: ``main`` is what the console script runs; its return value is the exit status."""

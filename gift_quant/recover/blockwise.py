@@ -47,7 +47,7 @@ def relative_mse(block: nn.Module, inputs: list[torch.Tensor], targets: list[tor
 
 def reconstruct_block(index: int, block: nn.Module, fp_block: nn.Module, inputs: list[torch.Tensor],
                       targets: list[torch.Tensor], kwargs: dict, *, steps: int, lr: float, noise: str,
-                      noise_bits: int, bits: int, sym: bool, salient_dtype: torch.dtype, seed: int = 0) -> dict:
+                      noise_bits: int, seed: int = 0) -> dict:
     """Train ``block``'s salient columns in place (QuantLinear -> SalientLinear -> QuantLinear); returns metrics."""
     t0 = time.perf_counter()
     block.eval()
@@ -87,7 +87,7 @@ def reconstruct_block(index: int, block: nn.Module, fp_block: nn.Module, inputs:
     for m in layers:
         m.noise_key = None
     for name, s in list(block_linears(block).items()):
-        set_module(block, name, quant_from_salient(s, bits, sym, salient_dtype))
+        set_module(block, name, quant_from_salient(s))
     block.eval().requires_grad_(False)
     after = relative_mse(block, inputs, targets, kwargs)
     return {"relative_mse_before": before, "relative_mse_after": after, "steps": steps,

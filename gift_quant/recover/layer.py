@@ -27,10 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import NoiseSpec
 from ..grid import GridSpec, step_sizes
 from ..threads import cpu_threads
-
-NOISE_TYPES = ("normal", "uniform", "none")
 
 
 class SalientLinear(nn.Module):
@@ -40,12 +39,15 @@ class SalientLinear(nn.Module):
                  codes: torch.Tensor | None = None, scales: torch.Tensor | None = None,
                  zeros: torch.Tensor | None = None, g_idx: torch.Tensor | None = None,
                  dense: torch.Tensor | None = None, salient_weight: torch.Tensor,
-                 bias: torch.Tensor | None = None, noise: str = "normal", noise_bits: int = 4,
+                 bias: torch.Tensor | None = None, noise: str | NoiseSpec = "normal", noise_bits: int = 4,
                  seed: int = 0, param_dtype: torch.dtype = torch.float32,
                  noise_reference: torch.Tensor | None = None):
         super().__init__()
-        if noise not in NOISE_TYPES:
-            raise ValueError(f"noise must be one of {NOISE_TYPES} (got {noise!r})")
+        # the layer carries its noise settings and (when built from a packed layer, model.salient_from_quant)
+        # its storage settings, so converting it back needs nothing re-passed
+        self.noise_spec = noise if isinstance(noise, NoiseSpec) else NoiseSpec(noise, noise_bits)
+        noise, noise_bits = self.noise_spec.kind, self.noise_spec.bits
+        self.packing: tuple[int, bool, torch.dtype] | None = None  # (bits, sym, salient dtype)
         if (codes is None) == (dense is None):
             raise ValueError("give either codes/scales/zeros/g_idx (quantized base) or dense (full-precision base)")
         self.in_features, self.out_features = in_features, out_features

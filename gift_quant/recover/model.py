@@ -33,15 +33,27 @@ def freeze_all_but_gift(model: nn.Module) -> list[nn.Parameter]:
 def salient_from_quant(q: QuantLinear, noise: str, noise_bits: int, seed: int,
                        noise_reference: torch.Tensor | None = None) -> SalientLinear:
     """A packed layer as a SalientLinear (codes base, trainable salient columns)."""
-    return SalientLinear(
+    layer = SalientLinear(
         q.in_features, q.out_features, q.salient_idx.long(),
         codes=q.codes(), scales=q.scales.T.float(), zeros=q.zero_points().T, g_idx=q.g_idx,
         salient_weight=q.salient_weight.float(), bias=q.bias, noise=noise, noise_bits=noise_bits,
         seed=seed, noise_reference=noise_reference).to(q.qweight.device)
+    layer.packing = (q.bits, q.sym, q.salient_weight.dtype)
+    return layer
 
 
-def quant_from_salient(s: SalientLinear, bits: int, sym: bool, salient_dtype: torch.dtype) -> QuantLinear:
-    """A trained SalientLinear back as a packed layer holding the trained salient columns."""
+def quant_from_salient(s: SalientLinear, bits: int | None = None, sym: bool | None = None,
+                       salient_dtype: torch.dtype | None = None) -> QuantLinear:
+    """A trained SalientLinear back as a packed layer holding the trained salient columns.
+
+    The storage settings default to the ones the layer carries from the packed layer it was built from.
+    """
+    if s.packing is None and None in (bits, sym, salient_dtype):
+        raise TypeError("this SalientLinear was not built from a packed layer: give bits, sym and salient_dtype")
+    carried = s.packing or (None, None, None)
+    bits = carried[0] if bits is None else bits
+    sym = carried[1] if sym is None else sym
+    salient_dtype = carried[2] if salient_dtype is None else salient_dtype
     q = QuantLinear.from_parts(s.codes.long(), s.scales, s.zeros, s.g_idx, s.salient_idx,
                                s.gift_salient.detach().float(), bits, sym, s.bias, salient_dtype)
     return q.to(s.delta.device).eval()
@@ -82,7 +94,9 @@ def salient_layers(model: nn.Module) -> dict[str, SalientLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, SalientLinear)}
 
 
-def convert_to_quant(model: nn.Module, bits: int, sym: bool, salient_dtype: torch.dtype = torch.float16) -> nn.Module:
+def convert_to_quant(model: nn.Module, bits: int | None = None, sym: bool | None = None,
+                     salient_dtype: torch.dtype | None = None) -> nn.Module:
+    """Every SalientLinear back to a QuantLinear (storage settings: each layer's own unless given)."""
     for name, s in salient_layers(model).items():
         if s.codes is None:
             raise TypeError(f"{name} has a dense base; use convert_to_dense")
