@@ -107,5 +107,5 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     model.eval()
-    model.config.use_cache = False
+    model.config.use_cache = True  # inference: generate() with the KV cache (training passes use_cache=False)
     return model.to(device)

@@ -151,8 +151,10 @@ def cmd_recover(a) -> dict:
     res = run_recover(a.model_dir, a.out, qcfg, rcfg, ecfg, overwrite=a.overwrite,
                       trust_remote_code=a.trust_remote_code, progress=not a.no_progress)
     before = "after block-wise reconstruction" if rcfg.blockwise_steps else "before recovery"
+    gap = "" if res.get("gap_closed") is None else f", {100 * res['gap_closed']:.1f} % of the gap closed"
     print(f"wrote {res['out']}: GIFT-SW {res['variant']} w{res['bits']} ({res['effective_bits']:.3f} bits/weight), "
-          f"loss {rcfg.loss}, perplexity {res['ppl_before']:.3f} {before} -> {res['ppl_after']:.3f} after")
+          f"loss {rcfg.loss}, perplexity {res['ppl_before']:.3f} {before} -> {res['ppl_after']:.3f} after "
+          f"(full precision {res['ppl_fp']:.3f}{gap}); summary in {res['out']}/summary.md")
     return res
 
 
@@ -292,6 +294,9 @@ def _recover_overrides(a) -> dict:
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gift-quant", description=__doc__.splitlines()[0])
+    from .rundir import tool_version
+
+    parser.add_argument("--version", action="version", version=f"gift-quant {tool_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="salient-aware GPTQ -> native checkpoint")

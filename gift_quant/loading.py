@@ -18,8 +18,10 @@ def load_any(path: str | None, dtype: torch.dtype = torch.float32, device="cpu",
         doc = read_gift_config(Path(path))
         model = load(path, device=device, trust_remote_code=trust_remote_code)
         return model, load_tokenizer(Path(path), trust_remote_code), doc["effective_bits"], "gift-quant checkpoint"
-    if path is not None and (Path(path) / RUN_DIR / RUN_FILE).is_file():
+    finished_finetune = path is not None and (Path(path) / "finetune_summary.json").is_file()
+    if path is not None and (Path(path) / RUN_DIR / RUN_FILE).is_file() and not finished_finetune:
         raise GiftQuantError(f"{path} is an unfinished gift-quant run: rerun the same command to finish it")
     src = resolve_model_dir(path)
     model = load_model(src, dtype, trust_remote_code).to(device)
+    model.config.use_cache = True  # inference: generate() with the KV cache
     return model, load_tokenizer(src, trust_remote_code), float(torch.finfo(dtype).bits), "full-precision model"

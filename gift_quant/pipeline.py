@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -89,6 +90,8 @@ class _RecoverRun:
                            blockwise=self.rcfg.variant == "post")
             del model
             self._evaluate("eval_before", self.run_dir / "quantized", "ppl before")
+            self._evaluate("eval_fp", None, "ppl full precision")
+            self._say_before()
         trained = self._train()
         if not self.dist.is_main_process:
             self.dist.wait_for_everyone()  # rank 0 packs and evaluates
@@ -129,10 +132,20 @@ class _RecoverRun:
                                     "effective_bits": report.mean_effective_bits()})
         return path
 
-    def _evaluate(self, name: str, path: Path, desc: str) -> None:
+    def _evaluate(self, name: str, path: Path | None, desc: str) -> None:
+        """Perplexity of the checkpoint at ``path`` (None: the full-precision source) on the held-out text."""
         if not self.stages.finished(name):
-            self.stages.mark(name, evaluate_perplexity(load(path), self.tokenizer, self.ecfg, self.device,
+            model = self._fresh() if path is None else load(path)
+            self.stages.mark(name, evaluate_perplexity(model, self.tokenizer, self.ecfg, self.device,
                                                        self.progress, desc))
+
+    def _say_before(self) -> None:
+        """The first number a user waits for, as soon as it is known (training takes most of the run)."""
+        if self.dist.is_main_process:
+            before, fp = self.stages.done["eval_before"]["perplexity"], self.stages.done["eval_fp"]["perplexity"]
+            stage = "after block-wise reconstruction" if self.rcfg.blockwise_steps else "quantized, before training"
+            print(f"gift-quant: perplexity {before:.3f} {stage} (full precision {fp:.3f}); now training "
+                  f"{self.rcfg.steps} steps ({self.rcfg.loss})", file=sys.stderr, flush=True)
 
     def _train(self):
         """post: train the packed model's salient columns; pre: the full-precision model's. Returns the latter."""
@@ -190,6 +203,31 @@ class _RecoverRun:
                    "blockwise_steps": self.rcfg.blockwise_steps,
                    "effective_bits": read_gift_config(self.out)["effective_bits"],
                    "ppl_before": done["eval_before"]["perplexity"], "ppl_after": done["eval_after"]["perplexity"],
-                   "ppl_data": self.ecfg.ppl_data, "seconds": timings}
+                   "ppl_fp": done["eval_fp"]["perplexity"], "ppl_data": self.ecfg.ppl_data, "seconds": timings}
+        fp, before, after = summary["ppl_fp"], summary["ppl_before"], summary["ppl_after"]
+        summary["gap_closed"] = (before - after) / (before - fp) if before > fp else None
         atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=1))
+        atomic_write_text(self.out / "summary.md", summary_markdown(summary, self.qcfg, self.rcfg))
         return summary
+
+
+def summary_markdown(s: dict, qcfg: QuantizeConfig, rcfg: RecoverConfig) -> str:
+    """The run's result in a few lines a person reads: settings, size, perplexity and the gap closed."""
+    gap = "" if s["gap_closed"] is None else f" ({100 * s['gap_closed']:.1f} % of the gap to full precision closed)"
+    before = "after block-wise reconstruction" if s["blockwise_steps"] else "quantized, before training"
+    noise = "" if s["noise"] == "none" else f" at {s['noise_bits']} bits"
+    lines = [f"# gift-quant recover: {s['out']}", "",
+             f"- {s['bits']}-bit {'symmetric' if qcfg.sym else 'asymmetric'} "
+             f"{'per-row' if qcfg.group_size <= 0 else f'group-{qcfg.group_size}'} GPTQ with salient columns, "
+             f"{s['effective_bits']:.3f} effective bits per weight (scales and fp16 salient columns included)",
+             f"- recovery: GIFT-SW {s['variant']}, loss {rcfg.loss} on {rcfg.train_data}, {rcfg.steps} steps of "
+             f"{rcfg.batch_size * rcfg.grad_accum} x {rcfg.seq_len} tokens, lr {rcfg.lr:g}, noise {s['noise']}"
+             f"{noise}"
+             + (f", block-wise {s['blockwise_steps']} steps per block" if s["blockwise_steps"] else ""),
+             "", f"Perplexity on {s['ppl_data']} (lower is better):", "",
+             "| model | perplexity |", "|---|---|",
+             f"| full precision (the source model) | {s['ppl_fp']:.3f} |",
+             f"| {before} | {s['ppl_before']:.3f} |",
+             f"| recovered | {s['ppl_after']:.3f}{gap} |", "",
+             "Seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in s["seconds"].items() if v is not None), ""]
+    return "\n".join(lines)

@@ -77,6 +77,10 @@ def test_recover_with_kd_on_plain_text_and_blockwise_end_to_end(setup, tmp_path)
     assert [m["step"] for m in metrics] == [1, 2, 3] and all(m["loss"] >= 0 for m in metrics)
     stages = json.loads((out / "run" / "stages.json").read_text())
     assert stages["recover"]["teacher_mb"] > 0
+    assert summary["ppl_fp"] > 0 and summary["gap_closed"] == pytest.approx(
+        (summary["ppl_before"] - summary["ppl_after"]) / (summary["ppl_before"] - summary["ppl_fp"]))
+    md = (out / "summary.md").read_text()
+    assert f"{summary['ppl_after']:.3f}" in md and "loss kd" in md and "block-wise 2 steps per block" in md
     model = load(out)  # the packed result loads like any checkpoint
     assert any(isinstance(m, QuantLinear) for m in model.modules())
 

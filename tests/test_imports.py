@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "gift_quant"
 
 # lowest first; fnmatch patterns over dotted module names
 LAYERS: list[tuple[str, list[str]]] = [
-    ("foundations", ["gift_quant", "gift_quant.errors", "gift_quant.threads", "gift_quant.cache",
+    ("foundations", ["gift_quant.errors", "gift_quant.threads", "gift_quant.cache",
                      "gift_quant.logs"]),
     ("settings and pure numeric cores", ["gift_quant.config", "gift_quant.grid", "gift_quant.stats",
                                          "gift_quant.sensitivity", "gift_quant.pack", "gift_quant.arch"]),
@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("stages", ["gift_quant.stages", "gift_quant.stages.*"]),
     ("commands", ["gift_quant.pipeline", "gift_quant.finetune"]),
     ("comparisons and peer tools", ["gift_quant.compare*", "gift_quant.report*", "gift_quant.peer"]),
-    ("command line", ["gift_quant.cli", "gift_quant.__main__"]),
+    ("command line and public API", ["gift_quant.cli", "gift_quant.__main__", "gift_quant"]),
 ]
 
 

@@ -51,8 +51,8 @@ def _driver(argv: list[str]) -> None:
     for noise in NOISES:
         model = prepare_quantized(load(a.ckpt), noise=noise, noise_bits=4, seed=0)
         init = trainable_state(model)
-        settings = RecoverConfig(loss="ce", steps=STEPS, lr=LR, batch_size=BATCH, grad_accum=a.grad_accum, warmup_ratio=0.0,
-                                 save_every=STEPS, seed=0)
+        settings = RecoverConfig(loss="ce", steps=STEPS, lr=LR, batch_size=BATCH, grad_accum=a.grad_accum,
+                                 warmup_ratio=0.0, save_every=STEPS, seed=0)
         summary = train(model, data["ids"], data["labels"], settings, out / f"run-{noise}", device="cpu",
                         progress=False)
         rank = int(os.environ.get("RANK", "0"))

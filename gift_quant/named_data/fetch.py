@@ -96,7 +96,7 @@ def downloads_dir() -> Path:
 
 def progress(message: str) -> None:
     """One line on stderr: fetching and building take seconds to minutes, and a silent wait looks hung."""
-    print(f"[gift-quant] {message}", file=sys.stderr, flush=True)
+    print(f"gift-quant: {message}", file=sys.stderr, flush=True)
 
 
 def obtain(key: str, workdir: Path, needed_for: str) -> Path:
