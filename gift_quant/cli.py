@@ -149,7 +149,8 @@ def cmd_recover(a) -> dict:
     ecfg = build(EvalConfig, recipe, "eval", {"ppl_data": a.ppl_data, "seq_len": a.ppl_seq_len,
                                               "max_windows": a.max_windows})
     res = run_recover(a.model_dir, a.out, qcfg, rcfg, ecfg, overwrite=a.overwrite,
-                      trust_remote_code=a.trust_remote_code, progress=not a.no_progress)
+                      trust_remote_code=a.trust_remote_code, progress=not a.no_progress,
+                      keep_intermediate=a.keep_intermediate)
     before = "after block-wise reconstruction" if rcfg.blockwise_steps else "before recovery"
     gap = "" if res.get("gap_closed") is None else f", {100 * res['gap_closed']:.1f} % of the gap closed"
     print(f"wrote {res['out']}: GIFT-SW {res['variant']} w{res['bits']} ({res['effective_bits']:.3f} bits/weight), "
@@ -247,6 +248,23 @@ def cmd_inspect(a) -> dict:
     return info
 
 
+def cmd_clean(a) -> dict:
+    from .checkpoint import is_checkpoint
+    from .rundir import RUN_DIR, remove_intermediate
+
+    out = Path(a.out)
+    run_dir = out / RUN_DIR
+    if not run_dir.is_dir():
+        raise GiftQuantError(f"{out} has no {RUN_DIR}/ folder: nothing to clean")
+    finished = is_checkpoint(out) or (out / "finetune_summary.json").is_file()
+    if not finished and not a.discard_progress:
+        raise GiftQuantError(f"{out} is an unfinished run: cleaning it discards its progress; "
+                             "rerun the same command to finish it, or pass --discard-progress")
+    freed = remove_intermediate(run_dir)
+    print(f"removed {freed / 2**20:.1f} MB of resumable state from {run_dir}")
+    return {"out": str(out), "freed_bytes": freed}
+
+
 def cmd_finetune(a) -> dict:
     from .finetune import run_finetune
 
@@ -308,7 +326,15 @@ def make_parser() -> argparse.ArgumentParser:
     _add_quantize_flags(r)
     _add_recover_flags(r)
     _add_common(r)
+    r.add_argument("--keep-intermediate", action="store_true",
+                   help="keep run/'s stage checkpoints and optimizer state after success (default: removed)")
     r.set_defaults(func=cmd_recover)
+
+    k = sub.add_parser("clean", help="remove the resumable state under OUT/run (stage checkpoints, optimizer state)")
+    k.add_argument("out", help="an output folder of quantize, recover or finetune")
+    k.add_argument("--discard-progress", action="store_true", help="also clean an unfinished run (it restarts)")
+    k.add_argument("--json", dest="json_out", default=None, metavar="FILE", help="also write the result as JSON")
+    k.set_defaults(func=cmd_clean)
 
     f = sub.add_parser("finetune", help="GIFT-SW as PEFT on a full-precision model -> merged folder + adapter")
     _add_quantize_flags(f)

@@ -19,7 +19,7 @@ from .checkpoint import load, read_gift_config, save_checkpoint
 from .config import EvalConfig, QuantizeConfig, RecoverConfig
 from .loading import load_any
 from .models import load_model, parse_dtype, resolve_device, resolve_model_dir
-from .rundir import RUN_DIR, Stages, claim_run, prepare_output
+from .rundir import RUN_DIR, Stages, claim_run, prepare_output, remove_intermediate
 from .stages import (
     blockwise_reconstructor,
     convert_recovered,
@@ -50,14 +50,20 @@ def run_eval_ppl(path: str | None, cfg: EvalConfig, device_name: str = "auto", t
 
 def run_recover(model_dir: str | None, out: str | Path, qcfg: QuantizeConfig, rcfg: RecoverConfig,
                 ecfg: EvalConfig, overwrite: bool = False, trust_remote_code: bool = False,
-                progress: bool = True) -> dict:
+                progress: bool = True, keep_intermediate: bool = False) -> dict:
     """recover: calibrate -> sensitivity -> quantize -> recover -> pack -> eval, resumable by stage.
 
     post: GPTQ with salient columns, then noise-injected training of those columns (noise at
     ``noise_bits``, 4 by default). pre: train the salient columns of the full-precision model with
-    noise at the target bits, then quantize with the same columns.
+    noise at the target bits, then quantize with the same columns. After success, ``run/`` keeps only its
+    record and training curve (rundir.KEPT_AFTER_SUCCESS) unless ``keep_intermediate``.
     """
-    return _RecoverRun(model_dir, Path(out), qcfg, rcfg, ecfg, overwrite, trust_remote_code, progress).run()
+    summary = _RecoverRun(model_dir, Path(out), qcfg, rcfg, ecfg, overwrite, trust_remote_code, progress).run()
+    from accelerate import PartialState
+
+    if not keep_intermediate and PartialState().is_main_process:
+        remove_intermediate(Path(out) / RUN_DIR)
+    return summary
 
 
 class _RecoverRun:
@@ -153,7 +159,8 @@ class _RecoverRun:
 
         rcfg, qpath = self.rcfg, self.run_dir / "quantized"
         if self.stages.finished("recover"):
-            return load_model(self.run_dir / "trained", self.dtype) if rcfg.variant == "pre" else None
+            pending = rcfg.variant == "pre" and not self.stages.finished("recovered")
+            return load_model(self.run_dir / "trained", self.dtype) if pending else None
         if rcfg.steps == 0:  # block-wise reconstruction only: the quantized model is the result
             if self.dist.is_main_process:
                 shutil.copytree(qpath, self.run_dir / "recovered", dirs_exist_ok=True,

@@ -86,6 +86,29 @@ def claim_run(out: Path, identity: dict) -> Path:
     return run_dir
 
 
+# What a finished run keeps in run/: its identity, its stage record, its training curve.
+KEPT_AFTER_SUCCESS = ("run.json", "stages.json", "recover/metrics.jsonl", "train/metrics.jsonl", "salient.safetensors")
+
+
+def remove_intermediate(run_dir: Path) -> int:
+    """Delete the resumable state of ``run_dir`` (stage checkpoints, per-block results, optimizer state).
+
+    Keeps `KEPT_AFTER_SUCCESS`; returns the bytes freed. The output beside run/ is untouched.
+    """
+    run_dir = Path(run_dir)
+    keep = {run_dir / k for k in KEPT_AFTER_SUCCESS}
+    freed = 0
+    for path in sorted(run_dir.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if path in keep or any(k.is_relative_to(path) for k in keep if k.exists()):
+            continue
+        if path.is_file() or path.is_symlink():
+            freed += path.stat().st_size if path.is_file() else 0
+            path.unlink()
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+    return freed
+
+
 class Stages:
     """``run/stages.json``: which stages finished, with their results; written atomically."""
 

@@ -83,6 +83,25 @@ def test_recover_with_kd_on_plain_text_and_blockwise_end_to_end(setup, tmp_path)
     assert f"{summary['ppl_after']:.3f}" in md and "loss kd" in md and "block-wise 2 steps per block" in md
     model = load(out)  # the packed result loads like any checkpoint
     assert any(isinstance(m, QuantLinear) for m in model.modules())
+    # lean output: run/ keeps its record and training curve only; a rerun still finds everything finished
+    kept = sorted(str(p.relative_to(out / "run")) for p in (out / "run").rglob("*") if p.is_file())
+    assert kept == ["recover/metrics.jsonl", "run.json", "stages.json"], kept
+    assert run_recover(str(src), out, qcfg, rcfg, ecfg, progress=False)["ppl_after"] == summary["ppl_after"]
+
+
+def test_clean_command_removes_resumable_state(setup, tmp_path, capsys):
+    from gift_quant.cli import main
+
+    root, src, qcfg = setup
+    rcfg = RecoverConfig(steps=1, batch_size=2, seq_len=32, train_data=str(root / "train.txt"), loss="ce")
+    ecfg = EvalConfig(ppl_data=str(root / "eval.txt"), seq_len=32, max_windows=2)
+    out = tmp_path / "out"
+    run_recover(str(src), out, qcfg, rcfg, ecfg, progress=False, keep_intermediate=True)
+    assert (out / "run" / "quantized" / "model.safetensors").is_file()
+    assert main(["clean", str(out)]) == 0
+    assert not (out / "run" / "quantized").exists() and (out / "run" / "stages.json").is_file()
+    assert "removed" in capsys.readouterr().out
+    load(out)  # the result itself is untouched
 
 
 def test_blockwise_only_recover_skips_end_to_end_training(setup, tmp_path):

@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve()
 STEPS, SAVE_EVERY, KILL_AT_LINES = 30, 3, 4
 SMALL = ["--calib-samples", "4", "--seq-len", "32", "--salient", "4", "--steps", str(STEPS),
          "--save-every", str(SAVE_EVERY), "--batch-size", "2", "--max-windows", "4", "--ppl-seq-len", "32",
-         "--device", "cpu", "--no-progress"]
+         "--device", "cpu", "--no-progress", "--keep-intermediate"]
 TIMEOUT = 300
 
 
@@ -204,7 +204,7 @@ def _assert_steps_once(out: Path) -> list[dict]:
 def test_reference_run_trained(runs):
     ref = runs["ref"]
     _assert_steps_once(ref)
-    assert set(_stages(ref)) == {"quantized", "eval_before", "recover", "pack", "eval_after"}
+    assert set(_stages(ref)) == {"quantized", "eval_before", "eval_fp", "recover", "pack", "eval_after"}
     assert _state_step(ref) == STEPS
     # training changed the salient columns: a resume bug could not hide behind an untrained model
     before, after = _tensors(ref / "run/quantized/model.safetensors"), _tensors(ref / "model.safetensors")
