@@ -198,6 +198,7 @@ def report(out: Path, results: Path) -> list[dict]:
                                                     in starts.items()}, "rows": rows}, indent=1))
     _write_csv(results / "study.csv", rows)
     _write_markdown(results / "study.md", rows, ppl_fp, starts)
+    zeroshot_table(Path(out) / "zeroshot", results)
     _plot(results / "gap_closed.png", rows)
     return rows
 
@@ -242,6 +243,27 @@ def _write_markdown(path: Path, rows: list[dict], ppl_fp: float, starts: dict) -
                      f"{statistics.fmean(secs):.0f} |" if secs else f"| {r['config']} | {r['bits']} | "
                      f"{_fmt_interval(r)} | {ppl} | - |")
     path.write_text("\n".join(lines) + "\n")
+
+
+def zeroshot_table(folder: Path, results: Path) -> None:
+    """zeroshot.md/json from ``gift-quant eval --tasks ... --json`` files (label = file stem)."""
+    files = sorted(Path(folder).glob("*.json"))
+    if not files:
+        return
+    docs = {f.stem: json.loads(f.read_text()) for f in files}
+    tasks = sorted({t for d in docs.values() for t in d["tasks"]})
+    lines = ["# Zero-shot accuracy (lm-eval, first N documents of each task's validation split)", "",
+             "acc_norm where lm-eval defines it (arc_easy, piqa), else acc; +- is lm-eval's standard error.", "",
+             "| model | " + " | ".join(f"{t} (n)" for t in tasks) + " | mean |", "|---|" + "---|" * (len(tasks) + 1)]
+    for label, d in docs.items():
+        cells = []
+        for t in tasks:
+            e = d["tasks"].get(t, {})
+            metric = "acc_norm" if "acc_norm" in e else "acc"
+            cells.append(f"{e[metric]:.3f} +- {e.get(metric + '_stderr') or 0:.3f} ({e['n']})" if metric in e else "-")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {d.get('mean', float('nan')):.3f} |")
+    (results / "zeroshot.md").write_text("\n".join(lines) + "\n")
+    (results / "zeroshot.json").write_text(json.dumps(docs, indent=1))
 
 
 def _plot(path: Path, rows: list[dict]) -> None:
