@@ -65,6 +65,10 @@ class QuantizeConfig:
             raise GiftQuantError(f"damp must be in [0, 1) (got {self.damp})")
         if self.calib_samples <= 0 or self.seq_len <= 1:
             raise GiftQuantError("--calib-samples must be > 0 and --seq-len > 1")
+        if self.calib_batch_size <= 0:
+            raise GiftQuantError(f"--calib-batch-size must be > 0 (got {self.calib_batch_size})")
+        if self.group_size == 0 or self.group_size < -1:
+            raise GiftQuantError(f"--group-size must be -1 (per row) or a positive count (got {self.group_size})")
 
     def salient_count(self, in_features: int, layer: str = "") -> int:
         k = self.salient if self.salient is not None else round(self.salient_fraction * in_features)
@@ -205,13 +209,43 @@ def read_recipe(path: str | Path | None) -> dict[str, dict[str, Any]]:
     return data
 
 
+_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def check_type(section: str, key: str, value: Any, annotation: str) -> Any:
+    """``value`` if it has the field's declared type (``int``, ``float``, ``str | None`` ...), else a clear error.
+
+    YAML and JSON give real booleans and numbers; a string "false" or a float where a count is meant is
+    a mistake to report, not to coerce (``"false"`` would be true). An int is accepted as a float.
+    """
+    names = [n.strip() for n in annotation.split("|")]
+    if value is None and "None" in names:
+        return value
+    for name in names:
+        t = _TYPES.get(name)
+        if t is None:
+            continue
+        if t is bool and isinstance(value, bool):
+            return value
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if t is str and isinstance(value, str):
+            return value
+    wanted = " or ".join("null" if n == "None" else n for n in names)
+    raise GiftQuantError(f"{section}.{key} must be {wanted}, got {value!r} ({type(value).__name__}); "
+                         f"fix the recipe or flag")
+
+
 def build(cls: type, recipe: dict[str, dict[str, Any]], section: str, overrides: dict[str, Any]):
-    """Defaults < recipe section < overrides whose value is not None."""
+    """Defaults < recipe section < overrides whose value is not None; every value type-checked first."""
     values: dict[str, Any] = dict(recipe.get(section, {}))
     values.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    typed = {k: check_type(section, k, v, str(fields[k].type)) for k, v in values.items() if k in fields}
     try:
-        return cls(**{k: v for k, v in values.items() if k in known})
+        return cls(**typed)
     except TypeError as exc:
         raise GiftQuantError(f"bad {section} settings: {exc}") from exc
 

@@ -389,3 +389,24 @@ def test_eval_text_too_short(world, capsys):
     rc, _, err = run_in_process(capsys, ["eval", world["llama"], "--ppl-data", world["short"], "--seq-len", "32",
                                          "--no-progress"])
     assert_cli_error(rc, err, "short.txt", "too short")
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("act_order", "false", "quantize.act_order must be bool, got 'false'"),
+    ("sym", "no", "quantize.sym must be bool, got 'no'"),
+    ("bits", 3.5, "quantize.bits must be int, got 3.5"),
+    ("calib_batch_size", 0, "--calib-batch-size must be > 0"),
+])
+def test_recipe_values_are_type_checked(world, capsys, tmp_path, key, value, message):
+    import yaml
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"quantize": {key: value}}))
+    rc, _, err = run_in_process(capsys, quantize_args(world, world["llama"], tmp_path / "out", "--recipe", str(recipe)))
+    assert_cli_error(rc, err, message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_group_size_that_does_not_divide_a_layer_is_refused_before_work(world, capsys, tmp_path):
+    rc, _, err = run_in_process(capsys, quantize_args(world, world["llama"], tmp_path / "out", "--group-size", "48"))
+    assert_cli_error(rc, err, "--group-size 48 does not divide", "model.layers.0.")

@@ -60,8 +60,13 @@ def check_finite(model: nn.Module, source: str) -> None:
 
 
 def validate_salient_counts(model: nn.Module, cfg: QuantizeConfig) -> None:
+    """Refuse settings no layer can take (salient count, group size) before any work starts."""
     for name, lin in model_linears(model).items():
         cfg.salient_count(lin.in_features, name)
+        if cfg.group_size > 0 and lin.in_features % cfg.group_size:
+            raise GiftQuantError(
+                f"--group-size {cfg.group_size} does not divide the {lin.in_features} input columns of {name}: "
+                "choose a divisor of every linear's inputs (e.g. 32 or 64), or -1 for per-row grids")
 
 
 def score_layer(linear: nn.Linear, stats: ColumnStats, cfg: QuantizeConfig, name: str):
