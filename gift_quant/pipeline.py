@@ -85,7 +85,8 @@ class _RecoverRun:
 
     def run(self) -> dict:
         with self.dist.main_process_first():
-            prepare_output(self.out, self.overwrite and self.dist.is_main_process)
+            main = self.dist.is_main_process  # rank 0 alone owns (and locks) the output folder
+            prepare_output(self.out, self.overwrite and main, lock=main)
             self.tokenizer, model, self.windows, self.identity = load_source(self.src, self.qcfg, self.dtype,
                                                                               self.trust)
             self.identity.update(recover=dataclasses.asdict(self.rcfg), eval=dataclasses.asdict(self.ecfg))

@@ -44,8 +44,48 @@ def model_fingerprint(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def prepare_output(out: Path, overwrite: bool) -> None:
-    """Refuse folders that hold something else; ``overwrite`` clears a previous gift-quant output."""
+_LOCKS: dict[str, object] = {}  # held open for the life of the process; the OS releases them at exit or kill
+
+
+def lock_output(out: Path) -> None:
+    """One writer per output folder: an advisory lock beside ``out``, held until this process ends.
+
+    A second run into the same folder is refused, naming the process that holds it. The lock file lives
+    beside the folder (``.NAME.gift-quant.lock``) so that ``--overwrite`` can delete the folder itself.
+    """
+    import fcntl
+    import os
+
+    out = Path(out).resolve()
+    key = str(out)
+    if key in _LOCKS:
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = out.parent / f".{out.name}.gift-quant.lock"
+    fh = open(path, "a+")  # noqa: SIM115 - kept open on purpose: closing it releases the lock
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise GiftQuantError(f"--out {out} is being written by {holder}: wait for it to finish (or stop it), "
+                             "or choose another --out") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"gift-quant process {os.getpid()}")
+    fh.flush()
+    _LOCKS[key] = fh
+    # temporary folders of killed runs (atomic writes that never reached their rename) are ours to remove
+    if out.is_dir():
+        for stale in out.rglob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+
+def prepare_output(out: Path, overwrite: bool, lock: bool = True) -> None:
+    """Lock ``out`` for this process; refuse folders that hold something else; ``overwrite`` clears ours."""
+    if lock:
+        lock_output(out)
     if not out.exists():
         return
     if not out.is_dir():
