@@ -21,7 +21,8 @@ import pytest
 import torch
 
 HERE = Path(__file__).resolve()
-NOISES = ("none", "normal")
+# name -> (noise, loss): the KD run distils from the tiny source model on every rank's micro-batch
+RUNS = {"none": ("none", "ce"), "normal": ("normal", "ce"), "normal-kd": ("normal", "kd")}
 STEPS, BATCH, LR = 4, 2, 1e-2
 TIMEOUT = 240
 
@@ -44,17 +45,23 @@ def _driver(argv: list[str]) -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--grad-accum", type=int, required=True)
+    ap.add_argument("--teacher", required=True)
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     data = load_file(a.data)
     out = Path(a.out)
-    for noise in NOISES:
+    from gift_quant.models import load_model
+    from gift_quant.recover.objective import Teacher
+
+    for name, (noise, loss) in RUNS.items():
         model = prepare_quantized(load(a.ckpt), noise=noise, noise_bits=4, seed=0)
         init = trainable_state(model)
-        settings = RecoverConfig(loss="ce", steps=STEPS, lr=LR, batch_size=BATCH, grad_accum=a.grad_accum,
+        settings = RecoverConfig(loss=loss, steps=STEPS, lr=LR, batch_size=BATCH, grad_accum=a.grad_accum,
                                  warmup_ratio=0.0, save_every=STEPS, seed=0)
-        summary = train(model, data["ids"], data["labels"], settings, out / f"run-{noise}", device="cpu",
-                        progress=False)
+        teacher = Teacher(load_model(Path(a.teacher)), "cpu") if loss == "kd" else None
+        summary = train(model, data["ids"], data["labels"], settings, out / f"run-{name}", device="cpu",
+                        progress=False, teacher=teacher)
+        noise = name
         rank = int(os.environ.get("RANK", "0"))
         if rank == 0:
             save_file(trainable_state(model), str(out / f"{noise}.safetensors"))
@@ -95,7 +102,8 @@ def runs(tmp_path_factory):
            "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    common = ["driver", "--ckpt", str(root / "ckpt"), "--data", str(root / "data.safetensors")]
+    common = ["driver", "--ckpt", str(root / "ckpt"), "--data", str(root / "data.safetensors"),
+              "--teacher", str(src)]
     outs = {1: root / "world1", 2: root / "world2"}
     for d in outs.values():
         d.mkdir()
@@ -130,7 +138,7 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-@pytest.mark.parametrize("noise", NOISES)
+@pytest.mark.parametrize("noise", list(RUNS))
 def test_two_processes_match_one(runs, noise):
     one, two = runs["out"][1], runs["out"][2]
     meta1 = json.loads((one / f"{noise}.json").read_text())
