@@ -4,8 +4,9 @@ Layout of a checkpoint folder::
 
     config.json, generation_config.json, tokenizer files   (copied from the source model)
     model.safetensors        every tensor: QuantLinear buffers for quantized linears, the rest as is
-    gift_quant_config.json   format version, settings, per-layer K and effective bits, provenance;
-                             written last, so its presence means the checkpoint is complete
+    gift_quant_config.json   format version, settings, per-layer K and effective bits, provenance, and
+                             the sha256 of every file above ("files"); written last, so its presence
+                             means the checkpoint is complete, and `load` refuses a file that changed
 
 Only safetensors is read or written; nothing is unpickled.
 """
@@ -22,7 +23,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from .arch import set_module
-from .cache import atomic_write_text
+from .cache import atomic_write_text, sha256_file
 from .errors import GiftQuantError
 from .models import parse_dtype
 from .qlinear import QuantLinear
@@ -59,6 +60,7 @@ def save_checkpoint(model: nn.Module, out_dir: Path, source_dir: Path, gift_conf
     atomic_write_text(out_dir / "config.json", json.dumps(cfg, indent=2, default=str))
     copy_tokenizer_files(source_dir, out_dir)
     doc = {"format": FORMAT, "format_version": FORMAT_VERSION, **gift_config}
+    doc["files"] = {name: sha256_file(out_dir / name) for name in (WEIGHTS_NAME, "config.json")}
     atomic_write_text(out_dir / CONFIG_NAME, json.dumps(doc, indent=1))
 
 
@@ -72,6 +74,28 @@ def read_gift_config(path: Path) -> dict:
             f"{f}: format {doc.get('format')} v{doc.get('format_version')} is not readable by this gift-quant "
             f"(reads {FORMAT} v{FORMAT_VERSION}); upgrade gift-quant")
     return doc
+
+
+def verify_files(path: Path, doc: dict) -> None:
+    """Refuse a checkpoint whose files differ from the sha256 its config recorded (older ones record none)."""
+    for name, digest in (doc.get("files") or {}).items():
+        f = Path(path) / name
+        if not f.is_file():
+            raise GiftQuantError(f"{f} is missing: the checkpoint is incomplete; re-create it")
+        if sha256_file(f) != digest:
+            raise GiftQuantError(f"{f} does not match the sha256 recorded when it was written (changed or corrupt "
+                                 "on disk); re-create the checkpoint or restore the file")
+
+
+def check_loaded(model: nn.Module, path: Path) -> None:
+    """Non-finite scales, zeros or salient columns make a silently wrong model: refuse them, naming the layer."""
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            for buf in ("scales", "salient_weight", "bias"):
+                t = getattr(m, buf, None)
+                if t is not None and t.is_floating_point() and not torch.isfinite(t).all():
+                    raise GiftQuantError(f"{path / WEIGHTS_NAME}: layer {name} has non-finite {buf}; "
+                                         "the checkpoint is corrupt: re-create it")
 
 
 def build_quant_skeleton(model: nn.Module, layers: dict, bits: int, sym: bool, salient_dtype: torch.dtype) -> None:
@@ -89,6 +113,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
 
     path = Path(path)
     doc = read_gift_config(path)
+    verify_files(path, doc)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     model_dtype = dtype or parse_dtype(doc.get("dtype", "float32"))
     with no_init_weights():
@@ -98,7 +123,11 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
         model.tie_weights()
     q = doc["quantize"]
     build_quant_skeleton(model, doc["layers"], q["bits"], q["sym"], parse_dtype(q["salient_dtype"]))
-    missing, unexpected = load_model(model, str(path / WEIGHTS_NAME), strict=False)
+    try:
+        missing, unexpected = load_model(model, str(path / WEIGHTS_NAME), strict=False)
+    except (RuntimeError, ValueError, OSError) as exc:  # shape mismatch (e.g. bits vs packed words), bad file
+        raise GiftQuantError(f"{path / WEIGHTS_NAME} does not match {CONFIG_NAME} (bits, groups or salient "
+                             f"counts): {str(exc).splitlines()[0][:200]}") from None
     # rotary inv_freq and similar non-persistent buffers are rebuilt by the constructor, not stored
     missing = [m for m in missing if not m.endswith("inv_freq")]
     if missing or unexpected:
@@ -106,6 +135,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
             f"{path / WEIGHTS_NAME} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
+    check_loaded(model, path)
     model.eval()
     model.config.use_cache = True  # inference: generate() with the KV cache (training passes use_cache=False)
     return model.to(device)

@@ -245,6 +245,8 @@ def cmd_inspect(a) -> dict:
 
     info = inspect_checkpoint(a.path)
     print(format_report(info, layers=a.layers))
+    if str(info.get("health", "")).startswith("broken"):
+        raise GiftQuantError(f"{a.path} is not healthy: {info['health'][len('broken: '):]}")
     return info
 
 

@@ -81,6 +81,26 @@ def _read_json(path: Path) -> dict | None:
 # ---------------------------------------------------------------------------- kinds
 
 
+def _native_health(path: Path, doc: dict) -> str:
+    """"verified" when every recorded file matches its sha256 and the settings are possible, else what is wrong."""
+    from .cache import sha256_file
+    from .grid import SUPPORTED_BITS
+
+    bits = doc.get("bits", doc.get("quantize", {}).get("bits"))
+    if bits not in SUPPORTED_BITS:
+        return f"broken: bits {bits!r} is not a storable width ({', '.join(map(str, SUPPORTED_BITS))})"
+    files = doc.get("files")
+    if not files:
+        return "unverified: written before gift-quant recorded file checksums"
+    for name, digest in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"broken: {name} is missing"
+        if sha256_file(f) != digest:
+            return f"broken: {name} does not match its recorded sha256 (changed or corrupt)"
+    return "verified (sha256 of " + ", ".join(sorted(files)) + ")"
+
+
 def _inspect_native(path: Path) -> dict:
     from .checkpoint import read_gift_config
 
@@ -92,6 +112,7 @@ def _inspect_native(path: Path) -> dict:
     config = _read_json(path / "config.json") or {}
     return {
         "kind": "gift-quant", "path": str(path), "model_type": config.get("model_type"),
+        "health": _native_health(path, doc),
         "format_version": doc.get("format_version"), "tool": doc.get("tool"), "version": doc.get("version"),
         "bits": doc.get("bits", q.get("bits")), "group_size": doc.get("group_size", q.get("group_size")),
         "sym": q.get("sym"), "act_order": q.get("act_order"), "static_groups": q.get("static_groups"),
@@ -298,6 +319,8 @@ def format_report(info: dict, layers: bool = True) -> str:
     """Human-readable text of ``inspect_checkpoint``'s dict; ``layers`` adds the per-layer table."""
     kind = info["kind"]
     out = [f"{kind} checkpoint: {info['path']}"]
+    if info.get("health"):
+        out.append(f"  health        {info['health']}")
     if info.get("model_type"):
         out.append(f"  model         {info['model_type']}")
     if kind == "dense":

@@ -1,0 +1,89 @@
+"""A checkpoint that changed on disk, or whose tensors are non-finite or disagree with its config, is refused."""
+
+import json
+
+import pytest
+from safetensors.torch import load_file, save_file
+from tiny import corpus, make_model_dir
+
+from gift_quant.cache import sha256_file
+from gift_quant.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load
+from gift_quant.config import QuantizeConfig
+from gift_quant.errors import GiftQuantError
+from gift_quant.stages import quantize_to_checkpoint
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("integrity")
+    src = make_model_dir("llama", root / "src")
+    (root / "calib.txt").write_text(corpus(2000, seed=4))
+    cfg = QuantizeConfig(bits=3, salient=4, calib_data=str(root / "calib.txt"), calib_samples=4, seq_len=32,
+                         device="cpu")
+    quantize_to_checkpoint(str(src), root / "q", cfg, progress=False)
+    return root / "q"
+
+
+def _copy(ckpt, tmp_path):
+    import shutil
+
+    dst = tmp_path / "copy"
+    shutil.copytree(ckpt, dst)
+    return dst
+
+
+def test_manifest_records_every_file(ckpt):
+    doc = json.loads((ckpt / CONFIG_NAME).read_text())
+    assert doc["files"] == {n: sha256_file(ckpt / n) for n in (WEIGHTS_NAME, "config.json")}
+    load(ckpt)
+
+
+def test_flipped_byte_is_refused_naming_the_file(ckpt, tmp_path):
+    c = _copy(ckpt, tmp_path)
+    data = bytearray((c / WEIGHTS_NAME).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (c / WEIGHTS_NAME).write_bytes(bytes(data))
+    with pytest.raises(GiftQuantError, match=f"{WEIGHTS_NAME} does not match the sha256"):
+        load(c)
+
+
+def test_nan_scale_is_refused_naming_the_layer(ckpt, tmp_path):
+    c = _copy(ckpt, tmp_path)
+    tensors = load_file(str(c / WEIGHTS_NAME))
+    name = next(k for k in tensors if k.endswith(".scales"))
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, str(c / WEIGHTS_NAME), metadata={"format": "pt"})
+    doc = json.loads((c / CONFIG_NAME).read_text())
+    doc["files"][WEIGHTS_NAME] = sha256_file(c / WEIGHTS_NAME)  # a consistent manifest: the tensor check must catch it
+    (c / CONFIG_NAME).write_text(json.dumps(doc))
+    with pytest.raises(GiftQuantError, match=f"layer {name.rsplit('.', 1)[0]} has non-finite scales"):
+        load(c)
+
+
+def test_config_bits_that_disagree_with_the_packed_data_are_refused(ckpt, tmp_path):
+    c = _copy(ckpt, tmp_path)
+    doc = json.loads((c / CONFIG_NAME).read_text())
+    doc["quantize"]["bits"] = 2  # 3-bit data read as 2-bit would be a silently wrong model
+    (c / CONFIG_NAME).write_text(json.dumps(doc))
+    with pytest.raises(GiftQuantError, match="does not match gift_quant_config.json"):
+        load(c)
+
+
+def test_deleted_weights_are_refused(ckpt, tmp_path):
+    c = _copy(ckpt, tmp_path)
+    (c / WEIGHTS_NAME).unlink()
+    with pytest.raises(GiftQuantError, match="is missing"):
+        load(c)
+
+
+def test_inspect_verifies_the_weights(ckpt, tmp_path, capsys):
+    from gift_quant.cli import main
+
+    assert main(["inspect", str(ckpt)]) == 0
+    assert "health        verified" in capsys.readouterr().out
+    c = _copy(ckpt, tmp_path)
+    with open(c / WEIGHTS_NAME, "r+b") as f:  # truncated by a crash or a full disk
+        f.truncate(1000)
+    assert main(["inspect", str(c)]) == 2
+    err = capsys.readouterr().err
+    assert "is not healthy" in err and WEIGHTS_NAME in err and "Traceback" not in err
