@@ -397,10 +397,24 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM as an exception (like KeyboardInterrupt for SIGINT): unwinds through finally blocks."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
     quiet_import_noise()
     parser = make_parser()
     a = parser.parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        # the default SIGTERM kills without cleanup or message; as an exception it stops like Ctrl-C does
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         result = a.func(a)
         if getattr(a, "json_out", None):
@@ -412,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gift-quant: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Terminated:
+        print("gift-quant: terminated (SIGTERM); rerun the same command to resume", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":

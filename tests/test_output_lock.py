@@ -39,3 +39,36 @@ def test_stale_temporary_folders_are_removed_by_the_next_run(tmp_path):
     (out / "run" / ".tmp-stages.json-x").write_text("partial")
     prepare_output(out, False)
     assert not list(out.rglob(".tmp-*")) and (out / "run" / "run.json").is_file()
+
+
+def test_sigterm_stops_with_143_and_the_resume_message(tmp_path):
+    """SIGTERM during a run: exit 143, one line saying how to resume, no traceback."""
+    import os
+    import signal
+
+    from tiny import corpus, make_model_dir
+
+    src = make_model_dir("llama", tmp_path / "src")
+    (tmp_path / "calib.txt").write_text(corpus(3000, seed=1))
+    ready = tmp_path / "ready"
+    # park the quantize command inside GPTQ (deterministically) and signal it there
+    code = (
+        "import sys, time, pathlib\n"
+        "from gift_quant.quant import engine\n"
+        "real = engine.gptq_quantize\n"
+        "def parked(*a, **k):\n"
+        f"    pathlib.Path({str(ready)!r}).write_text('x'); time.sleep(60)\n"
+        "engine.gptq_quantize = parked\n"
+        "from gift_quant.cli import main\n"
+        f"sys.exit(main(['quantize', {str(src)!r}, '--out', {str(tmp_path / 'out')!r}, '--calib-data', "
+        f"{str(tmp_path / 'calib.txt')!r}, '--calib-samples', '4', '--seq-len', '32', '--salient', '4', "
+        "'--device', 'cpu', '--no-progress']))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not ready.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert ready.exists(), proc.stderr.read() if proc.poll() is not None else "never reached GPTQ"
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err[-2000:]
+    assert "terminated (SIGTERM); rerun the same command to resume" in err and "Traceback" not in err
