@@ -112,13 +112,7 @@ def _logged_step(line: str) -> int | None:
         return None
 
 
-def train(model, windows: torch.Tensor, labels: torch.Tensor, settings: RecoverConfig, run_dir: Path,
-          eval_windows: torch.Tensor | None = None, eval_labels: torch.Tensor | None = None,
-          device: torch.device | str = "cpu", progress: bool = True, teacher: Teacher | None = None) -> dict:
-    """Train the trainable parameters of ``model`` in place with ``settings.loss``; returns a summary.
-
-    ``teacher`` (the full-precision model) is needed by the ``kd`` and ``kd+ce`` objectives.
-    """
+def _accelerator(device):
     from accelerate import Accelerator, DistributedType
 
     dev = torch.device(device)
@@ -131,95 +125,119 @@ def train(model, windows: torch.Tensor, labels: torch.Tensor, settings: RecoverC
             f"gift-quant recover does not support {accelerator.distributed_type.value}: launch data-parallel "
             "instead (`torchrun --nproc_per_node N` or `accelerate launch` without --use_fsdp/--use_deepspeed); "
             "the frozen quantized base is replicated on every GPU either way")
-    world, rank = accelerator.num_processes, accelerator.process_index
-    micro_per_rank = settings.grad_accum
-    global_batch = settings.batch_size * micro_per_rank * world
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    state_dir, metrics_path = run_dir / "state", run_dir / "metrics.jsonl"
-    torch.manual_seed(settings.seed)
-    model.to(accelerator.device)
-    if settings.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("no trainable gift_ parameters: the model has no salient columns (K = 0)")
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    scheduler = warmup_cosine_schedule(optimizer, settings.steps, settings.warmup_ratio)
-    objective = objective_of(settings)
-    if objective.needs_teacher and teacher is None:
-        raise GiftQuantError(f"--loss {settings.loss} needs the full-precision teacher; none was given")
-    start, history = 0, []
-    if (state_dir / "step.json").is_file():
-        start, meta = _load_state(state_dir, model, optimizer, scheduler)
-        if meta.get("global_batch", global_batch) != global_batch:
+    return accelerator
+
+
+class _Loop:
+    """One training run's state: the accelerator, optimizer, schedule, objective and where it logs."""
+
+    def __init__(self, model, settings: RecoverConfig, run_dir: Path, device, teacher: Teacher | None):
+        self.accelerator = accel = _accelerator(device)
+        self.world, self.rank = accel.num_processes, accel.process_index
+        self.settings, self.teacher, self.model = settings, teacher, model
+        self.global_batch = settings.batch_size * settings.grad_accum * self.world
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir, self.metrics_path = run_dir / "state", run_dir / "metrics.jsonl"
+        torch.manual_seed(settings.seed)
+        model.to(accel.device)
+        if settings.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("no trainable gift_ parameters: the model has no salient columns (K = 0)")
+        self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=settings.weight_decay)
+        self.scheduler = warmup_cosine_schedule(self.optimizer, settings.steps, settings.warmup_ratio)
+        self.objective = objective_of(settings)
+        if self.objective.needs_teacher and teacher is None:
+            raise GiftQuantError(f"--loss {settings.loss} needs the full-precision teacher; none was given")
+        self.start, self.history = self._resume()
+        # Only the model goes through accelerate (device placement, DDP). Accumulation, clipping and the
+        # scheduler are explicit: accelerate's scheduler wrapper steps once per process under DDP, which
+        # would make N processes diverge from one.
+        self.wrapped = accel.prepare(model)
+        if self.rank == 0 and self.metrics_path.exists():  # drop lines logged after the state we resume from
+            lines = self.metrics_path.read_text().splitlines()
+            kept = [ln for ln in lines if (s := _logged_step(ln)) is not None and s <= self.start]
+            atomic_write_text(self.metrics_path, "".join(k + "\n" for k in kept))  # a kill must not lose lines
+
+    def _resume(self) -> tuple[int, list]:
+        if not (self.state_dir / "step.json").is_file():
+            return 0, []
+        start, meta = _load_state(self.state_dir, self.model, self.optimizer, self.scheduler)
+        if meta.get("global_batch", self.global_batch) != self.global_batch:
             raise GiftQuantError(
-                f"{state_dir} was saved by {meta.get('world_size')} process(es) with a global batch of "
-                f"{meta['global_batch']} windows; this run has {world} process(es) and {global_batch}: resume "
-                "with the same number of processes, or use a new --out")
-        history = meta.get("history", [])
-    # Only the model goes through accelerate (device placement, DDP). Accumulation, clipping and the
-    # scheduler are explicit: accelerate's scheduler wrapper steps once per process under DDP, which
-    # would make N processes diverge from one.
-    wrapped = accelerator.prepare(model)
-    if rank == 0 and metrics_path.exists():  # drop lines logged after the state we resume from
-        lines = metrics_path.read_text().splitlines()
-        kept = [ln for ln in lines if (s := _logged_step(ln)) is not None and s <= start]
-        atomic_write_text(metrics_path, "".join(k + "\n" for k in kept))  # a kill here must not lose lines
-    last_eval = None
-    bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc="recover",
-               unit="step", disable=not progress or rank != 0)
-    for step in bar:
+                f"{self.state_dir} was saved by {meta.get('world_size')} process(es) with a global batch of "
+                f"{meta['global_batch']} windows; this run has {self.world} process(es) and {self.global_batch}: "
+                "resume with the same number of processes, or use a new --out")
+        return start, meta.get("history", [])
+
+    def step(self, step: int, windows: torch.Tensor, labels: torch.Tensor) -> dict:
+        """One optimizer step over this rank's share of the global batch; returns its metrics record."""
+        accel, settings, micro = self.accelerator, self.settings, self.settings.grad_accum
         t0 = time.perf_counter()
-        rows = step_rows(step, global_batch, len(windows), settings.seed)
-        per_rank = settings.batch_size * micro_per_rank
-        local = rows[rank * per_rank:(rank + 1) * per_rank]
+        rows = step_rows(step, self.global_batch, len(windows), settings.seed)
+        per_rank = settings.batch_size * micro
+        local = rows[self.rank * per_rank:(self.rank + 1) * per_rank]
         step_loss, step_tokens, parts = 0.0, 0, {"ce": 0.0, "kd": 0.0}
-        for a in range(micro_per_rank):
+        for a in range(micro):
             mb = local[a * settings.batch_size:(a + 1) * settings.batch_size]
-            set_noise_key(model, step * micro_per_rank * world + rank * micro_per_rank + a)
-            last = a == micro_per_rank - 1
-            sync = contextlib.nullcontext() if last or world == 1 else accelerator.no_sync(wrapped)
-            with sync, accelerator.autocast():
-                loss, got = objective_loss(wrapped, windows[mb].to(accelerator.device),
-                                           labels[mb].to(accelerator.device), objective, teacher,
-                                           check=step == start and a == 0)
-                accelerator.backward(loss / micro_per_rank)
-            step_loss += float(loss.detach()) / micro_per_rank
+            set_noise_key(self.model, step * micro * self.world + self.rank * micro + a)
+            sync = contextlib.nullcontext() if a == micro - 1 or self.world == 1 else accel.no_sync(self.wrapped)
+            with sync, accel.autocast():
+                loss, got = objective_loss(self.wrapped, windows[mb].to(accel.device), labels[mb].to(accel.device),
+                                           self.objective, self.teacher, check=step == self.start and a == 0)
+                accel.backward(loss / micro)
+            step_loss += float(loss.detach()) / micro
             for k in parts:
-                parts[k] += got[k] / micro_per_rank
+                parts[k] += got[k] / micro
             step_tokens += int(windows[mb].numel())
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        set_noise_key(model, None)
-        step_loss = float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "mean"))
-        seconds = time.perf_counter() - t0
-        record = {"step": step + 1, "loss": step_loss, "ce": parts["ce"], "lr": scheduler.get_last_lr()[0],
-                  "grad_norm": float(grad_norm),
-                  "tokens_per_s": step_tokens * world / seconds}
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, settings.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        set_noise_key(self.model, None)
+        step_loss = float(accel.reduce(torch.tensor(step_loss, device=accel.device), "mean"))
+        return {"step": step + 1, "loss": step_loss, "ce": parts["ce"], "lr": self.scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm), "tokens_per_s": step_tokens * self.world / (time.perf_counter() - t0)}
+
+    def log_and_save(self, record: dict) -> None:
+        self.history.append({k: record[k] for k in ("step", "loss") if k in record})
+        if self.rank == 0:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        done = record["step"]
+        if done % self.settings.save_every == 0 or done == self.settings.steps:
+            self.accelerator.wait_for_everyone()
+            if self.rank == 0:
+                _save_state(self.state_dir, self.model, self.optimizer, self.scheduler, done,
+                            {"history": self.history, "global_batch": self.global_batch, "world_size": self.world})
+            self.accelerator.wait_for_everyone()
+
+
+def train(model, windows: torch.Tensor, labels: torch.Tensor, settings: RecoverConfig, run_dir: Path,
+          eval_windows: torch.Tensor | None = None, eval_labels: torch.Tensor | None = None,
+          device: torch.device | str = "cpu", progress: bool = True, teacher: Teacher | None = None) -> dict:
+    """Train the trainable parameters of ``model`` in place with ``settings.loss``; returns a summary.
+
+    ``teacher`` (the full-precision model) is needed by the ``kd`` and ``kd+ce`` objectives.
+    """
+    loop = _Loop(model, settings, run_dir, device, teacher)
+    last_eval = None
+    bar = tqdm(range(loop.start, settings.steps), initial=loop.start, total=settings.steps, desc="recover",
+               unit="step", disable=not progress or loop.rank != 0)
+    for step in bar:
+        record = loop.step(step, windows, labels)
         if eval_windows is not None and settings.eval_every and ((step + 1) % settings.eval_every == 0
                                                                 or step + 1 == settings.steps):
-            record["eval_loss"] = eval_loss(model, eval_windows, eval_labels, accelerator.device)
-            last_eval = record["eval_loss"]
-        history.append({k: record[k] for k in ("step", "loss") if k in record})
-        if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        shown = {"loss": f"{step_loss:.4f}", "tok_s": f"{record['tokens_per_s']:.0f}"}
+            record["eval_loss"] = last_eval = eval_loss(model, eval_windows, eval_labels, loop.accelerator.device)
+        loop.log_and_save(record)
+        shown = {"loss": f"{record['loss']:.4f}", "tok_s": f"{record['tokens_per_s']:.0f}"}
         if last_eval is not None:
             shown["held_out"] = f"{last_eval:.4f}"
         bar.set_postfix(shown)
-        done = step + 1
-        if done % settings.save_every == 0 or done == settings.steps:
-            accelerator.wait_for_everyone()
-            if rank == 0:
-                _save_state(state_dir, model, optimizer, scheduler, done,
-                            {"history": history, "global_batch": global_batch, "world_size": world})
-            accelerator.wait_for_everyone()
     model.eval()
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_disable()
-    return {"steps": settings.steps, "resumed_from": start, "history": history, "world_size": world}
+    return {"steps": settings.steps, "resumed_from": loop.start, "history": loop.history, "world_size": loop.world}
