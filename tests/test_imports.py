@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("stages", ["gift_quant.stages", "gift_quant.stages.*"]),
     ("commands", ["gift_quant.pipeline", "gift_quant.finetune"]),
     ("comparisons and peer tools", ["gift_quant.compare*", "gift_quant.report*", "gift_quant.peer"]),
-    ("command line and public API", ["gift_quant.cli", "gift_quant.__main__", "gift_quant"]),
+    ("command line and public API", ["gift_quant.cli", "gift_quant.cli_flags", "gift_quant.__main__", "gift_quant"]),
 ]
 
 
