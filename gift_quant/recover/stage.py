@@ -81,6 +81,11 @@ def train_stage(model, tokenizer, rcfg: RecoverConfig, run_dir: Path, device, pr
     n_windows = rcfg.steps * rcfg.batch_size * rcfg.grad_accum * PartialState().num_processes
     (ids, labels), held = training_windows(tokenizer, rcfg, n_windows, qcfg)
     teacher = load_teacher(teacher_src, rcfg, device, trust_remote_code)
+    if teacher is not None and PartialState().is_main_process:
+        import sys
+
+        print(f"gift-quant: teacher (the full-precision source model) on {teacher.device}: "
+              f"{teacher.bytes() / 2**20:.0f} MB", file=sys.stderr, flush=True)
     summary = train(model, ids, labels, rcfg, run_dir, held[0] if held else None, held[1] if held else None,
                     device=device, progress=progress, teacher=teacher)
     summary["train_tokens"] = int(ids.numel())
