@@ -24,7 +24,8 @@ from torch import nn
 
 from .arch import set_module
 from .cache import atomic_write_text, sha256_file
-from .errors import GiftQuantError
+from .errors import GiftQuantError, writing
+from .grid import SUPPORTED_BITS
 from .models import parse_dtype
 from .qlinear import QuantLinear
 
@@ -49,37 +50,91 @@ def copy_tokenizer_files(src: Path, dst: Path) -> None:
 
 def save_checkpoint(model: nn.Module, out_dir: Path, source_dir: Path, gift_config: dict) -> None:
     """Write the checkpoint files into ``out_dir``, each atomically, the gift config last."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / CONFIG_NAME).unlink(missing_ok=True)  # incomplete until rewritten below
-    tmp = out_dir / f".{WEIGHTS_NAME}.tmp"
-    # save_model drops the duplicate of tied tensors (embeddings / lm_head) that save_file rejects
-    save_model(model, str(tmp))
-    os.replace(tmp, out_dir / WEIGHTS_NAME)
+    need = sum(t.numel() * t.element_size() for t in model.state_dict().values())  # tied pairs counted twice
+    with writing(out_dir / WEIGHTS_NAME, need):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / CONFIG_NAME).unlink(missing_ok=True)  # incomplete until rewritten below
+        tmp = out_dir / f".{WEIGHTS_NAME}.tmp"
+        try:
+            # save_model drops the duplicate of tied tensors (embeddings / lm_head) that save_file rejects
+            save_model(model, str(tmp))
+            os.replace(tmp, out_dir / WEIGHTS_NAME)
+        finally:
+            tmp.unlink(missing_ok=True)  # a failed write (disk full) leaves no partial copy behind
     cfg = model.config.to_dict()
     cfg.pop("quantization_config", None)
     atomic_write_text(out_dir / "config.json", json.dumps(cfg, indent=2, default=str))
-    copy_tokenizer_files(source_dir, out_dir)
+    with writing(out_dir):
+        copy_tokenizer_files(source_dir, out_dir)
     doc = {"format": FORMAT, "format_version": FORMAT_VERSION, **gift_config}
     doc["files"] = {name: sha256_file(out_dir / name) for name in (WEIGHTS_NAME, "config.json")}
     atomic_write_text(out_dir / CONFIG_NAME, json.dumps(doc, indent=1))
 
 
 def read_gift_config(path: Path) -> dict:
+    """The checkpoint's gift_quant_config.json, checked for the keys and types every reader relies on."""
     f = Path(path) / CONFIG_NAME
     if not f.is_file():
         raise GiftQuantError(f"{path} is not a gift-quant checkpoint (no {CONFIG_NAME})")
-    doc = json.loads(f.read_text())
-    if doc.get("format") != FORMAT or doc.get("format_version", 0) > FORMAT_VERSION:
+    try:
+        doc = json.loads(f.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise GiftQuantError(f"{f} is not valid JSON ({str(exc).splitlines()[0][:120]}): the checkpoint is damaged "
+                             "(truncated or edited); re-create it") from None
+    if not isinstance(doc, dict):
+        raise GiftQuantError(f"{f} holds a JSON {type(doc).__name__}, not an object: the checkpoint is damaged")
+    version = doc.get("format_version")
+    if doc.get("format") != FORMAT:
+        raise GiftQuantError(f"{f}: format {doc.get('format')!r} is not {FORMAT!r}; not a gift-quant checkpoint")
+    if type(version) is not int:
+        raise GiftQuantError(f"{f}: format_version must be an integer, got {version!r}: the checkpoint is damaged")
+    if version > FORMAT_VERSION:
         raise GiftQuantError(
-            f"{f}: format {doc.get('format')} v{doc.get('format_version')} is not readable by this gift-quant "
-            f"(reads {FORMAT} v{FORMAT_VERSION}); upgrade gift-quant")
+            f"{f}: format {FORMAT} v{version} is not readable by this gift-quant (reads {FORMAT} v{FORMAT_VERSION}); "
+            "upgrade gift-quant")
+    _check_doc(f, doc)
     return doc
+
+
+def _check_doc(f: Path, doc: dict) -> None:
+    """Refuse a config whose keys a reader needs are missing or of the wrong type, naming the key and value."""
+    def need(obj: dict, key: str, types: tuple, where: str, check=None, hint: str = ""):
+        if key not in obj:
+            raise GiftQuantError(f"{f}: key {where}{key} is missing: the checkpoint is damaged; re-create it")
+        value = obj[key]
+        if isinstance(value, bool) and bool not in types or not isinstance(value, types) or (
+                check is not None and not check(value)):
+            wanted = hint or " or ".join(t.__name__ for t in types)
+            raise GiftQuantError(f"{f}: {where}{key} = {value!r} is not {wanted}: the checkpoint is damaged; "
+                                 "re-create it")
+        return value
+
+    q = need(doc, "quantize", (dict,), "", hint="an object")
+    need(q, "bits", (int,), "quantize.", lambda b: b in SUPPORTED_BITS, f"one of {list(SUPPORTED_BITS)}")
+    need(q, "sym", (bool,), "quantize.")
+    need(q, "salient_dtype", (str,), "quantize.")
+    if "dtype" in doc:
+        need(doc, "dtype", (str,), "")
+    need(doc, "effective_bits", (int, float), "")
+    layers = need(doc, "layers", (dict,), "", hint="an object")
+    for name, info in layers.items():
+        need(layers, name, (dict,), "layers.", hint="an object")
+        for key in ("in_features", "out_features", "groups"):
+            need(info, key, (int,), f"layers.{name}.", lambda v: v > 0, "a positive integer")
+        n_in = info["in_features"]
+        need(info, "salient", (int,), f"layers.{name}.", lambda v, n=n_in: 0 <= v < n, f"an integer in 0..{n_in - 1}")
+    files = doc.get("files")
+    if files is not None and not (isinstance(files, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in files.items())):
+        raise GiftQuantError(f"{f}: files must map file names to sha256 digests: the checkpoint is damaged")
 
 
 def verify_files(path: Path, doc: dict) -> None:
     """Refuse a checkpoint whose files differ from the sha256 its config recorded (older ones record none)."""
     for name, digest in (doc.get("files") or {}).items():
         f = Path(path) / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise GiftQuantError(f"{Path(path) / CONFIG_NAME}: files names {name!r}, outside the checkpoint")
         if not f.is_file():
             raise GiftQuantError(f"{f} is missing: the checkpoint is incomplete; re-create it")
         if sha256_file(f) != digest:

@@ -307,6 +307,11 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated:
         print("gift-quant: terminated (SIGTERM); rerun the same command to resume", file=sys.stderr)
         return 143
+    except OSError as exc:  # an environment fault at a site errors.writing does not name: still one line
+        from .errors import os_error
+
+        print(f"gift-quant: error: {os_error(exc, exc.filename or '', '')}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -21,11 +21,13 @@ from safetensors.torch import load_file, save_file
 from .cache import atomic_write_text
 from .checkpoint import copy_tokenizer_files
 from .config import QuantizeConfig, RecoverConfig
+from .errors import writing
 from .models import check_causal_lm, resolve_device, resolve_model_dir
 from .quant.engine import quantize_model
 from .recover.model import convert_to_dense, prepare_dense, salient_layers
 from .recover.stage import train_stage
-from .rundir import Stages, claim_run, prepare_output
+from .recover.train import state_problem
+from .rundir import RunFiles, Stages, claim_run, prepare_output, warn
 from .stages import load_source
 
 
@@ -50,9 +52,19 @@ def run_finetune(model_dir: str | None, out: str | Path, qcfg: QuantizeConfig, r
     identity["finetune"] = dataclasses.asdict(rcfg)
     run_dir = claim_run(out, identity)
     stages = Stages(run_dir)
+    # run/ is a cache (rundir.py): a finished stage whose artifact fails its sha256 check is recomputed
+    files, salient_path = RunFiles(run_dir), run_dir / "salient.safetensors"
+    for stage, why in (("select", stages.finished("select") and files.problem([salient_path])),
+                       ("train", stages.finished("train") and state_problem(run_dir / "train" / "state"))):
+        if why:
+            warn(f"{why}; recomputing the {stage} stage")
+            stages.drop(stage)
     if not stages.finished("select"):
         report = quantize_model(model, windows, qcfg, device, None, progress=progress, score_only=True)
-        save_file({k: v.contiguous() for k, v in report.salient.items()}, str(run_dir / "salient.safetensors"))
+        with writing(salient_path):
+            save_file({k: v.contiguous() for k, v in report.salient.items()}, str(salient_path.with_suffix(".tmp")))
+            salient_path.with_suffix(".tmp").replace(salient_path)
+        files.record([salient_path])
         stages.mark("select", {"layers": len(report.salient)})
     salient = load_file(str(run_dir / "salient.safetensors"))
     originals = {n: model.get_submodule(n).weight.detach()[:, salient[n].long()].clone() for n in salient}
@@ -78,8 +90,9 @@ def run_finetune(model_dir: str | None, out: str | Path, qcfg: QuantizeConfig, r
     model.to(in_dtype)
     write_adapter(out / "adapter", deltas, r, sorted({n.rsplit(".", 1)[-1] for n in deltas}),
                   base_model=str(src.resolve()))
-    model.save_pretrained(out)
-    copy_tokenizer_files(src, out)
+    with writing(out):
+        model.save_pretrained(out)
+        copy_tokenizer_files(src, out)
     trainable = sum(v[1].numel() for v in deltas.values())
     result = {"out": str(out), "adapter": str(out / "adapter"), "lora_rank": r, "trainable_params": trainable,
               "noise": rcfg.noise, "noise_bits": noise_bits, "dtype": str(in_dtype).replace("torch.", ""),

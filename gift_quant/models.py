@@ -124,6 +124,14 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32, trust_remote_code
             path, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True)
     except (OSError, ValueError) as exc:
         raise GiftQuantError(f"{path}: no loadable weights (model.safetensors / pytorch_model.bin): {exc}") from exc
+    except Exception as exc:  # safetensors' SafetensorError (truncated shard), a pickle that fails to unpickle
+        unreadable = type(exc).__name__ in ("SafetensorError", "UnpicklingError", "EOFError") or (
+            isinstance(exc, RuntimeError) and "PytorchStreamReader" in str(exc))
+        if not unreadable:
+            raise
+        raise GiftQuantError(f"{path}: a weight file cannot be read ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:160] if str(exc) else 'truncated'}); the file is truncated "
+                             "or damaged: download or copy it again") from None
     missing = [k for k in info.get("missing_keys", []) if not k.endswith("inv_freq")]
     if missing:
         raise GiftQuantError(f"{path}: the weight files lack {len(missing)} tensors (e.g. {missing[0]}); "
@@ -153,7 +161,15 @@ def parse_dtype(name: str) -> torch.dtype:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise GiftQuantError(f"--device {name!r} is not a device: use cpu, cuda, cuda:N or auto") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise GiftQuantError(f"--device {name!r}: gift-quant runs on cpu or cuda (cuda:N); use one of those or auto")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise GiftQuantError(f"--device {name} requested but no CUDA device is available; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise GiftQuantError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                             f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
     return dev

@@ -17,9 +17,19 @@ from pathlib import Path
 from .cache import atomic_write_text
 from .checkpoint import load, read_gift_config, save_checkpoint
 from .config import EvalConfig, QuantizeConfig, RecoverConfig
+from .errors import writing
 from .loading import load_any
 from .models import load_model, parse_dtype, resolve_device, resolve_model_dir
-from .rundir import RUN_DIR, Stages, claim_run, prepare_output, remove_intermediate
+from .rundir import (
+    RUN_DIR,
+    RunFiles,
+    Stages,
+    check_stage_checkpoint,
+    claim_run,
+    prepare_output,
+    remove_intermediate,
+    warn,
+)
 from .stages import (
     blockwise_reconstructor,
     convert_recovered,
@@ -92,6 +102,7 @@ class _RecoverRun:
             self.identity.update(recover=dataclasses.asdict(self.rcfg), eval=dataclasses.asdict(self.ecfg))
             self.run_dir = claim_run(self.out, self.identity)
             self.stages = Stages(self.run_dir)
+            self._check_artifacts()
             self.salient = None if self.rcfg.variant == "post" else self._select(model)
             self._quantize("quantized", model if self.rcfg.variant == "post" else self._fresh(),
                            blockwise=self.rcfg.variant == "post")
@@ -112,6 +123,33 @@ class _RecoverRun:
         self.dist.wait_for_everyone()
         return summary
 
+    def _check_artifacts(self) -> None:
+        """Recompute a finished stage whose artifact a pending stage needs and which fails its sha256 check.
+
+        run/ is a cache of deterministic stages (rundir.py): recomputing gives what an uninterrupted run
+        gives; loading a changed artifact would give a silently different final checkpoint.
+        """
+        done, post = self.stages.finished, self.rcfg.variant == "post"
+        files = RunFiles(self.run_dir)
+        checks = []  # (stage that made it, why it is unusable or None)
+        if not post and done("select"):
+            checks.append(("select", files.problem([self.run_dir / "salient.safetensors"])))
+        if done("quantized") and not (done("eval_before") and (not post or done("recover"))):
+            checks.append(("quantized", check_stage_checkpoint(self.run_dir / "quantized")))
+        if not done("pack"):
+            if post and done("recover"):
+                checks.append(("recover", check_stage_checkpoint(self.run_dir / "recovered")))
+            if not post and done("recovered"):
+                checks.append(("recovered", check_stage_checkpoint(self.run_dir / "recovered")))
+            if not post and done("recover") and not done("recovered"):
+                trained = sorted(p for p in (self.run_dir / "trained").glob("*") if p.is_file())
+                why = files.problem(trained) if trained else f"{self.run_dir / 'trained'} is empty"
+                checks.append(("recover", why))
+        for stage, why in checks:
+            if why is not None and self.dist.is_main_process:
+                warn(f"{why}; recomputing the {stage} stage")
+                self.stages.drop(stage)
+
     def _fresh(self):
         return load_model(self.src, self.dtype, self.trust)
 
@@ -122,7 +160,10 @@ class _RecoverRun:
         path = self.run_dir / "salient.safetensors"
         if not self.stages.finished("select"):
             salient = select_salient(model, self.windows, self.qcfg, self.device, self.progress)
-            save_file(salient, str(path))
+            with writing(path):
+                save_file(salient, str(path.with_suffix(".tmp")))
+                path.with_suffix(".tmp").replace(path)
+            RunFiles(self.run_dir).record([path])
             self.stages.mark("select", {"layers": len(salient)})
         return load_file(str(path))
 
@@ -164,8 +205,9 @@ class _RecoverRun:
             return load_model(self.run_dir / "trained", self.dtype) if pending else None
         if rcfg.steps == 0:  # block-wise reconstruction only: the quantized model is the result
             if self.dist.is_main_process:
-                shutil.copytree(qpath, self.run_dir / "recovered", dirs_exist_ok=True,
-                                ignore=shutil.ignore_patterns(RUN_DIR))
+                with writing(self.run_dir / "recovered"):
+                    shutil.copytree(qpath, self.run_dir / "recovered", dirs_exist_ok=True,
+                                    ignore=shutil.ignore_patterns(RUN_DIR))
                 self.stages.mark("recover", {"seconds": 0.0, "noise_bits": self.noise_bits, "final_loss": None})
             return None
         t0 = time.perf_counter()
@@ -184,7 +226,9 @@ class _RecoverRun:
                             {**read_gift_config(qpath), "recover": dataclasses.asdict(rcfg)})
         else:
             convert_to_dense(model.cpu())
-            model.save_pretrained(self.run_dir / "trained")
+            with writing(self.run_dir / "trained"):
+                model.save_pretrained(self.run_dir / "trained")
+            RunFiles(self.run_dir).record(sorted(p for p in (self.run_dir / "trained").glob("*") if p.is_file()))
         history = summary["history"]
         self.stages.mark("recover", {"seconds": time.perf_counter() - t0, "noise_bits": self.noise_bits,
                                      "final_loss": history[-1]["loss"] if history else None,

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from .cache import atomic_write_text
-from .checkpoint import is_checkpoint
-from .errors import GiftQuantError
+from .cache import atomic_write_text, sha256_file
+from .checkpoint import CONFIG_NAME, is_checkpoint, read_gift_config, verify_files
+from .errors import GiftQuantError, writing
 
 RUN_DIR = "run"
 RUN_FILE = "run.json"
@@ -60,9 +61,10 @@ def lock_output(out: Path) -> None:
     key = str(out)
     if key in _LOCKS:
         return
-    out.parent.mkdir(parents=True, exist_ok=True)
     path = out.parent / f".{out.name}.gift-quant.lock"
-    fh = open(path, "a+")  # noqa: SIM115 - kept open on purpose: closing it releases the lock
+    with writing(out, action="--out"):  # a read-only or unwritable place fails here, before any work
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(path, "a+")  # noqa: SIM115 - kept open on purpose: closing it releases the lock
     try:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -76,10 +78,14 @@ def lock_output(out: Path) -> None:
     fh.write(f"gift-quant process {os.getpid()}")
     fh.flush()
     _LOCKS[key] = fh
-    # temporary folders of killed runs (atomic writes that never reached their rename) are ours to remove
-    if out.is_dir():
-        for stale in out.rglob(".tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    # temporary folders of killed runs (atomic writes that never reached their rename) are ours to remove:
+    # inside the folder, and beside it (an atomic_dir write of the folder itself: export, ``.tmp-NAME-*``)
+    # (exactly mkdtemp's 8 characters after the prefix: ``.tmp-NAME-2-xxxxxxxx`` belongs to the folder NAME-2)
+    beside = [p for p in out.parent.glob(f".tmp-{out.name}-*")
+              if re.fullmatch(r"[a-z0-9_]{8}", p.name[len(f".tmp-{out.name}-"):])]
+    stale = beside + ([*out.rglob(".tmp-*")] if out.is_dir() else [])
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def prepare_output(out: Path, overwrite: bool, lock: bool = True) -> None:
@@ -95,7 +101,8 @@ def prepare_output(out: Path, overwrite: bool, lock: bool = True) -> None:
         raise GiftQuantError(
             f"--out {out} exists and is not a gift-quant output; choose a new folder or empty it")
     if overwrite and ours:
-        shutil.rmtree(out)
+        with writing(out, action="removing"):
+            shutil.rmtree(out)
 
 
 def claim_run(out: Path, identity: dict) -> Path:
@@ -121,13 +128,15 @@ def claim_run(out: Path, identity: dict) -> Path:
                 "settings: use a new --out or pass --overwrite to start over")
         print(f"gift-quant: resuming the run in {out}", file=sys.stderr)
     else:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        with writing(run_dir):
+            run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_file, json.dumps({"identity": identity, "started": time.time()}, indent=1))
     return run_dir
 
 
 # What a finished run keeps in run/: its identity, its stage record, its training curve.
-KEPT_AFTER_SUCCESS = ("run.json", "stages.json", "recover/metrics.jsonl", "train/metrics.jsonl", "salient.safetensors")
+KEPT_AFTER_SUCCESS = ("run.json", "stages.json", "recover/metrics.jsonl", "train/metrics.jsonl", "salient.safetensors",
+                      "files.json")
 
 
 def remove_intermediate(run_dir: Path) -> int:
@@ -162,3 +171,107 @@ class Stages:
     def mark(self, name: str, result: dict) -> None:
         self.done[name] = result
         atomic_write_text(self.path, json.dumps(self.done, indent=1, default=str))
+
+    def drop(self, name: str) -> None:
+        """Un-finish ``name`` (its artifact failed its check and is recomputed)."""
+        if self.done.pop(name, None) is not None:
+            atomic_write_text(self.path, json.dumps(self.done, indent=1, default=str))
+
+
+# ---------------------------------------------------------------- integrity of the resumable state
+#
+# run/ is a cache of deterministic computations (resume is byte-identical to an uninterrupted run), so a
+# resumable item that fails its check (truncated, flipped bytes, missing, or never recorded) is discarded
+# and recomputed with a one-line warning, rather than refused: recomputing gives the very result an
+# uninterrupted run gives, while a refusal would leave the user only --overwrite, which recomputes more.
+# What must never happen is loading it: that gives a silently different final checkpoint.
+
+FILES_NAME = "files.json"
+
+
+def warn(message: str) -> None:
+    print(f"gift-quant: warning: {message}", file=sys.stderr, flush=True)
+
+
+class RunFiles:
+    """``run/files.json``: the sha256 of each resumable file, recorded after the file is in place.
+
+    The record is written atomically after the files it names, so a recorded file was complete when
+    recorded; a file that is not recorded (the run was killed in between) cannot be trusted.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / FILES_NAME
+        try:
+            doc = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        except (OSError, ValueError):
+            doc = {}  # a damaged record trusts nothing: every item is recomputed
+        self.files: dict[str, str] = doc if isinstance(doc, dict) else {}
+
+    def _key(self, path: Path) -> str:
+        return str(Path(path).relative_to(self.run_dir))
+
+    def record(self, paths) -> None:
+        for p in paths:
+            self.files[self._key(p)] = sha256_file(p)
+        atomic_write_text(self.path, json.dumps(self.files, indent=1, sort_keys=True))
+
+    def forget(self, paths) -> None:
+        paths = list(paths)
+        for p in paths:
+            Path(p).unlink(missing_ok=True)
+            self.files.pop(self._key(p), None)
+        atomic_write_text(self.path, json.dumps(self.files, indent=1, sort_keys=True))
+
+    def problem(self, paths) -> str | None:
+        """Why ``paths`` cannot be trusted (the first file that fails), or None when all match their record."""
+        for p in paths:
+            key = self._key(p)
+            if not Path(p).is_file():
+                return f"{p} is missing"
+            if key not in self.files:
+                return f"{p} has no recorded sha256 (the run was stopped before recording it)"
+            if sha256_file(p) != self.files[key]:
+                return f"{p} does not match the sha256 recorded when it was written (truncated or changed)"
+        return None
+
+
+def _block_items(run_dir: Path) -> dict[int, list[Path]]:
+    """The quantize engine's finished blocks (block_NNN.json present) -> their files (engine._block_files)."""
+    items = {}
+    for marker in sorted((run_dir / "blocks").glob("block_[0-9][0-9][0-9].json")):
+        i = int(marker.stem.split("_")[1])
+        items[i] = [run_dir / "blocks" / f"block_{i:03d}.safetensors", run_dir / "sensitivity" /
+                    f"block_{i:03d}.safetensors", marker]  # the marker last: deleting it first un-finishes the block
+    return items
+
+
+def check_blocks(run_dir: Path) -> None:
+    """Before the engine resumes: discard every finished block whose files fail their record (see above)."""
+    files = RunFiles(run_dir)
+    for i, paths in _block_items(Path(run_dir)).items():
+        why = files.problem(paths)
+        if why is not None:
+            warn(f"{why}; recomputing block {i}")
+            files.forget([paths[-1], *paths[:-1]])
+
+
+def record_blocks(run_dir: Path) -> None:
+    """After the engine stops (finished, failed or interrupted): record the finished blocks not yet recorded."""
+    files = RunFiles(run_dir)
+    new = [p for paths in _block_items(Path(run_dir)).values() if all(p.is_file() for p in paths)
+           for p in paths if str(p.relative_to(run_dir)) not in files.files]
+    if new:
+        files.record(new)
+
+
+def check_stage_checkpoint(path: Path) -> str | None:
+    """Why the stage checkpoint at ``path`` (a native checkpoint under run/) cannot be used, or None."""
+    if not (Path(path) / CONFIG_NAME).is_file():
+        return f"{path} is missing or incomplete"
+    try:
+        verify_files(path, read_gift_config(path))
+    except GiftQuantError as exc:
+        return str(exc).split(";")[0]
+    return None

@@ -20,12 +20,13 @@ import torch
 
 from .checkpoint import load, save_checkpoint
 from .config import EvalConfig, QuantizeConfig, RecoverConfig
+from .errors import writing
 from .eval.perplexity import perplexity
 from .models import check_causal_lm, load_model, load_tokenizer, parse_dtype, resolve_device, resolve_model_dir
 from .quant.engine import check_finite, quantize_model, validate_salient_counts
 from .recover.model import convert_to_quant, linear_weights, prepare_quantized
 from .recover.stage import train_stage
-from .rundir import RUN_DIR, claim_run, model_fingerprint, prepare_output, tool_version
+from .rundir import RUN_DIR, check_blocks, claim_run, model_fingerprint, prepare_output, record_blocks, tool_version
 from .text_sources import load_documents
 from .windows import calibration_windows, eval_windows, fingerprint_tokens
 
@@ -74,10 +75,22 @@ def blockwise_reconstructor(rcfg: RecoverConfig, qcfg: QuantizeConfig, noise_bit
 def quantize_stage(model, windows: torch.Tensor, qcfg: QuantizeConfig, src: Path, identity: dict, out: Path,
                    device, progress: bool = True, fixed_salient: dict | None = None, reconstruct=None,
                    reconstruct_target: str = "fp-prefix"):
-    """Quantize ``model`` in place and write the native checkpoint to ``out`` (per-block resume in out/run)."""
-    report = quantize_model(model, windows, qcfg, device, Path(out) / RUN_DIR, progress=progress,
-                            fixed_salient=fixed_salient, reconstruct=reconstruct,
-                            reconstruct_target=reconstruct_target)
+    """Quantize ``model`` in place and write the native checkpoint to ``out`` (per-block resume in out/run).
+
+    The finished blocks are checked against their recorded sha256 before the engine may reuse them
+    (rundir.check_blocks: a failing one is recomputed) and recorded when the engine stops, however it
+    stops; a block finished just before a SIGKILL is not recorded, so it is recomputed too.
+    """
+    run_dir = Path(out) / RUN_DIR
+    check_blocks(run_dir)
+    try:
+        with writing(run_dir):
+            report = quantize_model(model, windows, qcfg, device, run_dir, progress=progress,
+                                    fixed_salient=fixed_salient, reconstruct=reconstruct,
+                                    reconstruct_target=reconstruct_target)
+    finally:
+        with writing(run_dir):
+            record_blocks(run_dir)
     save_checkpoint(model, Path(out), src, gift_config(qcfg, report, src, identity, windows))
     return report
 
@@ -88,10 +101,11 @@ def quantize_to_checkpoint(model_dir: str | None, out: str | Path, cfg: Quantize
     t0 = time.perf_counter()
     out = Path(out)
     src = resolve_model_dir(model_dir)
+    device = resolve_device(cfg.device)  # a bad --device is refused before the output folder is touched
     prepare_output(out, overwrite)
     tokenizer, model, windows, identity = load_source(src, cfg, parse_dtype(cfg.dtype), trust_remote_code)
     claim_run(out, identity)
-    report = quantize_stage(model, windows, cfg, src, identity, out, resolve_device(cfg.device), progress)
+    report = quantize_stage(model, windows, cfg, src, identity, out, device, progress)
     return model, {"out": str(out), "effective_bits": report.mean_effective_bits(),
                    "quantize_seconds": report.seconds, "total_seconds": time.perf_counter() - t0,
                    "mean_relative_error": sum(m["relative_error"] for m in report.layers.values())

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from . import named_data
-from .errors import GiftQuantError
+from .errors import GiftQuantError, os_error
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
@@ -32,7 +32,18 @@ def _load_records(spec: str, default_split: str, limit: int | None) -> list[dict
             raise GiftQuantError(f"{path} contains no .txt, .jsonl or .parquet files")
         records: list[dict] = []
         for f in files:
-            records.extend(_read_file(f))
+            try:
+                f.resolve(strict=True)
+            except (OSError, RuntimeError):  # RuntimeError: Python < 3.13 reports a symlink loop so
+                raise GiftQuantError(f"data file {f} is a broken symlink or a symlink loop; remove it or point "
+                                     "it at a file") from None
+            try:
+                records.extend(_read_file(f))
+            except OSError as exc:
+                raise os_error(exc, f, "reading") from None
+            except UnicodeDecodeError as exc:
+                raise GiftQuantError(f"data file {f} is not UTF-8 text (byte {exc.start}); convert it to UTF-8 or "
+                                     "give a text file") from None
         return records
     if spec.startswith((".", "/", "~")) or Path(spec).suffix in TEXT_SUFFIXES:
         raise GiftQuantError(f"data file {spec} does not exist")
@@ -63,7 +74,7 @@ def record_text(r: dict) -> str:
 
 def _read_file(path: Path) -> list[dict]:
     if path.suffix == ".txt":
-        return [{"text": path.read_text(encoding="utf-8", errors="replace")}]
+        return [{"text": _plain_text(path)}]
     if path.suffix == ".jsonl":
         out = []
         with open(path, encoding="utf-8") as f:
@@ -83,8 +94,24 @@ def _read_file(path: Path) -> list[dict]:
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
+        try:
+            return pq.read_table(path).to_pylist()
+        except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+            raise GiftQuantError(f"data file {path} is not a readable parquet file "
+                                 f"({str(exc).splitlines()[0][:160]})") from None
     raise GiftQuantError(f"{path}: unsupported file type; use .txt, .jsonl or .parquet")
+
+
+def _plain_text(path: Path) -> str:
+    """A .txt file's text; a binary file (NUL bytes, or mostly bytes that are not UTF-8) is refused."""
+    data = path.read_bytes()
+    text = data.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd")
+    nul = b"\0" in data
+    if nul or bad > max(8, len(text) // 100):
+        why = "it holds NUL bytes" if nul else f"{bad} bytes are not UTF-8"
+        raise GiftQuantError(f"data file {path} is not text ({why}); give a UTF-8 text file")
+    return text
 
 
 def _load_hf(spec: str, default_split: str) -> list[dict]:

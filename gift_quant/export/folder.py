@@ -19,6 +19,7 @@ from ..cache import atomic_dir
 from ..checkpoint import copy_tokenizer_files
 from ..errors import GiftQuantError
 from ..models import parse_dtype
+from ..rundir import lock_output
 from .adapter import ADAPTER_DIR, SalientAdapter
 from .native import NativeCheckpoint
 
@@ -39,6 +40,8 @@ def check_out(out_dir: Path, ckpt: Path, overwrite: bool) -> None:
     """Refuse an export folder inside the checkpoint, over foreign files, or over an export unless asked."""
     if out_dir.resolve() == ckpt.resolve() or ckpt.resolve() in out_dir.resolve().parents:
         raise GiftQuantError(f"export folder {out_dir} is inside the checkpoint {ckpt}; choose another folder")
+    # one writer per folder; the lock also removes what a killed export left (.tmp-NAME-xxxxxxxx beside it)
+    lock_output(out_dir)
     if not out_dir.exists():
         return
     if not out_dir.is_dir():
@@ -104,7 +107,8 @@ def write_export(out_dir: Path, nat: NativeCheckpoint, summary: dict, tensors: d
                  dtype: torch.dtype, quantization_config: dict | None = None, extra_files: dict[str, str] | None = None,
                  adapter: SalientAdapter | None = None, targets: list[str] | None = None) -> None:
     """Write the export folder ``out_dir`` atomically; ``summary["format"]`` names the format."""
-    with atomic_dir(out_dir) as tmp:
+    need = sum(t.numel() * t.element_size() for t in tensors.values())
+    with atomic_dir(out_dir, need_bytes=need) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)

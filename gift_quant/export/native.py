@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..checkpoint import WEIGHTS_NAME, read_gift_config
+from ..checkpoint import WEIGHTS_NAME, read_gift_config, verify_files
 from ..errors import GiftQuantError
 from ..models import parse_dtype
 from ..qlinear import QuantLinear
@@ -41,14 +41,29 @@ class NativeCheckpoint:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.doc = read_gift_config(self.path)
-        self.config = json.loads((self.path / "config.json").read_text())
+        verify_files(self.path, self.doc)  # the sha256 recorded when the checkpoint was written
+        try:
+            self.config = json.loads((self.path / "config.json").read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise GiftQuantError(f"{self.path / 'config.json'} is missing or not valid JSON ({exc}); "
+                                 "the checkpoint is damaged: quantize again") from None
         q = self.doc["quantize"]
         self.bits, self.sym = int(q["bits"]), bool(q["sym"])
         self.group_size = int(q.get("group_size", -1))
         self.dtype = parse_dtype(self.doc.get("dtype", "float32"))
-        with safe_open(self.path / WEIGHTS_NAME, "pt") as f:
-            self.tensors = {k: f.get_tensor(k) for k in f.keys()}
+        try:
+            with safe_open(self.path / WEIGHTS_NAME, "pt") as f:
+                self.tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:  # SafetensorError, OSError: truncated, missing or not a safetensors file
+            raise GiftQuantError(f"{self.path / WEIGHTS_NAME} cannot be read ({str(exc).splitlines()[0][:160]}); "
+                                 "the checkpoint is damaged: quantize again") from None
         self.layers: dict[str, QuantLinear] = {name: self._layer(name) for name in self.doc["layers"]}
+        for name, layer in self.layers.items():  # a NaN scale exports a silently broken model
+            for buf in ("scales", "salient_weight"):
+                t = getattr(layer, buf)
+                if t.is_floating_point() and not torch.isfinite(t).all():
+                    raise GiftQuantError(f"{self.path / WEIGHTS_NAME}: layer {name} has non-finite {buf}; "
+                                         "the checkpoint is corrupt: re-create it")
         self._skeleton = None
 
     def _layer(self, name: str) -> QuantLinear:

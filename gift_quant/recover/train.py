@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -21,9 +23,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..cache import atomic_dir, atomic_write_text
+from ..cache import atomic_dir, atomic_write_text, sha256_file
 from ..config import RecoverConfig
-from ..errors import GiftQuantError
+from ..errors import GiftQuantError, writing
 from .model import set_noise_key, trainable_state
 from .objective import Objective, Teacher, objective_loss
 
@@ -81,13 +83,37 @@ def step_rows(step: int, global_batch: int, n_windows: int, seed: int) -> torch.
     return torch.tensor(rows)
 
 
+STATE_MANIFEST = "sha256.json"  # written last inside the state folder: the sha256 of every other file in it
+
+
 def _save_state(state_dir: Path, model, optimizer, scheduler, step: int, extra: dict) -> None:
-    with atomic_dir(state_dir) as tmp:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    trainable = trainable_state(model)
+    need = 3 * sum(t.numel() * t.element_size() for t in trainable.values())  # weights + AdamW's two moments
+    with atomic_dir(state_dir, need_bytes=need) as tmp:
+        save_file(trainable, str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
         torch.save({"cpu": torch.get_rng_state()}, tmp / "rng.pt")
         (tmp / "step.json").write_text(json.dumps({"step": step, **extra}))
+        digests = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
+        (tmp / STATE_MANIFEST).write_text(json.dumps(digests, indent=1))
+
+
+def state_problem(state_dir: Path) -> str | None:
+    """Why the saved training state cannot be trusted (a file truncated, changed, missing), or None."""
+    try:
+        digests = json.loads((state_dir / STATE_MANIFEST).read_text())
+    except (OSError, ValueError):
+        return f"{state_dir / STATE_MANIFEST} is missing or damaged"
+    if not isinstance(digests, dict) or "step.json" not in digests:
+        return f"{state_dir / STATE_MANIFEST} is damaged"
+    for name, digest in digests.items():
+        f = state_dir / str(name)
+        if not f.is_file():
+            return f"{f} is missing"
+        if sha256_file(f) != digest:
+            return f"{f} does not match the sha256 recorded when it was written (truncated or changed)"
+    return None
 
 
 def _load_state(state_dir: Path, model, optimizer, scheduler) -> tuple[int, dict]:
@@ -165,6 +191,15 @@ class _Loop:
     def _resume(self) -> tuple[int, list]:
         if not (self.state_dir / "step.json").is_file():
             return 0, []
+        # run/ is a cache (rundir.py): a state that fails its check is discarded and training starts over,
+        # which ends in the model an uninterrupted run trains; loading it would give a different one
+        why = state_problem(self.state_dir)
+        if why is not None:
+            print(f"gift-quant: warning: {why}; discarding the saved training state and training from step 0",
+                  file=sys.stderr, flush=True)
+            if self.rank == 0:
+                shutil.rmtree(self.state_dir, ignore_errors=True)
+            return 0, []
         start, meta = _load_state(self.state_dir, self.model, self.optimizer, self.scheduler)
         if meta.get("global_batch", self.global_batch) != self.global_batch:
             raise GiftQuantError(
@@ -205,7 +240,7 @@ class _Loop:
     def log_and_save(self, record: dict) -> None:
         self.history.append({k: record[k] for k in ("step", "loss") if k in record})
         if self.rank == 0:
-            with open(self.metrics_path, "a") as f:
+            with writing(self.metrics_path), open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         done = record["step"]
         if done % self.settings.save_every == 0 or done == self.settings.steps:
