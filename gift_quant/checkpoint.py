@@ -112,7 +112,8 @@ def _check_doc(f: Path, doc: dict) -> None:
     q = need(doc, "quantize", (dict,), "", hint="an object")
     need(q, "bits", (int,), "quantize.", lambda b: b in SUPPORTED_BITS, f"one of {list(SUPPORTED_BITS)}")
     need(q, "sym", (bool,), "quantize.")
-    need(q, "salient_dtype", (str,), "quantize.")
+    need(q, "salient_dtype", (str,), "quantize.", lambda v: v in ("float16", "bfloat16", "float32"),
+         "float16, bfloat16 or float32")
     if "dtype" in doc:
         need(doc, "dtype", (str,), "")
     need(doc, "effective_bits", (int, float), "")
@@ -156,7 +157,13 @@ def check_loaded(model: nn.Module, path: Path) -> None:
 def build_quant_skeleton(model: nn.Module, layers: dict, bits: int, sym: bool, salient_dtype: torch.dtype) -> None:
     """Swap the linears named in ``layers`` (name -> per-layer info) for empty QuantLinears."""
     for name, info in layers.items():
-        lin = model.get_submodule(name)
+        try:
+            lin = model.get_submodule(name)
+        except AttributeError:
+            lin = None
+        if not isinstance(lin, nn.Linear):
+            raise GiftQuantError(f"{CONFIG_NAME} names layer {name!r}, which is not a linear layer of the model in "
+                                 "config.json: the checkpoint is damaged; re-create it")
         set_module(model, name, QuantLinear.empty_like(lin, bits, sym, info["groups"], info["salient"], salient_dtype))
 
 

@@ -170,6 +170,12 @@ def cmd_export(a) -> dict:
 def cmd_inspect(a) -> dict:
     from .inspect_ckpt import format_report, inspect_checkpoint
 
+    for f in sorted(Path(a.path).glob("*.json")) if Path(a.path).is_dir() else []:  # inspect reads them as is
+        try:
+            json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise GiftQuantError(f"{f} is not valid JSON ({str(exc).splitlines()[0][:120]}): the folder is damaged "
+                                 "(truncated or edited); re-create it") from None
     info = inspect_checkpoint(a.path)
     print(format_report(info, layers=a.layers))
     if str(info.get("health", "")).startswith("broken"):

@@ -59,6 +59,13 @@ class NativeCheckpoint:
                                  "the checkpoint is damaged: quantize again") from None
         self.layers: dict[str, QuantLinear] = {name: self._layer(name) for name in self.doc["layers"]}
         for name, layer in self.layers.items():  # a NaN scale exports a silently broken model
+            info = self.doc["layers"][name]
+            stored = {"in_features": layer.in_features, "out_features": layer.out_features,
+                      "groups": layer.n_groups, "salient": layer.n_salient}
+            differ = [f"{k} {info[k]} in the config, {v} in the tensors" for k, v in stored.items() if info[k] != v]
+            if differ:
+                raise GiftQuantError(f"{self.path / WEIGHTS_NAME} does not match gift_quant_config.json for layer "
+                                     f"{name}: {', '.join(differ)}; the checkpoint is damaged: quantize again")
             for buf in ("scales", "salient_weight"):
                 t = getattr(layer, buf)
                 if t.is_floating_point() and not torch.isfinite(t).all():
