@@ -21,7 +21,8 @@ from .logs import quiet_import_noise
 def _quantize_overrides(a) -> dict:
     bits = a.bits[0] if isinstance(a.bits, list) else a.bits
     return {"bits": bits, "group_size": a.group_size, "sym": a.sym, "act_order": a.act_order,
-            "static_groups": a.static_groups, "clip": a.clip, "damp": a.damp, "salient": a.salient,
+            "static_groups": a.static_groups, "group_layout": a.group_layout, "clip": a.clip, "damp": a.damp,
+            "salient": a.salient,
             "salient_fraction": a.salient_fraction, "metric": a.metric, "calib_data": a.calib_data,
             "calib_samples": a.calib_samples, "seq_len": a.seq_len, "calib_batch_size": a.calib_batch_size,
             "seed": a.seed, "dtype": a.dtype,
@@ -155,6 +156,8 @@ def cmd_export(a) -> dict:
                  overwrite=a.overwrite)
     for w in res.get("warnings", []):
         print(f"gift-quant: warning: {w}", file=sys.stderr)
+    if "chosen_because" in res:
+        print(f"gift-quant: format {res['format']} ({res['chosen_because']}; --format picks another)")
     if res["format"] == "gptq-lora":
         print(f"wrote {res['out']} (GPTQ {res['bits']}-bit, group size {res['group_size']}, desc_act "
               f"{res['desc_act']}, {res['checkpoint_format']}) and {res['out']}/adapter (LoRA rank {res['lora_rank']})")

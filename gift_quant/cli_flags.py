@@ -28,7 +28,11 @@ def add_quantize_flags(p: argparse.ArgumentParser, multi_bits: bool = False) -> 
     sym.add_argument("--sym", dest="sym", action="store_true", default=None, help="symmetric grid (default)")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid with zero points")
     p.add_argument("--act-order", action="store_true", default=None, help="GPTQ act-order among non-salient columns")
-    p.add_argument("--static-groups", action="store_true", default=None, help="fit groups before act-order")
+    p.add_argument("--static-groups", action="store_true", default=None,
+                   help="compact layout: fit groups before act-order (natural groups always are)")
+    p.add_argument("--group-layout", choices=["natural", "compact"], default=None,
+                   help="natural (default): group = column // group size, salient columns included, servable by "
+                        "compressed-tensors/vLLM/GGUF; compact: runs of non-salient columns (GPTQ format only)")
     p.add_argument("--clip", choices=["mse", "minmax"], default=None, help="grid range search (default mse)")
     p.add_argument("--damp", type=float, default=None, help="GPTQ dampening fraction (default 0.01)")
     sal = p.add_mutually_exclusive_group()
@@ -110,9 +114,11 @@ def add_eval_flags(e: argparse.ArgumentParser) -> None:
 def add_export_flags(x: argparse.ArgumentParser) -> None:
     x.add_argument("ckpt", help="gift-quant checkpoint folder (quantize / recover output)")
     x.add_argument("--out", required=True, help="export folder (created; an earlier export needs --overwrite)")
-    x.add_argument("--format", choices=["gptq-lora", "compressed-tensors", "dense"], default="gptq-lora",
-                   help="gptq-lora: GPTQ base + PEFT adapter in OUT/adapter (default); compressed-tensors: "
-                        "pack-quantized base (vLLM's WNA16 path) + the same adapter; dense: merged model")
+    x.add_argument("--format", choices=["auto", "compressed-tensors", "gptq-lora", "dense"], default="auto",
+                   help="auto (default): compressed-tensors when it carries the checkpoint exactly, else gptq-lora, "
+                        "else dense; compressed-tensors: pack-quantized base (vLLM at 2-8 bits, transformers) + "
+                        "PEFT adapter in OUT/adapter; gptq-lora: GPTQ base (transformers/GPTQModel; vLLM at 4/8 "
+                        "bits) + the same adapter; dense: merged model")
     x.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="dtype of the unquantized tensors (dense: of all; compressed-tensors: also of the scales); "
                         "default the checkpoint's; vLLM's GPTQ kernels want float16")

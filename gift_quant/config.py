@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from .errors import GiftQuantError
-from .grid import GRID_BITS, SUPPORTED_BITS
+from .grid import GRID_BITS, GROUP_LAYOUTS, SUPPORTED_BITS
 
 DEFAULT_CALIB_DATA = "sotu"
 DEFAULT_PPL_DATA = "boolq-passages:test"
@@ -32,7 +32,8 @@ class QuantizeConfig:
     group_size: int = -1  # <= 0: one grid per output row (the paper's per-row setting)
     sym: bool = True
     act_order: bool = False
-    static_groups: bool = False
+    static_groups: bool = False  # compact layout: fit grids before act-order permutes columns
+    group_layout: str = "natural"  # natural: group j // g (servable without g_idx); compact (quant/groups.py)
     clip: str = "mse"
     damp: float = 0.01
     block_size: int = 128
@@ -67,6 +68,9 @@ class QuantizeConfig:
             raise GiftQuantError("--calib-samples must be > 0 and --seq-len > 1")
         if self.calib_batch_size <= 0:
             raise GiftQuantError(f"--calib-batch-size must be > 0 (got {self.calib_batch_size})")
+        if self.group_layout not in GROUP_LAYOUTS:
+            raise GiftQuantError(
+                f"--group-layout must be one of {', '.join(GROUP_LAYOUTS)} (got {self.group_layout!r})")
         if self.group_size == 0 or self.group_size < -1:
             raise GiftQuantError(f"--group-size must be -1 (per row) or a positive count (got {self.group_size})")
 

@@ -22,6 +22,8 @@ import torch
 
 # Widths a checkpoint can store (pack.py packs these); the one list every setting is checked against.
 SUPPORTED_BITS = (2, 3, 4, 8)
+# How input columns form groups (quant/groups.py): natural (j // group_size) or compact (non-salient runs).
+GROUP_LAYOUTS = ("natural", "compact")
 # Widths a grid can be computed at (the noise step may use any of them).
 GRID_BITS = range(2, 17)
 

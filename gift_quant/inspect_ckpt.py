@@ -32,6 +32,7 @@ from statistics import mean
 from safetensors import safe_open
 
 from .errors import GiftQuantError
+from .vllm_flags import vllm_command
 
 NATIVE_CONFIG = "gift_quant_config.json"  # checkpoint.CONFIG_NAME, repeated to keep this module light
 EXPORT_INFO = "gift_quant_export.json"  # export.EXPORT_INFO
@@ -116,6 +117,8 @@ def _inspect_native(path: Path) -> dict:
         "format_version": doc.get("format_version"), "tool": doc.get("tool"), "version": doc.get("version"),
         "bits": doc.get("bits", q.get("bits")), "group_size": doc.get("group_size", q.get("group_size")),
         "sym": q.get("sym"), "act_order": q.get("act_order"), "static_groups": q.get("static_groups"),
+        # checkpoints from before the natural layout have no key and compact groups
+        "group_layout": q.get("group_layout", "compact"),
         "metric": doc.get("metric", q.get("metric")), "salient_dtype": q.get("salient_dtype"),
         "compute_dtype": doc.get("dtype"),
         "salient": _salient_summary({row["name"]: row["salient"] for row in layers}),
@@ -260,6 +263,11 @@ def _inspect_dense(path: Path) -> dict:
     }
 
 
+def _with_vllm(info: dict) -> dict:
+    command, note = vllm_command(info)
+    return {**info, "vllm": {"command": command, "note": note}}
+
+
 def inspect_checkpoint(path: str | Path) -> dict:
     """A description of the checkpoint folder ``path`` (see the module docstring for the kinds)."""
     p = Path(path)
@@ -269,10 +277,10 @@ def inspect_checkpoint(path: str | Path) -> dict:
         return _inspect_native(p)
     qc = _gptq_config(p)
     if qc is not None:
-        return _inspect_gptq(p, qc)
+        return _with_vllm(_inspect_gptq(p, qc))
     qc = _ct_config(p)
     if qc is not None:
-        return _inspect_ct(p, qc)
+        return _with_vllm(_inspect_ct(p, qc))
     if (p / "config.json").is_file():
         return _inspect_dense(p)
     if (p / "run" / "run.json").is_file():
@@ -330,6 +338,8 @@ def format_report(info: dict, layers: bool = True) -> str:
     else:
         gs = info.get("group_size")
         grid = ["sym" if info.get("sym") else "asym", f"group size {gs}" if gs and gs > 0 else "per-row groups"]
+        if gs and gs > 0 and info.get("group_layout"):
+            grid.append(f"{info['group_layout']} layout")
         if info.get("act_order") or info.get("desc_act"):
             grid.append("act-order" if kind == "gift-quant" else "desc_act")
         if info.get("static_groups"):
@@ -362,6 +372,11 @@ def format_report(info: dict, layers: bool = True) -> str:
         size += f" (+ {_size(info['run_artifacts_size'])} of run/ artifacts)"
     out.append(size)
     out.extend(_provenance_lines(info))
+    if info.get("vllm"):
+        v = info["vllm"]
+        out.append(f"  vllm serve    {v['command']}" if v["command"] else f"  vllm          not servable: {v['note']}")
+        if v["command"] and v["note"]:
+            out.append(f"                ({v['note']})")
     if layers and info.get("layers"):
         rows = info["layers"]
         width = max(len(r["name"]) for r in rows)

@@ -46,9 +46,12 @@ pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 CASES = {
     # name: (quantize settings, what the export must look like)
-    "w4g32": dict(bits=4, group_size=32, salient=4),  # groups skip salient columns -> desc_act
+    # compact groups skip salient columns -> desc_act
+    "w4g32": dict(bits=4, group_size=32, salient=4, group_layout="compact"),
+    "w4g32_natural": dict(bits=4, group_size=32, salient=4),  # natural groups j // 32 -> no desc_act
     "w2row": dict(bits=2, salient=4),  # per-row grid -> group_size -1
-    "w3act": dict(bits=3, group_size=32, act_order=True, salient_fraction=0.1),  # K 6 / 13 -> rank 16
+    # K 6 / 13 -> rank 16
+    "w3act": dict(bits=3, group_size=32, act_order=True, salient_fraction=0.1, group_layout="compact"),
     "w8asym": dict(bits=8, group_size=32, sym=False, salient=4),  # asymmetric, GPTQ v1 zero - 1
     "w4asym": dict(bits=4, group_size=16, sym=False, act_order=True, static_groups=True, salient=4),
     "w3k0": dict(bits=3, group_size=32, salient=0),  # plain GPTQ: trivial g_idx, no desc_act
@@ -167,7 +170,7 @@ def test_gptq_lora_in_transformers_peft_without_gift_quant(ckpt, ids, tmp_path):
     assert rel_err(got["auto"], ref) < 3e-2
 
 
-@pytest.mark.parametrize("name", ["w2row", "w3act", "w8asym", "w4asym", "w3k0"])
+@pytest.mark.parametrize("name", ["w2row", "w3act", "w4g32_natural", "w8asym", "w4asym", "w3k0"])
 def test_gptq_lora_matches_native(name, ckpt, ids, tmp_path, no_compile):
     pytest.importorskip("optimum")
     pytest.importorskip("gptqmodel")
@@ -185,7 +188,8 @@ def test_gptq_lora_matches_native(name, ckpt, ids, tmp_path, no_compile):
     assert qcfg["group_size"] == CASES[name].get("group_size", -1)
     # per-row grids have one group, so any g_idx is trivial; grouped ones need act-order with salient columns
     grouped = CASES[name].get("group_size", -1) > 0
-    assert qcfg["desc_act"] == (grouped and (nat.max_salient > 0 or CASES[name].get("act_order", False)))
+    compact = CASES[name].get("group_layout") == "compact"
+    assert qcfg["desc_act"] == (grouped and compact and (nat.max_salient > 0 or CASES[name].get("act_order", False)))
     assert summary["lora_rank"] == lora_rank(nat.max_salient)
     if name == "w8asym":  # no group of these weights lacks negative values: v1 can store zero - 1
         assert qcfg["checkpoint_format"] == "gptq"

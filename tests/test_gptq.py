@@ -20,12 +20,16 @@ def correlated_problem(out_f=48, in_f=96, n=2048, seed=0):
     return w, h
 
 
-def oracle_gptq(w, h, spec, salient, act_order, static_groups, damp=0.01):
+def oracle_gptq(w, h, spec, salient, act_order, static_groups, damp=0.01, layout="compact"):
     """Optimal Brain Quantization one column at a time with an explicit inverse Hessian (float64).
 
     Independent of the library's Cholesky / lazy-batch formulation: after rounding column i, every
     remaining column moves by -err * Hinv[i, :] / Hinv[i, i] and column i is removed from Hinv.
+    ``layout`` "natural": column c is in group c // group_size; grids are fitted on a group's
+    non-salient columns, upfront under act-order, else when the group's first column is reached.
     """
+    if layout == "natural" and spec.group_size > 0:
+        return _oracle_natural(w, h, spec, salient, act_order, damp)
     w, h = w.double().clone(), h.double().clone()
     n = w.shape[1]
     sal = sorted(int(s) for s in salient)
@@ -68,6 +72,38 @@ def oracle_gptq(w, h, spec, salient, act_order, static_groups, damp=0.01):
     return full_codes, dense
 
 
+def _oracle_natural(w, h, spec, salient, act_order, damp):
+    w, h = w.double().clone(), h.double().clone()
+    n, gs = w.shape[1], spec.group_size
+    sal = sorted(int(s) for s in salient)
+    rest = [j for j in range(n) if j not in sal]
+    if act_order:
+        rest = sorted(rest, key=lambda j: (-float(torch.diag(h)[j]), j))
+    order = rest + sal
+    members = {g: [c for c in rest if c // gs == g] for g in range(n // gs)}
+    params = {}
+    if act_order:  # upfront from the original weights
+        params = {g: fit_rows(w[:, cols], spec) for g, cols in members.items() if cols}
+    w, h = w[:, order], h[order][:, order]
+    hinv = torch.linalg.inv(h + damp * torch.mean(torch.diag(h)) * torch.eye(n, dtype=torch.float64))
+    codes = torch.zeros(w.shape[0], n, dtype=torch.float64)
+    for i, col in enumerate(rest):
+        g = col // gs
+        if g not in params:  # lazily, from the current values of the group's columns
+            params[g] = fit_rows(w[:, [order.index(c) for c in members[g]]], spec)
+        s, z = (t.double().squeeze(1) for t in params[g])
+        c = quantize_codes(w[:, i], s, z, spec.maxq)
+        q = dequantize(c, s, z)
+        codes[:, col] = c
+        err = (w[:, i] - q) / hinv[i, i]
+        w[:, i:] -= err.unsqueeze(1) * hinv[i, i:].unsqueeze(0)
+        w[:, i] = q
+        hinv = hinv - torch.outer(hinv[:, i], hinv[i, :]) / hinv[i, i]
+    dense = torch.empty_like(w)
+    dense[:, order] = w
+    return codes, dense
+
+
 CASES = [
     dict(bits=3, sym=True, group_size=-1, act_order=False, static_groups=False, k=0),
     dict(bits=3, sym=True, group_size=-1, act_order=False, static_groups=False, k=6),
@@ -76,6 +112,8 @@ CASES = [
     dict(bits=4, sym=True, group_size=32, act_order=True, static_groups=True, k=7),
     dict(bits=8, sym=True, group_size=-1, act_order=True, static_groups=False, k=3),
 ]
+CASES = [dict(c, layout=layout) for c in CASES for layout in ("natural", "compact")
+         if layout == "natural" or c["group_size"] > 0]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
@@ -84,8 +122,9 @@ def test_matches_float64_oracle(case):
     spec = GridSpec(bits=case["bits"], sym=case["sym"], group_size=case["group_size"], clip="minmax")
     salient = torch.arange(0, 3 * case["k"], 3)  # spread out, includes the outlier channels
     res = gptq_quantize(w, h, spec, salient, act_order=case["act_order"], static_groups=case["static_groups"],
-                        block_size=16, dtype=torch.float64)
-    ref_codes, ref_dense = oracle_gptq(w, h, spec, salient, case["act_order"], case["static_groups"])
+                        block_size=16, dtype=torch.float64, group_layout=case["layout"])
+    ref_codes, ref_dense = oracle_gptq(w, h, spec, salient, case["act_order"], case["static_groups"],
+                                       layout=case["layout"])
     rest = [j for j in range(w.shape[1]) if j not in set(salient.tolist())]
     same = (res.codes[:, rest].double() == ref_codes[:, rest]).double().mean().item()
     err_lib = layer_error(w, res.dequantized().double(), h)
@@ -131,6 +170,30 @@ def test_k0_has_no_salient_and_natural_groups():
     assert torch.equal(res.g_idx.long(), torch.arange(w.shape[1]) // 32)
 
 
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_natural_groups_keep_column_order_and_zero_salient_positions(sym, act_order):
+    """Column j is in group j // g, salient or not; a group of only salient columns gets the grid of 0."""
+    w, h = correlated_problem(seed=7)
+    salient = torch.cat([torch.arange(32, 64), torch.tensor([1, 70, 95])])  # group 1 entirely salient
+    res = gptq_quantize(w, h, GridSpec(bits=3, sym=sym, group_size=32), salient, act_order=act_order)
+    assert torch.equal(res.g_idx.long(), torch.arange(w.shape[1]) // 32)
+    assert res.scales.shape == (w.shape[0], 3)
+    base = res.dequantized()
+    base[:, res.salient_idx] = 0
+    codes_only = torch.zeros_like(base)
+    for g in range(3):
+        cols = torch.arange(32 * g, 32 * g + 32)
+        codes_only[:, cols] = (res.scales[:, g:g + 1] * (res.codes[:, cols] - res.zeros[:, g:g + 1]))
+    assert torch.equal(codes_only, base)  # dequantizing the stored codes gives exactly 0 at salient positions
+    assert (res.codes[:, 32:64] == res.zeros[:, 1:2]).all()
+    if sym:
+        assert (res.zeros == 4).all()
+    compact = gptq_quantize(w, h, GridSpec(bits=3, sym=sym, group_size=32), salient, act_order=act_order,
+                            group_layout="compact")
+    assert compact.scales.shape[1] == 2  # 61 rounded columns in runs of 32
+
+
 def test_dead_columns_are_zeroed():
     w, h = correlated_problem(seed=6)
     h[7, :] = 0
@@ -164,6 +227,10 @@ def test_rtn_baseline_matches_grid_rtn_and_keeps_salient_columns():
     torch.testing.assert_close(rtn_quantize(w, spec).dequantized(), quantize_rtn(w, spec).float())
     sal = torch.tensor([2, 50, 77])
     rest = torch.tensor([j for j in range(w.shape[1]) if j not in (2, 50, 77)])
-    res = rtn_quantize(w, spec, sal)
+    res = rtn_quantize(w, spec, sal, group_layout="compact")
     torch.testing.assert_close(res.dequantized(), quantize_rtn(w, spec, columns=rest).float())
     torch.testing.assert_close(res.salient_weight, w[:, sal].float())
+    natural = rtn_quantize(w, spec, sal)  # each natural group of 32 rounded on its own non-salient columns
+    expect = torch.cat([quantize_rtn(w[:, g:g + 32], spec, columns=torch.tensor(
+        [j - g for j in range(g, g + 32) if j not in (2, 50, 77)])) for g in range(0, w.shape[1], 32)], dim=1)
+    torch.testing.assert_close(natural.dequantized(), expect.float())

@@ -27,12 +27,26 @@ from .compressed_tensors import (
     CTLayer,
     ct_layer,
     ct_quantization_config,
+    ct_refusal,
     export_compressed_tensors,
 )
 from .dense import export_dense
 from .folder import EXPORT_INFO
-from .gptq import GPTQ_GROUP_SIZES, GPTQLayer, export_gptq_lora, gptq_layer
+from .gptq import GPTQ_GROUP_SIZES, GPTQLayer, check_gptq_representable, export_gptq_lora, gptq_layer
 from .native import NativeCheckpoint
+
+def choose_format(nat: NativeCheckpoint) -> tuple[str, str]:
+    """(format, why): compressed-tensors whenever it carries the checkpoint exactly (what current vLLM serves
+    at every bit width 2-8), else gptq-lora (GPTQ's g_idx carries compact groups), else dense."""
+    refusal = ct_refusal(nat)
+    if refusal is None:
+        return "compressed-tensors", "it carries every layer exactly and current vLLM serves it at 2-8 bits"
+    try:
+        check_gptq_representable(nat)
+    except GiftQuantError as exc:
+        return "dense", f"neither compressed-tensors ({refusal}) nor GPTQ ({exc}) carries it"
+    return "gptq-lora", f"compressed-tensors cannot carry it: {refusal}"
+
 
 FORMATS = ("gptq-lora", "compressed-tensors", "dense")
 
@@ -43,9 +57,13 @@ __all__ = [
 ]
 
 
-def export(ckpt: str | Path, out_dir: str | Path, fmt: str = "gptq-lora", dtype: str | None = None,
+def export(ckpt: str | Path, out_dir: str | Path, fmt: str = "auto", dtype: str | None = None,
            checkpoint_format: str = "auto", overwrite: bool = False) -> dict:
-    """The CLI's entry point: ``fmt`` is one of FORMATS."""
+    """The CLI's entry point: ``fmt`` is one of FORMATS, or ``auto`` (``choose_format``)."""
+    if fmt == "auto":
+        fmt, why = choose_format(NativeCheckpoint(ckpt))
+        summary = export(ckpt, out_dir, fmt, dtype=dtype, checkpoint_format=checkpoint_format, overwrite=overwrite)
+        return {**summary, "chosen_because": why}
     if fmt == "gptq-lora":
         return export_gptq_lora(ckpt, out_dir, dtype=dtype, checkpoint_format=checkpoint_format, overwrite=overwrite)
     if fmt == "compressed-tensors":

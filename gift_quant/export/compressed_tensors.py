@@ -2,8 +2,8 @@
 
 vLLM's WNA16 path and transformers with compressed-tensors load the base; the adapter (adapter.py) adds
 the salient columns back. Exact for per-row grids and for grouped grids whose groups are contiguous
-column runs; the format has no g_idx, so groups that skip salient columns or follow act-order are
-refused (the gptq-lora export carries them).
+column runs, which is the default ``natural`` group layout (quant/groups.py); the format has no g_idx,
+so ``compact`` groups that skip salient columns or follow act-order are refused (gptq-lora carries them).
 """
 
 from __future__ import annotations
@@ -70,33 +70,56 @@ def _ct_grouping_error(name: str, q: QuantLinear, nat: NativeCheckpoint, gs: int
         f"{name}: {setting} puts input columns in groups other than column // {gs} (a g_idx), which "
         "compressed-tensors pack-quantized cannot carry (its group strategy assumes contiguous groups; "
         "compressed-tensors >= 0.20 removed actorder='group' and weight_g_idx). Export with --format gptq-lora "
-        "(GPTQ desc_act carries g_idx) or --format dense, or quantize with per-row grids (--group-size -1), "
-        "which this format carries, or without salient columns and act-order")
+        "(GPTQ desc_act carries g_idx) or --format dense, or quantize with --group-layout natural (the default: "
+        "group = column // group size, which this format carries)")
 
 
-def ct_layer(name: str, q: QuantLinear, nat: NativeCheckpoint) -> CTLayer:
-    """The compressed-tensors tensors of one layer: exact, or a GiftQuantError naming what does not fit.
+def ct_groups(name: str, q: QuantLinear, nat: NativeCheckpoint) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(group size, keep mask of non-salient columns, native group held by each ct group or -1), or an error.
 
     Compressed-tensors' group strategy puts column j in group ``j // group_size`` (channel: one group).
-    A native layer fits when the non-salient columns of each such group share one native group; that
-    group's scale and zero are copied. Salient columns are re-filed into the group their position
-    gives and take its zero point as their code, so the base is exactly 0 there (the adapter adds them).
+    A native layer fits when the non-salient columns of each such group share one native group.
     """
-    in_f, out_f = q.in_features, q.out_features
+    in_f = q.in_features
     gs = nat.group_size if nat.group_size > 0 else in_f
     if in_f % gs:
         raise GiftQuantError(
             f"{name}: group_size {gs} does not divide in_features {in_f}; compressed-tensors (and vLLM) need "
             "whole groups. Export with --format gptq-lora or --format dense")
-    n_ct = in_f // gs
     ct_group = torch.arange(in_f) // gs
     g_idx = q.g_idx.long()
     keep = torch.ones(in_f, dtype=torch.bool)
     keep[q.salient_idx.long()] = False
-    native_of = torch.full((n_ct,), -1, dtype=torch.long)  # native group held by each ct group (-1: none)
+    native_of = torch.full((in_f // gs,), -1, dtype=torch.long)  # native group held by each ct group (-1: none)
     native_of[ct_group[keep]] = g_idx[keep]
     if not torch.equal(native_of[ct_group[keep]], g_idx[keep]):
         raise _ct_grouping_error(name, q, nat, gs)
+    return gs, keep, native_of
+
+
+def ct_refusal(nat: NativeCheckpoint) -> str | None:
+    """Why compressed-tensors cannot carry this checkpoint exactly (the first layer that does not fit), or None."""
+    if not nat.layers:
+        return f"{nat.path} has no quantized layers"
+    try:
+        for name, q in nat.layers.items():
+            ct_groups(name, q, nat)
+    except GiftQuantError as exc:
+        return str(exc)
+    return None
+
+
+def ct_layer(name: str, q: QuantLinear, nat: NativeCheckpoint) -> CTLayer:
+    """The compressed-tensors tensors of one layer: exact, or a GiftQuantError naming what does not fit.
+
+    Each ct group copies the scale and zero of the native group its non-salient columns share
+    (``ct_groups``). Salient columns are re-filed into the group their position gives and take its
+    zero point as their code, so the base is exactly 0 there (the adapter adds them).
+    """
+    in_f, out_f = q.in_features, q.out_features
+    gs, keep, native_of = ct_groups(name, q, nat)
+    n_ct = in_f // gs
+    ct_group = torch.arange(in_f) // gs
     used = native_of >= 0
     scales = torch.ones(n_ct, out_f)
     zeros = torch.full((n_ct, out_f), 2 ** (q.bits - 1), dtype=torch.int64)
@@ -163,8 +186,8 @@ def export_compressed_tensors(ckpt: str | Path, out_dir: str | Path, dtype: str 
     Per quantized linear: ``weight_packed`` (int32, out x ceil(in*b/32)), ``weight_scale`` (out x groups,
     in ``dtype``), ``weight_shape`` ([out, in], int64) and, for asymmetric grids, ``weight_zero_point``
     (int32, ceil(out*b/32) x groups); per-row grids use the channel strategy, group size g the group
-    strategy. The format has no g_idx, so grouped checkpoints whose groups skip salient columns (or
-    follow act-order) are refused (see ``ct_layer``). ``dtype``: of the scales, the unquantized tensors
+    strategy. The format has no g_idx, so compact-layout groups that skip salient columns (or follow
+    act-order) are refused (see ``ct_layer``). ``dtype``: of the scales, the unquantized tensors
     and the config; default the checkpoint's compute dtype (vLLM wants float16 or bfloat16).
     """
     nat = NativeCheckpoint(ckpt)

@@ -101,7 +101,7 @@ def _pack_zeros(zeros: torch.Tensor, bits: int, v1: bool, out_f: int) -> torch.T
     return pack_cols(zeros - 1 if v1 else zeros, bits)[:, : packed_words(out_f, bits)].contiguous()
 
 
-def _check_gptq_representable(nat: NativeCheckpoint) -> list[str]:
+def check_gptq_representable(nat: NativeCheckpoint) -> list[str]:
     """Errors for what GPTQ loaders cannot take; returns warnings for what only some servers refuse."""
     if not nat.layers:
         raise GiftQuantError(f"{nat.path} has no quantized layers to export")
@@ -113,6 +113,10 @@ def _check_gptq_representable(nat: NativeCheckpoint) -> list[str]:
                 "export the merged model (--format dense) instead")
     gs = nat.group_size
     warnings = []
+    if nat.bits in (2, 3):
+        warnings.append(f"{nat.bits}-bit GPTQ loads in transformers/GPTQModel, but current vLLM serves GPTQ only at 4 "
+                        "and 8 bits (Marlin; vllm-project/vllm#38288): for vLLM export with --format "
+                        "compressed-tensors")
     if gs > 0 and gs not in GPTQ_GROUP_SIZES and any(gs < q.in_features for q in nat.layers.values()):
         raise GiftQuantError(
             f"group_size {gs} is not one GPTQ kernels load ({', '.join(map(str, GPTQ_GROUP_SIZES))} or per-row); "
@@ -203,7 +207,7 @@ def export_gptq_lora(ckpt: str | Path, out_dir: str | Path, dtype: str | torch.d
     if checkpoint_format not in ("auto", "gptq", "gptq_v2"):
         raise GiftQuantError(f"checkpoint_format must be auto, gptq or gptq_v2 (got {checkpoint_format!r})")
     r = lora_rank(nat.max_salient)
-    warnings = _check_gptq_representable(nat)
+    warnings = check_gptq_representable(nat)
     check_out(out_dir, nat.path, overwrite)
     gs = nat.group_size if nat.group_size > 0 else -1
     checkpoint_format = _checkpoint_format(nat, checkpoint_format, warnings)

@@ -93,10 +93,11 @@ def quantize_layer(linear: nn.Linear, stats: ColumnStats, hessian: torch.Tensor,
     k = salient.numel()
     if cfg.algorithm == "rtn":
         with cpu_threads(1, weight.device.type == "cpu"):
-            res = rtn_quantize(weight, spec, salient)
+            res = rtn_quantize(weight, spec, salient, group_layout=cfg.group_layout)
     else:
         res = gptq_quantize(weight, hessian, spec, salient, act_order=cfg.act_order,
-                            static_groups=cfg.static_groups, block_size=cfg.block_size, damp=cfg.damp)
+                            static_groups=cfg.static_groups, block_size=cfg.block_size, damp=cfg.damp,
+                            group_layout=cfg.group_layout)
     sal_dtype = parse_dtype(cfg.salient_dtype)
     # the in-memory model computes with exactly what the checkpoint will store
     res.salient_weight = res.salient_weight.to(sal_dtype).float()

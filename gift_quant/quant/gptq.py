@@ -7,12 +7,10 @@ the compensation of every rounding before them. They are returned in full precis
 compensated values. With no salient columns this is exactly GPTQ (Frantar et al. 2022, Alg. 1 with
 lazy batch updates and a Cholesky-factored inverse Hessian).
 
-Groups are runs of ``group_size`` consecutive *non-salient* columns in processing order; their grids
-are fitted when the run starts (lazily, from the error-updated weights) or, with ``static_groups``,
-upfront from the original weights over the natural column order, which keeps groups contiguous in
-the checkpoint while act-order permutes the processing. Salient columns store the zero point of
-their group, so the quantized part holds exactly 0 there and the full layer is
-``dequant(codes) + scatter(salient_weight)``.
+Which group each column belongs to, and whether its grid is fitted lazily or upfront, is groups.py's
+plan (``natural`` groups ``j // g`` by default, ``compact`` runs of non-salient columns as an option).
+Salient columns store the zero point of their group, so the quantized part holds exactly 0 there and
+the full layer is ``dequant(codes) + scatter(salient_weight)``.
 """
 
 from __future__ import annotations
@@ -24,6 +22,7 @@ import torch
 from ..grid import GridSpec, dequantize, fit_rows, quantize_codes
 from ..pack import dequantize_codes
 from ..threads import cpu_threads
+from .groups import plan_groups
 
 
 @dataclass
@@ -78,12 +77,21 @@ def gptq_quantize(
     block_size: int = 128,
     damp: float = 0.01,
     dtype: torch.dtype = torch.float32,
+    group_layout: str = "natural",
 ) -> GPTQResult:
     with cpu_threads(1, weight.device.type == "cpu"):  # see threads.py
-        return _gptq(weight, hessian, spec, salient_idx, act_order, static_groups, block_size, damp, dtype)
+        return _gptq(weight, hessian, spec, salient_idx, act_order, static_groups, block_size, damp, dtype,
+                     group_layout)
 
 
-def _gptq(weight, hessian, spec, salient_idx, act_order, static_groups, block_size, damp, dtype) -> GPTQResult:
+def empty_grids(out_f: int, n_groups: int, spec: GridSpec, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zeros of groups with nothing to fit (all-salient groups): scale 1 and the grid's zero for 0."""
+    s, z = fit_rows(torch.zeros(out_f, 1, device=device), spec)
+    return s.repeat(1, n_groups), z.repeat(1, n_groups)
+
+
+def _gptq(weight, hessian, spec, salient_idx, act_order, static_groups, block_size, damp, dtype,
+          group_layout) -> GPTQResult:
     out_f, in_f = weight.shape
     dev = weight.device
     sal = (torch.zeros(0, dtype=torch.long) if salient_idx is None else salient_idx.long().cpu()).sort().values
@@ -96,29 +104,24 @@ def _gptq(weight, hessian, spec, salient_idx, act_order, static_groups, block_si
 
     order = processing_order(torch.diag(H), sal, act_order).to(dev)
     n_rounded = in_f - sal.numel()
-    natural_rest = order[:n_rounded].sort().values
-    per_row = spec.group_size <= 0 or spec.group_size >= n_rounded
-    gs = n_rounded if per_row else spec.group_size
-    n_groups = max(1, -(-n_rounded // gs))
-
-    scales = torch.ones(out_f, n_groups, dtype=torch.float32, device=dev)
-    zeros = torch.zeros(out_f, n_groups, dtype=torch.float32, device=dev)
-    g_idx = torch.full((in_f,), n_groups - 1, dtype=torch.int32, device=dev)
-    # group of each processing position (lazy) or of each natural position (static / per-row)
-    upfront = per_row or static_groups
-    if upfront:
-        for g in range(n_groups):
-            cols = natural_rest[g * gs : (g + 1) * gs]
-            s, z = fit_rows(W[:, cols], spec)
-            scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
-            g_idx[cols] = g
+    plan = plan_groups(order, n_rounded, spec.group_size, group_layout, act_order, static_groups)
+    g_idx = plan.g_idx
+    scales, zeros = empty_grids(out_f, plan.n_groups, spec, dev)
+    if plan.upfront:
+        is_salient = torch.zeros(in_f, dtype=torch.bool, device=dev)
+        is_salient[sal.to(dev)] = True
+        for g in range(plan.n_groups):
+            cols = plan.fitted_columns(g, is_salient)
+            if cols.numel():
+                s, z = fit_rows(W[:, cols], spec)
+                scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
+        g_pos = g_idx[order[:n_rounded]].long()
     else:
-        g_idx[order[:n_rounded]] = (torch.arange(n_rounded, device=dev) // gs).to(torch.int32)
+        g_pos, fit_width = plan.first_positions(order, n_rounded)
 
     Wp = W[:, order]
     Hinv = damped_inverse_cholesky(H[order][:, order], damp)
     codes_p = torch.empty(out_f, n_rounded, dtype=dtype, device=dev)
-    g_pos = g_idx[order[:n_rounded]].long()
     loss = torch.zeros((), dtype=torch.float64, device=dev)
 
     for i1 in range(0, n_rounded, block_size):
@@ -129,9 +132,9 @@ def _gptq(weight, hessian, spec, salient_idx, act_order, static_groups, block_si
         for i in range(i2 - i1):
             pos = i1 + i
             g = int(g_pos[pos])
-            if not upfront and pos % gs == 0:
+            if not plan.upfront and int(fit_width[pos]):
                 # fit on the current (error-updated) values of this group's columns
-                current = torch.cat([W1[:, i:], Wp[:, i2:n_rounded]], dim=1)[:, :gs]
+                current = torch.cat([W1[:, i:], Wp[:, i2:n_rounded]], dim=1)[:, : int(fit_width[pos])]
                 s, z = fit_rows(current, spec)
                 scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
             w = W1[:, i]
