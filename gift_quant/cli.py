@@ -292,6 +292,21 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
+def _redeliver_swallowed_stops(unraisable) -> None:
+    """sys.unraisablehook: a Ctrl-C or SIGTERM that landed inside a ``__del__`` or a gc/weakref callback is
+    swallowed there (``Exception ignored in ... __del__``) and the run would go on; deliver it again."""
+    import _thread
+    import signal
+    import threading
+
+    signum = {KeyboardInterrupt: signal.SIGINT, Terminated: signal.SIGTERM}.get(unraisable.exc_type)
+    if signum is None:
+        sys.__unraisablehook__(unraisable)
+        return
+    # from another thread, a moment later: raised here, it would be swallowed again (we are inside the hook)
+    threading.Timer(0.01, _thread.interrupt_main, args=(signum,)).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     import signal
     import threading
@@ -299,9 +314,12 @@ def main(argv: list[str] | None = None) -> int:
     quiet_import_noise()
     parser = make_parser()
     a = parser.parse_args(argv)
+    if getattr(a, "no_progress", False):
+        silence_library_bars()
     if threading.current_thread() is threading.main_thread():
         # the default SIGTERM kills without cleanup or message; as an exception it stops like Ctrl-C does
         signal.signal(signal.SIGTERM, _raise_terminated)
+    previous_hook, sys.unraisablehook = sys.unraisablehook, _redeliver_swallowed_stops
     try:
         result = a.func(a)
         if getattr(a, "json_out", None):
@@ -321,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"gift-quant: error: {os_error(exc, exc.filename or '', '')}", file=sys.stderr)
         return 2
+    finally:
+        sys.unraisablehook = previous_hook
 
 
 if __name__ == "__main__":
