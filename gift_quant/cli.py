@@ -314,8 +314,6 @@ def main(argv: list[str] | None = None) -> int:
     quiet_import_noise()
     parser = make_parser()
     a = parser.parse_args(argv)
-    if getattr(a, "no_progress", False):
-        silence_library_bars()
     if threading.current_thread() is threading.main_thread():
         # the default SIGTERM kills without cleanup or message; as an exception it stops like Ctrl-C does
         signal.signal(signal.SIGTERM, _raise_terminated)
