@@ -15,7 +15,7 @@ from . import cli_flags as F
 from .cache import atomic_write_text
 from .config import DEFAULT_PEFT_TRAIN_DATA, EvalConfig, QuantizeConfig, RecoverConfig, build, read_recipe
 from .errors import GiftQuantError
-from .logs import quiet_import_noise
+from .logs import quiet_import_noise, silence_library_bars
 
 
 def _quantize_overrides(a) -> dict:
@@ -314,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet_import_noise()
     parser = make_parser()
     a = parser.parse_args(argv)
+    if getattr(a, "no_progress", False):
+        silence_library_bars()
     if threading.current_thread() is threading.main_thread():
         # the default SIGTERM kills without cleanup or message; as an exception it stops like Ctrl-C does
         signal.signal(signal.SIGTERM, _raise_terminated)

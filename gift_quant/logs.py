@@ -18,3 +18,16 @@ def quiet_import_noise() -> None:
 
     for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def silence_library_bars() -> None:
+    """``--no-progress``: also hide the bars libraries draw themselves (transformers' "Loading weights",
+    datasets' map/download bars), not only gift-quant's own."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        from datasets.utils.logging import disable_progress_bar
+    except ImportError:  # datasets is optional at run time for some commands
+        return
+    disable_progress_bar()
