@@ -11,11 +11,15 @@ import json
 import sys
 from pathlib import Path
 
-from . import cli_flags as F
-from .cache import atomic_write_text
-from .config import DEFAULT_PEFT_TRAIN_DATA, EvalConfig, QuantizeConfig, RecoverConfig, build, read_recipe
-from .errors import GiftQuantError
-from .logs import quiet_import_noise, silence_library_bars
+from .cpu_policy import apply_at_launch
+
+apply_at_launch()  # thread settings of the gift-quant command: before torch loads (cli_flags -> config -> torch)
+
+from . import cli_flags as F  # noqa: E402
+from .cache import atomic_write_text  # noqa: E402
+from .config import DEFAULT_PEFT_TRAIN_DATA, EvalConfig, QuantizeConfig, RecoverConfig, build, read_recipe  # noqa: E402
+from .errors import GiftQuantError  # noqa: E402
+from .logs import quiet_import_noise, silence_library_bars  # noqa: E402
 
 
 def _quantize_overrides(a) -> dict:
@@ -316,6 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     a = parser.parse_args(argv)
     if getattr(a, "no_progress", False):
         silence_library_bars()
+    if getattr(a, "threads", None):  # also when main() is called from Python (cpu_policy covers the command)
+        import torch
+
+        torch.set_num_threads(a.threads)
     if threading.current_thread() is threading.main_thread():
         # the default SIGTERM kills without cleanup or message; as an exception it stops like Ctrl-C does
         signal.signal(signal.SIGTERM, _raise_terminated)

@@ -12,6 +12,19 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", dest="json_out", default=None, metavar="FILE", help="also write the result as JSON")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="CPU threads (default: the cores idle at start, see gift_quant/cpu_policy.py; "
+                        "OMP_NUM_THREADS, when set, is kept)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return n
 
 
 def add_quantize_flags(p: argparse.ArgumentParser, multi_bits: bool = False) -> None:

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "gift_quant"
 # lowest first; fnmatch patterns over dotted module names
 LAYERS: list[tuple[str, list[str]]] = [
     ("foundations", ["gift_quant.errors", "gift_quant.threads", "gift_quant.cache",
-                     "gift_quant.logs"]),
+                     "gift_quant.logs", "gift_quant.cpu_policy"]),
     ("settings and pure numeric cores", ["gift_quant.config", "gift_quant.grid", "gift_quant.stats",
                                          "gift_quant.sensitivity", "gift_quant.pack", "gift_quant.arch",
                                          "gift_quant.memory_model"]),
