@@ -212,7 +212,8 @@ class _RecoverRun:
             return None
         t0 = time.perf_counter()
         if rcfg.variant == "post":
-            model = prepare_recovery(qpath, self.src, rcfg.noise, self.noise_bits, rcfg.seed, self.dtype, self.trust)
+            model = prepare_recovery(qpath, self.src, rcfg.noise, self.noise_bits, rcfg.seed, self.dtype, self.trust,
+                                     fit_device=self.device)
         else:
             model = prepare_dense(self._fresh(), self.salient, noise=rcfg.noise, noise_bits=self.noise_bits,
                                   seed=rcfg.seed)

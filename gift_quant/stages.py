@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .arch import model_linears
 from .checkpoint import load, save_checkpoint
 from .config import EvalConfig, QuantizeConfig, RecoverConfig
 from .errors import writing
@@ -27,6 +28,7 @@ from .quant.engine import check_finite, quantize_model, validate_salient_counts
 from .recover.model import convert_to_quant, linear_weights, prepare_quantized
 from .recover.stage import train_stage
 from .rundir import RUN_DIR, check_blocks, claim_run, model_fingerprint, prepare_output, record_blocks, tool_version
+from .source_weights import source_weights
 from .text_sources import load_documents
 from .windows import calibration_windows, eval_windows, fingerprint_tokens
 
@@ -113,14 +115,21 @@ def quantize_to_checkpoint(model_dir: str | None, out: str | Path, cfg: Quantize
 
 
 def prepare_recovery(qckpt: Path, src: Path, noise: str, noise_bits: int, seed: int,
-                     dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+                     dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                     fit_device: torch.device | str = "cpu"):
     """The packed checkpoint as a model whose salient columns train, the noise step fitted on ``src``'s weights.
 
     The paper's code fits the step on the full-precision weights; fitting it on the quantized ones locks
-    the clip search onto a sub-grid of the codes and gives 20-33 % less noise.
+    the clip search onto a sub-grid of the codes and gives 20-33 % less noise. The weights are read one
+    linear at a time from ``src``'s safetensors onto ``fit_device`` (source_weights.py); only folders
+    that do not store them by module name are loaded whole.
     """
-    reference = linear_weights(load_model(Path(src), dtype, trust_remote_code))
-    return prepare_quantized(load(qckpt), noise=noise, noise_bits=noise_bits, seed=seed, reference=reference)
+    model = load(qckpt)
+    names = list(model_linears(model))
+    reference = source_weights(Path(src), names, fit_device)
+    if reference is None:
+        reference = linear_weights(load_model(Path(src), dtype, trust_remote_code))
+    return prepare_quantized(model, noise=noise, noise_bits=noise_bits, seed=seed, reference=reference)
 
 
 def convert_recovered(model):

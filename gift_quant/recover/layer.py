@@ -72,10 +72,11 @@ class SalientLinear(nn.Module):
         # Delta_i is fitted on the non-salient weights of ``noise_reference`` (the full-precision layer, as the
         # paper's code does) when given, else on the base itself. Fitting on already-quantized weights locks
         # the grid search onto a sub-grid of the codes and gives 20-33 % smaller steps.
-        ref = self.base_weight() if noise_reference is None else noise_reference.detach().float().to(mask.device)
+        # The reference may live on the GPU (stages.prepare_recovery puts it there): the fit runs where it is.
+        ref = self.base_weight() if noise_reference is None else noise_reference.detach().float()
         with cpu_threads(1, ref.device.type == "cpu"):  # clip search: small ops (threads.py)
-            delta = step_sizes(ref[:, mask], GridSpec(bits=noise_bits, sym=True))
-        self.register_buffer("delta", delta)
+            delta = step_sizes(ref[:, mask.to(ref.device)], GridSpec(bits=noise_bits, sym=True))
+        self.register_buffer("delta", delta.to(mask.device))
         self._generator: torch.Generator | None = None
         # Set by the training loop before each micro-batch: the noise then depends only on
         # (seed, noise_key), so data-parallel ranks, gradient-checkpoint recomputation and a resumed
