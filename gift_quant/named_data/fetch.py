@@ -11,6 +11,7 @@ from __future__ import annotations
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,12 +125,42 @@ def obtain(key: str, workdir: Path, needed_for: str) -> Path:
     return path
 
 
+def _run_client(argv: list[str], label: str) -> subprocess.CompletedProcess:
+    """Run a registry client with its output captured, ticking a bar of elapsed seconds on a terminal.
+
+    pip and npm write the file in one move at the end, so there is no byte count to show; the bar
+    says the download is alive and how long it has run (hidden when stderr is not a terminal).
+    """
+    from tqdm import tqdm
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, \
+            tqdm(desc=f"downloading {label}", unit="s", bar_format="{desc}: {elapsed}", disable=None,
+                 leave=False) as bar:
+        proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, text=True)
+        deadline = time.monotonic() + FETCH_TIMEOUT_S
+        try:
+            while True:
+                try:
+                    proc.wait(timeout=1.0)
+                    break
+                except subprocess.TimeoutExpired:
+                    bar.refresh()
+                    if time.monotonic() > deadline:
+                        raise subprocess.TimeoutExpired(argv, FETCH_TIMEOUT_S) from None
+        finally:
+            if proc.poll() is None:  # timed out or interrupted: do not leave the client running
+                proc.kill()
+                proc.wait()
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(argv, proc.returncode, out.read(), err.read())
+
+
 def _run_fetch(argv: list[str], src: Source, needed_for: str) -> None:
     progress(f"downloading {src.label}, {src.size}, for {needed_for} ...")
     start = time.monotonic()
     try:
-        proc = subprocess.run(argv, check=False, capture_output=True, text=True,
-                              timeout=FETCH_TIMEOUT_S, stdin=subprocess.DEVNULL)
+        proc = _run_client(argv, f"{src.label} ({src.size})")
     except (OSError, subprocess.SubprocessError) as exc:  # client missing, or the fetch hung
         raise DatasetUnavailable(_unavailable_message(src, needed_for, argv, str(exc))) from exc
     if proc.returncode != 0:
