@@ -105,25 +105,52 @@ def _gptq(weight, hessian, spec, salient_idx, act_order, static_groups, block_si
     order = processing_order(torch.diag(H), sal, act_order).to(dev)
     n_rounded = in_f - sal.numel()
     plan = plan_groups(order, n_rounded, spec.group_size, group_layout, act_order, static_groups)
-    g_idx = plan.g_idx
     scales, zeros = empty_grids(out_f, plan.n_groups, spec, dev)
     if plan.upfront:
-        is_salient = torch.zeros(in_f, dtype=torch.bool, device=dev)
-        is_salient[sal.to(dev)] = True
-        for g in range(plan.n_groups):
-            cols = plan.fitted_columns(g, is_salient)
-            if cols.numel():
-                s, z = fit_rows(W[:, cols], spec)
-                scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
-        g_pos = g_idx[order[:n_rounded]].long()
+        _fit_groups_upfront(W, sal, plan, spec, scales, zeros)
+        g_pos, fit_width = plan.g_idx[order[:n_rounded]].long(), None
     else:
         g_pos, fit_width = plan.first_positions(order, n_rounded)
 
     Wp = W[:, order]
     Hinv = damped_inverse_cholesky(H[order][:, order], damp)
-    codes_p = torch.empty(out_f, n_rounded, dtype=dtype, device=dev)
-    loss = torch.zeros((), dtype=torch.float64, device=dev)
+    codes_p, loss = _round_columns(Wp, Hinv, n_rounded, g_pos, fit_width, spec, scales, zeros, block_size)
 
+    codes = torch.empty(out_f, in_f, dtype=torch.int32, device=dev)
+    codes[:, order[:n_rounded]] = codes_p.to(torch.int32)
+    salient_cols = order[n_rounded:]
+    codes[:, salient_cols] = zeros[:, plan.g_idx[salient_cols].long()].to(torch.int32)
+    return GPTQResult(
+        codes=codes,
+        scales=scales,
+        zeros=zeros,
+        g_idx=plan.g_idx,
+        salient_idx=salient_cols.cpu(),
+        salient_weight=Wp[:, n_rounded:].float().contiguous(),
+        loss=loss,
+    )
+
+
+def _fit_groups_upfront(W, sal, plan, spec, scales, zeros) -> None:
+    """Every group's grid from the original weights of its non-salient columns (in place)."""
+    is_salient = torch.zeros(W.shape[1], dtype=torch.bool, device=W.device)
+    is_salient[sal.to(W.device)] = True
+    for g in range(plan.n_groups):
+        cols = plan.fitted_columns(g, is_salient)
+        if cols.numel():
+            s, z = fit_rows(W[:, cols], spec)
+            scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
+
+
+def _round_columns(Wp, Hinv, n_rounded, g_pos, fit_width, spec, scales, zeros, block_size):
+    """GPTQ's loop over the first ``n_rounded`` columns of ``Wp`` (processing order), updating Wp in place.
+
+    Returns (codes of those columns, GPTQ's loss). ``fit_width`` (lazy fitting) is the group's width at
+    the group's first position, else 0; None when every grid was fitted upfront.
+    """
+    dtype = Wp.dtype
+    codes_p = torch.empty(Wp.shape[0], n_rounded, dtype=dtype, device=Wp.device)
+    loss = torch.zeros((), dtype=torch.float64, device=Wp.device)
     for i1 in range(0, n_rounded, block_size):
         i2 = min(i1 + block_size, n_rounded)
         W1 = Wp[:, i1:i2].clone()
@@ -132,7 +159,7 @@ def _gptq(weight, hessian, spec, salient_idx, act_order, static_groups, block_si
         for i in range(i2 - i1):
             pos = i1 + i
             g = int(g_pos[pos])
-            if not plan.upfront and int(fit_width[pos]):
+            if fit_width is not None and int(fit_width[pos]):
                 # fit on the current (error-updated) values of this group's columns
                 current = torch.cat([W1[:, i:], Wp[:, i2:n_rounded]], dim=1)[:, : int(fit_width[pos])]
                 s, z = fit_rows(current, spec)
@@ -149,20 +176,7 @@ def _gptq(weight, hessian, spec, salient_idx, act_order, static_groups, block_si
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         Wp[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-
-    codes = torch.empty(out_f, in_f, dtype=torch.int32, device=dev)
-    codes[:, order[:n_rounded]] = codes_p.to(torch.int32)
-    salient_cols = order[n_rounded:]
-    codes[:, salient_cols] = zeros[:, g_idx[salient_cols].long()].to(torch.int32)
-    return GPTQResult(
-        codes=codes,
-        scales=scales,
-        zeros=zeros,
-        g_idx=g_idx,
-        salient_idx=salient_cols.cpu(),
-        salient_weight=Wp[:, n_rounded:].float().contiguous(),
-        loss=float(loss),
-    )
+    return codes_p, float(loss)
 
 
 def layer_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
