@@ -157,6 +157,33 @@ def _load_block(run_dir: Path, i: int, block: nn.Module, cfg: QuantizeConfig) ->
     return qlins, metrics
 
 
+def _quantize_block(block: nn.Module, qualifier: str, inputs, kwargs, cfg: QuantizeConfig, device: torch.device,
+                    report: QuantizeReport, score_only: bool, fixed_salient: dict[str, torch.Tensor] | None):
+    """GPTQ every linear of one block in sequential groups (in place) -> (qlins, scores, salient, metrics).
+
+    Members of a group share one input, whose statistics are accumulated once; each group sees the
+    outputs of the groups quantized before it. ``score_only`` fills ``report.salient`` and changes nothing.
+    """
+    qlins, scores, salient, metrics = {}, {}, {}, {}
+    for group in sequential_groups(block, inputs[0], kwargs):
+        linears = block_linears(block)
+        stats = ColumnStats(linears[group[0]].in_features, device=device)
+        collect_inputs(block, group[:1], inputs, kwargs, lambda _n, x, st=stats: st.update(x))
+        hessian = stats.hessian.float()
+        for name in group:
+            lin, qualified = linears[name], f"{qualifier}.{name}"
+            if score_only:
+                _, report.salient[qualified] = score_layer(lin, stats, cfg, qualified)
+                continue
+            fixed = None if fixed_salient is None else fixed_salient[qualified]
+            q, s, sal, m = quantize_layer(lin, stats, hessian, cfg, qualified, fixed)
+            set_module(block, name, q)
+            qlins[name], scores[name], salient[name], metrics[name] = q, s, sal, m
+            report.salient[qualified] = sal
+        del stats
+    return qlins, scores, salient, metrics
+
+
 def quantize_model(model: nn.Module, windows: torch.Tensor, cfg: QuantizeConfig, device: torch.device,
                    run_dir: Path | None, progress: bool = True, score_only: bool = False,
                    fixed_salient: dict[str, torch.Tensor] | None = None, reconstruct=None,
@@ -190,26 +217,8 @@ def quantize_model(model: nn.Module, windows: torch.Tensor, cfg: QuantizeConfig,
             for name, q in qlins.items():
                 set_module(block, name, q.to(device))
         else:
-            metrics, scores, salient = {}, {}, {}
-            qlins = {}
-            for group in sequential_groups(block, inputs[0], kwargs):
-                linears = block_linears(block)
-                first = linears[group[0]]
-                # members of a group share one input: accumulate its statistics once
-                stats = ColumnStats(first.in_features, device=device)
-                collect_inputs(block, group[:1], inputs, kwargs, lambda _n, x, st=stats: st.update(x))
-                hessian = stats.hessian.float()
-                for name in group:
-                    lin, qualified = linears[name], f"{prefix}.{i}.{name}"
-                    if score_only:
-                        _, report.salient[qualified] = score_layer(lin, stats, cfg, qualified)
-                        continue
-                    fixed = None if fixed_salient is None else fixed_salient[qualified]
-                    q, s, sal, m = quantize_layer(lin, stats, hessian, cfg, qualified, fixed)
-                    set_module(block, name, q)
-                    qlins[name], scores[name], salient[name], metrics[name] = q, s, sal, m
-                    report.salient[qualified] = sal
-                del stats
+            qlins, scores, salient, metrics = _quantize_block(block, f"{prefix}.{i}", inputs, kwargs, cfg, device,
+                                                              report, score_only, fixed_salient)
             if reconstruct is not None and not score_only:
                 targets = run_block(fp_block, fp_inputs if fp_prefix else inputs, kwargs)
                 rec = reconstruct(i, block, fp_block, inputs, targets, kwargs)
