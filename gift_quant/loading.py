@@ -17,7 +17,8 @@ def load_any(path: str | None, dtype: torch.dtype = torch.float32, device="cpu",
     if path is not None and is_checkpoint(path):
         doc = read_gift_config(Path(path))
         model = load(path, device=device, trust_remote_code=trust_remote_code)
-        return model, load_tokenizer(Path(path), trust_remote_code), doc["effective_bits"], "gift-quant checkpoint"
+        bits = doc.get("effective_bits", float("nan"))  # optional in a hand-made config
+        return model, load_tokenizer(Path(path), trust_remote_code), bits, "gift-quant checkpoint"
     finished_finetune = path is not None and (Path(path) / "finetune_summary.json").is_file()
     if path is not None and (Path(path) / RUN_DIR / RUN_FILE).is_file() and not finished_finetune:
         raise GiftQuantError(f"{path} is an unfinished gift-quant run: rerun the same command to finish it")
