@@ -80,8 +80,9 @@ def quantize_stage(model, windows: torch.Tensor, qcfg: QuantizeConfig, src: Path
     """Quantize ``model`` in place and write the native checkpoint to ``out`` (per-block resume in out/run).
 
     The finished blocks are checked against their recorded sha256 before the engine may reuse them
-    (rundir.check_blocks: a failing one is recomputed) and recorded when the engine stops, however it
-    stops; a block finished just before a SIGKILL is not recorded, so it is recomputed too.
+    (rundir.check_blocks: a failing one is recomputed). The engine records each block's sha256 as soon as
+    the block is written, so even a SIGKILL loses no finished block; ``record_blocks`` at the stop is a
+    safety net for blocks written by an older version.
     """
     run_dir = Path(out) / RUN_DIR
     check_blocks(run_dir)

@@ -141,6 +141,25 @@ def test_intact_blocks_are_reused_and_unrecorded_ones_recomputed(world, tmp_path
     same_tensors(out / checkpoint.WEIGHTS_NAME, world["q"] / checkpoint.WEIGHTS_NAME)
 
 
+def test_blocks_are_recorded_as_written_so_a_sigkill_loses_none(world, tmp_path, capsys, monkeypatch):
+    """A SIGKILL runs no cleanup: with the stop-time record disabled, each block is still recorded."""
+    out = tmp_path / "out"
+    with pytest.MonkeyPatch.context() as mp:
+        def stop(*a, **k):
+            raise KeyboardInterrupt
+        mp.setattr(stages, "record_blocks", lambda run_dir: None)  # what a killed process never runs
+        mp.setattr(stages, "save_checkpoint", stop)
+        assert main(quantize_args(world, out)) == 130
+    capsys.readouterr()
+    recorded = json.loads((out / "run" / "files.json").read_text())
+    assert {f"blocks/block_00{i}.{ext}" for i in (0, 1) for ext in ("safetensors", "json")} <= set(recorded)
+    calls = GPTQCalls()
+    monkeypatch.setattr(engine, "gptq_quantize", calls)
+    assert main(quantize_args(world, out)) == 0
+    assert warnings_in(capsys.readouterr().err) == [] and calls.n == 0  # both blocks reused
+    same_tensors(out / checkpoint.WEIGHTS_NAME, world["q"] / checkpoint.WEIGHTS_NAME)
+
+
 @pytest.fixture(scope="module")
 def recover_reference(world):
     out = world["root"] / "recover-reference"

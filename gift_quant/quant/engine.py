@@ -32,6 +32,7 @@ from ..errors import GiftQuantError
 from ..grid import GridSpec
 from ..models import parse_dtype
 from ..qlinear import QuantLinear, effective_bits
+from ..rundir import RunFiles
 from ..sensitivity import column_scores, parse_metric, select_salient
 from ..stats import ColumnStats
 from ..threads import cpu_threads
@@ -140,6 +141,8 @@ def _save_block(run_dir: Path, i: int, qlins: dict[str, QuantLinear], scores: di
                **{f"{n}.salient_idx": s.cpu() for n, s in salient.items()}}, str(tmp))
     tmp.replace(sens_path)
     atomic_write_text(json_path, json.dumps(metrics, indent=1))
+    # recorded as soon as it is complete, so a SIGKILL later in the stage loses no finished block
+    RunFiles(run_dir).record([tensors_path, sens_path, json_path])
 
 
 def _load_block(run_dir: Path, i: int, block: nn.Module, cfg: QuantizeConfig) -> tuple[dict, dict] | None:
