@@ -169,6 +169,10 @@ def cmd_export(a) -> dict:
         print(f"wrote {res['out']} (compressed-tensors {res['ct_format']}, {res['bits']}-bit, {res['strategy']} "
               f"strategy, group size {res['group_size']}, {'sym' if res['sym'] else 'asym'}) and {res['out']}/adapter "
               f"(LoRA rank {res['lora_rank']})")
+    elif res["format"] == "gguf":
+        files = " and ".join(f"{res['out']}/{f}" for f in res["files"])
+        print(f"wrote {files} (GGUF {res['ggml_type']}, LoRA rank {res['lora_rank']}); serve with: "
+              f"{res['commands']['llama-server']}")
     else:
         print(f"wrote {res['out']} (merged, {res['dtype']}, {res['parameters']:,} parameters)")
     return res

@@ -127,11 +127,12 @@ def add_eval_flags(e: argparse.ArgumentParser) -> None:
 def add_export_flags(x: argparse.ArgumentParser) -> None:
     x.add_argument("ckpt", help="gift-quant checkpoint folder (quantize / recover output)")
     x.add_argument("--out", required=True, help="export folder (created; an earlier export needs --overwrite)")
-    x.add_argument("--format", choices=["auto", "compressed-tensors", "gptq-lora", "dense"], default="auto",
+    x.add_argument("--format", choices=["auto", "compressed-tensors", "gptq-lora", "dense", "gguf"], default="auto",
                    help="auto (default): compressed-tensors when it carries the checkpoint exactly, else gptq-lora, "
                         "else dense; compressed-tensors: pack-quantized base (vLLM at 2-8 bits, transformers) + "
                         "PEFT adapter in OUT/adapter; gptq-lora: GPTQ base (transformers/GPTQModel; vLLM at 4/8 "
-                        "bits) + the same adapter; dense: merged model")
+                        "bits) + the same adapter; dense: merged model; "
+                        "gguf: llama.cpp OUT/model.gguf (Q4_0/Q8_0) + OUT/salient-lora.gguf")
     x.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="dtype of the unquantized tensors (dense: of all; compressed-tensors: also of the scales); "
                         "default the checkpoint's; vLLM's GPTQ kernels want float16")

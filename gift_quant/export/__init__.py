@@ -9,6 +9,7 @@ writing through ``folder.write_export``:
 * ``compressed_tensors.py``, ``export_compressed_tensors``: the non-salient part as compressed-tensors
   ``pack-quantized`` linears (vLLM's WNA16 path, transformers) plus the same adapter;
 * ``dense.py``, ``export_dense``: the merged full-precision model, an ordinary Hugging Face folder;
+* ``gguf.py``, ``export_gguf``: llama.cpp's GGUF (Q4_0 / Q8_0 / Q4_1 blocks, exact) plus a LoRA GGUF;
 * ``adapter.py``: the one-hot PEFT LoRA adapter that adds the salient columns back (also written by
   ``finetune``).
 
@@ -32,8 +33,10 @@ from .compressed_tensors import (
 )
 from .dense import export_dense
 from .folder import EXPORT_INFO
+from .gguf import export_gguf
 from .gptq import GPTQ_GROUP_SIZES, GPTQLayer, check_gptq_representable, export_gptq_lora, gptq_layer
 from .native import NativeCheckpoint
+
 
 def choose_format(nat: NativeCheckpoint) -> tuple[str, str]:
     """(format, why): compressed-tensors whenever it carries the checkpoint exactly (what current vLLM serves
@@ -48,12 +51,13 @@ def choose_format(nat: NativeCheckpoint) -> tuple[str, str]:
     return "gptq-lora", f"compressed-tensors cannot carry it: {refusal}"
 
 
-FORMATS = ("gptq-lora", "compressed-tensors", "dense")
+FORMATS = ("gptq-lora", "compressed-tensors", "dense", "gguf")
 
 __all__ = [
     "ADAPTER_DIR", "CT_FORMAT", "CT_VERSION", "EXPORT_INFO", "FORMATS", "GPTQ_GROUP_SIZES", "LORA_RANKS", "CTLayer",
     "GPTQLayer", "NativeCheckpoint", "SalientAdapter", "ct_layer", "ct_quantization_config", "export",
-    "export_compressed_tensors", "export_dense", "export_gptq_lora", "gptq_layer", "lora_rank", "write_adapter",
+    "export_compressed_tensors", "export_dense", "export_gguf", "export_gptq_lora", "gptq_layer", "lora_rank",
+    "write_adapter",
 ]
 
 
@@ -70,4 +74,6 @@ def export(ckpt: str | Path, out_dir: str | Path, fmt: str = "auto", dtype: str 
         return export_compressed_tensors(ckpt, out_dir, dtype=dtype, overwrite=overwrite)
     if fmt == "dense":
         return export_dense(ckpt, out_dir, dtype=dtype, overwrite=overwrite)
+    if fmt == "gguf":
+        return export_gguf(ckpt, out_dir, dtype=dtype, overwrite=overwrite)
     raise GiftQuantError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
