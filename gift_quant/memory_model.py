@@ -189,9 +189,11 @@ def recover_memory(shape: Shape, *, batch: int, seq: int, k: int | None = 128, b
     # objective.chunked_loss: selected rows of the final states (+ their grad) and one chunk's logits,
     # log-softmaxes and gradient in fp32
     terms["loss"] = 2 * tokens * shape.hidden * act_bytes + 4 * chunk * shape.vocab * 4
-    # host: prepare_recovery holds the full-precision weights (the noise step's reference), the packed
-    # checkpoint and the SalientLinear model it builds on the CPU, before the model moves to the GPU
-    host = shape.params * weight_bytes + lin * (1 + bits / 8) + sal * param_bytes
+    # host: prepare_recovery holds the packed checkpoint (its unquantized weights in the model dtype) and the
+    # SalientLinear model it builds on the CPU, before the model moves to the GPU; the noise step's
+    # full-precision reference is read one linear at a time (source_weights.py), in fp32
+    largest_linear = max(i * o for _, i, o in shape.linears())
+    host = (shape.params - lin) * weight_bytes + lin * (1 + bits / 8) + sal * param_bytes + largest_linear * 4
     if teacher is not None:
         terms["teacher_states"] = tokens * shape.hidden * act_bytes + chunk * shape.vocab * 4
         if teacher == "gpu":
