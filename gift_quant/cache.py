@@ -30,6 +30,22 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _umask() -> int:
+    # Linux reports it without changing it; os.umask can only read by setting (racy with other threads)
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def publish_mode(path: Path, is_dir: bool) -> None:
+    """Give a temp file/folder the permissions a plain open()/mkdir() would have (mkstemp/mkdtemp make
+    them private, 0600/0700, which an inference server running as another user cannot read)."""
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path, need_bytes: int | None = None):
     """Yield a temp dir beside ``final``; on success rename it into place (replacing nothing).
@@ -42,6 +58,7 @@ def atomic_dir(final: Path, need_bytes: int | None = None):
     with writing(final, need_bytes):
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+        publish_mode(tmp, is_dir=True)
         try:
             yield tmp
             if final.exists():
@@ -64,6 +81,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        publish_mode(Path(tmp), is_dir=False)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

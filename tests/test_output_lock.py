@@ -72,3 +72,21 @@ def test_sigterm_stops_with_143_and_the_resume_message(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err[-2000:]
     assert "terminated (SIGTERM); rerun the same command to resume" in err and "Traceback" not in err
+
+
+def test_written_folders_and_files_get_ordinary_permissions(tmp_path):
+    """mkdtemp/mkstemp make temp folders/files private; what is published must be readable like a mkdir/open."""
+    import os
+    import stat
+
+    from gift_quant.cache import atomic_dir, atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "export") as d:
+            (d / "model.safetensors").write_bytes(b"x")
+        atomic_write_text(tmp_path / "export" / "config.json", "{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "export").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "export" / "config.json").stat().st_mode) == 0o644
