@@ -32,5 +32,5 @@ def test_pairs_by_seed_and_interval(tmp_path):
     w4 = next(p for p in doc["paired"] if p["bits"] == 4)
     assert w4["diffs"] == [] and "ci95" not in w4
     text = (tmp_path / "out" / "layout.md").read_text()
-    assert f"| 3 | 32 | 2 | -1.000, -0.500 | -0.750 | {-0.75 - half:+.3f} .. {-0.75 + half:+.3f} |" in text
-    assert "| 4 | 64 | 0 |  | - | no seed run with both layouts |" in text
+    assert f"| 3 | 32 | 2 | -1.000, -0.500 | -0.750 | {-0.75 - half:+.3f} .. {-0.75 + half:+.3f} | - |" in text
+    assert "| 4 | 64 | 0 |  | - | no seed run with both layouts | - |" in text

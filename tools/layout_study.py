@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import statistics
 from datetime import date
@@ -33,10 +34,21 @@ def collect(runs: Path) -> list[dict]:
         if not m or not (ckpt / "gift_quant_config.json").is_file():
             continue
         doc = json.loads((ckpt / "gift_quant_config.json").read_text())
+        result = json.loads(ev.read_text())
         rows.append({"bits": int(m["bits"]), "group_size": int(m["gs"]), "layout": m["layout"],
-                     "seed": int(m["seed"]), "perplexity": json.loads(ev.read_text())["perplexity"],
-                     "effective_bits": doc.get("effective_bits")})
+                     "seed": int(m["seed"]), "perplexity": result["perplexity"],
+                     "window_nll": result.get("window_nll"), "effective_bits": doc.get("effective_bits")})
     return rows
+
+
+def window_paired(ref: dict, other: dict) -> dict | None:
+    """Perplexity ratio other/ref with a 95 % interval over the evaluation windows (one calibration draw)."""
+    a, b = ref.get("window_nll"), other.get("window_nll")
+    if not a or not b or len(a) != len(b) or len(a) < 2:
+        return None
+    d = [y - x for x, y in zip(a, b)]
+    mean, se = statistics.fmean(d), statistics.stdev(d) / len(d) ** 0.5
+    return {"ratio": math.exp(mean), "ci95": [math.exp(mean - 1.96 * se), math.exp(mean + 1.96 * se)]}
 
 
 def paired(rows: list[dict]) -> list[dict]:
@@ -46,7 +58,8 @@ def paired(rows: list[dict]) -> list[dict]:
         by = {(r["layout"], r["seed"]): r for r in rows if (r["bits"], r["group_size"]) == key}
         seeds = sorted(s for (lay, s) in by if lay == "natural" and ("compact", s) in by)
         diffs = [by["natural", s]["perplexity"] - by["compact", s]["perplexity"] for s in seeds]
-        row = {"bits": key[0], "group_size": key[1], "seeds": seeds, "diffs": diffs}
+        row = {"bits": key[0], "group_size": key[1], "seeds": seeds, "diffs": diffs,
+               "window_paired": [window_paired(by["compact", s], by["natural", s]) for s in seeds]}
         if diffs:
             row["mean"] = statistics.fmean(diffs)
         if len(diffs) >= 2:
@@ -68,13 +81,16 @@ def render(rows: list[dict], pairs: list[dict]) -> str:
         lines.append(f"| {r['bits']} | {r['group_size']} | {r['layout']} | {r['seed']} | "
                      f"{r['perplexity']:.3f} | {eb} |")
     lines += ["", "Paired natural - compact perplexity (negative: natural better):", "",
-              "| bits | group | seeds | differences | mean | 95 % t interval over seeds |", "|---|---|---|---|---|---|"]
+              "| bits | group | seeds | differences | mean | 95 % t interval over seeds "
+              "| natural / compact ppl per seed, 95 % interval over windows |", "|---|---|---|---|---|---|---|"]
     for p in pairs:
         ci = (f"{p['ci95'][0]:+.3f} .. {p['ci95'][1]:+.3f}" if "ci95" in p
               else "one seed: no interval" if p["diffs"] else "no seed run with both layouts")
         diffs = ", ".join(f"{d:+.3f}" for d in p["diffs"])
         mean = f"{p['mean']:+.3f}" if "mean" in p else "-"
-        lines.append(f"| {p['bits']} | {p['group_size']} | {len(p['seeds'])} | {diffs} | {mean} | {ci} |")
+        windows = "; ".join(f"{w['ratio']:.4f} ({w['ci95'][0]:.4f}..{w['ci95'][1]:.4f})"
+                            for w in p["window_paired"] if w) or "-"
+        lines.append(f"| {p['bits']} | {p['group_size']} | {len(p['seeds'])} | {diffs} | {mean} | {ci} | {windows} |")
     return "\n".join(lines) + "\n"
 
 
