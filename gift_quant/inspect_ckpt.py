@@ -99,7 +99,28 @@ def _native_health(path: Path, doc: dict) -> str:
             return f"broken: {name} is missing"
         if sha256_file(f) != digest:
             return f"broken: {name} does not match its recorded sha256 (changed or corrupt)"
-    return "verified (sha256 of " + ", ".join(sorted(files)) + ")"
+    mismatch = _layer_mismatch(path, doc)
+    if mismatch:
+        return f"broken: {mismatch}"
+    return "verified (sha256 of " + ", ".join(sorted(files)) + "; per-layer settings match the tensors)"
+
+
+def _layer_mismatch(path: Path, doc: dict) -> str | None:
+    """The first layer whose recorded groups / salient count / in-out features disagree with the tensor
+    headers (the config is not covered by its own sha256, so this is what catches an edited config)."""
+    headers = _headers(sorted(path.glob("*.safetensors")))
+    for name, info in (doc.get("layers") or {}).items():
+        if not isinstance(info, dict):
+            return f"layer {name}: its entry is not an object"
+        scales, sal = headers.get(f"{name}.scales"), headers.get(f"{name}.salient_idx")
+        if scales is None or sal is None:
+            return f"layer {name} is named in {NATIVE_CONFIG} but has no tensors in the weights"
+        groups, out_f = scales[1]
+        recorded = {"groups": groups, "salient": sal[1][0], "out_features": out_f}
+        for key, actual in recorded.items():
+            if key in info and info[key] != actual:
+                return f"layer {name}: {NATIVE_CONFIG} says {key} {info[key]!r}, the tensors hold {actual}"
+    return None
 
 
 def _inspect_native(path: Path) -> dict:

@@ -121,7 +121,7 @@ CHECKPOINT_CASES = {
 
 
 # edits of gift_quant/config.json that keep every recorded sha256 valid: load and export refuse them
-INSPECT_GAPS = {"layer groups differ", "layer salient count differs", "unknown layer name"}
+INSPECT_GAPS: set[str] = set()  # inspect cross-checks the per-layer settings with the tensor headers too
 
 
 @pytest.mark.parametrize("command", ["eval", "export", "inspect"])
