@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import os
 import platform
 import shutil
@@ -133,7 +134,8 @@ def run_once(cmd: list[str], env_extra: dict, competitor: bool) -> dict:
     policy_line = next((ln for ln in stderr.splitlines() if "cores idle" in ln), None)
     return {"wall_s": round(wall, 2), "rc": proc.returncode, "load1_before": round(load_before, 2),
             "load1_after": round(load1(), 2), "policy_line": policy_line,
-            "last_line": (stdout.strip().splitlines() or [""])[-1],
+            # the temporary output folder is this machine's path: recorded as OUT, as a user would type it
+            "last_line": re.sub(r"\S*/bench-threads-[^/\s]+/", "OUT/", (stdout.strip().splitlines() or [""])[-1]),
             "stderr_tail": stderr.strip().splitlines()[-3:] if proc.returncode else None}
 
 
