@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import os
 import platform
+import re
 import shutil
 import signal
 import statistics
