@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import WORDS, corpus, make_model_dir
+from tiny import cli_world
 
 from gift_quant import pipeline, stages
 from gift_quant.cli import Terminated, main
@@ -40,17 +40,8 @@ LINEARS_PER_BLOCK = 7  # q, k, v, o, gate, up, down of the tiny llama
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    import random
-
     root = tmp_path_factory.mktemp("signals")
-    w = {"root": root, "src": make_model_dir("llama", root / "src")}
-    w["calib"], w["ppl"], w["train"] = root / "calib.txt", root / "ppl.txt", root / "train.jsonl"
-    w["calib"].write_text(corpus(), encoding="utf-8")
-    w["ppl"].write_text(corpus(2000, seed=3), encoding="utf-8")
-    rng = random.Random(5)
-    w["train"].write_text("".join(json.dumps({"prompt": " ".join(rng.choices(WORDS, k=6)),
-                                              "response": " ".join(rng.choices(WORDS, k=14))}) + "\n"
-                                  for _ in range(60)), encoding="utf-8")
+    w = cli_world(root, n_train=60)
     return w
 
 

@@ -142,3 +142,18 @@ def write_instruction_jsonl(path: Path, n: int = 60) -> Path:
     path.write_text("\n".join(json.dumps({"prompt": corpus(20, seed=i), "response": corpus(12, seed=99 + i)})
                                for i in range(n)))
     return path
+
+
+def cli_world(root: Path, n_train: int = 40) -> dict:
+    """A tiny Llama plus calibration, perplexity and instruction files for tests that drive the CLI."""
+    import json
+
+    w = {"root": root, "src": make_model_dir("llama", root / "src")}
+    w["calib"], w["ppl"], w["train"] = root / "calib.txt", root / "ppl.txt", root / "train.jsonl"
+    w["calib"].write_text(corpus(), encoding="utf-8")
+    w["ppl"].write_text(corpus(2000, seed=3), encoding="utf-8")
+    rng = random.Random(5)
+    w["train"].write_text("".join(json.dumps({"prompt": " ".join(rng.choices(WORDS, k=6)),
+                                              "response": " ".join(rng.choices(WORDS, k=14))}) + "\n"
+                                  for _ in range(n_train)), encoding="utf-8")
+    return w
