@@ -10,12 +10,12 @@ from __future__ import annotations
 def load(path, device="cpu", dtype=None, trust_remote_code: bool = False):
     """A model ready for inference (KV cache on) from a gift-quant output or a plain Hugging Face model folder.
 
-    A checkpoint of ``quantize``/``recover`` loads with its packed layers (gift_quant.checkpoint.load); the
+    A checkpoint of ``quantize``/``recover`` loads with its packed layers (gift_quant.packed.checkpoint.load); the
     merged folder of ``finetune`` or any model folder loads with transformers.
     """
     import torch
 
-    from .loading import load_any
+    from .packed.any_model import load_any
 
     model = load_any(str(path), dtype=dtype or torch.float32, device=device, trust_remote_code=trust_remote_code)[0]
     if dtype is not None:
@@ -27,7 +27,7 @@ def load_tokenizer(path, trust_remote_code: bool = False):
     """The tokenizer saved beside a gift-quant output (or in a model folder)."""
     from pathlib import Path
 
-    from .models import load_tokenizer as _load
+    from .model.loading import load_tokenizer as _load
 
     return _load(Path(path), trust_remote_code)
 

@@ -19,9 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tiny import corpus, make_model_dir
 
-from gift_quant.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load
-from gift_quant.cli import main
-from gift_quant.errors import GiftQuantError
+from gift_quant.cli.app import main
+from gift_quant.packed.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load
+from gift_quant.util.errors import GiftQuantError
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 from tiny import corpus, make_model_dir
 
-from gift_quant.checkpoint import load
-from gift_quant.config import EvalConfig, QuantizeConfig, RecoverConfig
-from gift_quant.models import load_model, load_tokenizer
-from gift_quant.pipeline import blockwise_reconstructor, run_recover
-from gift_quant.qlinear import QuantLinear
+from gift_quant.config.settings import EvalConfig, QuantizeConfig, RecoverConfig
+from gift_quant.model.loading import load_model, load_tokenizer
+from gift_quant.packed.checkpoint import load
+from gift_quant.packed.qlinear import QuantLinear
 from gift_quant.quant.engine import quantize_model
+from gift_quant.workflows.commands import blockwise_reconstructor, run_recover
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +28,8 @@ def setup(tmp_path_factory):
 
 
 def _quantize(src, qcfg, rcfg, run_dir):
-    from gift_quant.text_sources import load_documents
-    from gift_quant.windows import calibration_windows
+    from gift_quant.data.sources import load_documents
+    from gift_quant.data.windows import calibration_windows
 
     model = load_model(src)
     tok = load_tokenizer(src)
@@ -90,7 +90,7 @@ def test_recover_with_kd_on_plain_text_and_blockwise_end_to_end(setup, tmp_path)
 
 
 def test_clean_command_removes_resumable_state(setup, tmp_path, capsys):
-    from gift_quant.cli import main
+    from gift_quant.cli.app import main
 
     root, src, qcfg = setup
     rcfg = RecoverConfig(steps=1, batch_size=2, seq_len=32, train_data=str(root / "train.txt"), loss="ce")
@@ -114,9 +114,9 @@ def test_blockwise_only_recover_skips_end_to_end_training(setup, tmp_path):
 
 
 def test_plain_text_training_leaves_out_calibration_documents(setup):
-    from gift_quant.recover.stage import training_windows
-    from gift_quant.text_sources import load_documents
-    from gift_quant.windows import calibration_documents
+    from gift_quant.data.sources import load_documents
+    from gift_quant.data.windows import calibration_documents
+    from gift_quant.recover.training import training_windows
 
     root, src, _ = setup
     docs_file = root / "docs.jsonl"

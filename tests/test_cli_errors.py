@@ -1,7 +1,7 @@
 """Bad input -> one line ``gift-quant: error: ...`` naming the problem, exit status 2, no traceback.
 
 A few cases run the CLI as a real subprocess (started together, they overlap); the rest call
-``gift_quant.cli.main`` in-process. Positive controls run the same commands on valid input.
+``gift_quant.cli.app.main`` in-process. Positive controls run the same commands on valid input.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 import torch
 from tiny import corpus, make_model_dir
 
-from gift_quant.cli import main
+from gift_quant.cli.app import main
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -224,7 +224,7 @@ def test_encoder_only_is_refused(world, capsys, tmp_path, monkeypatch):
     def accepted(*_a, **_k):
         raise AssertionError("an encoder-only model reached quantization")
 
-    monkeypatch.setattr("gift_quant.stages.quantize_model", accepted)
+    monkeypatch.setattr("gift_quant.workflows.stages.quantize_model", accepted)
     rc, _, err = run_in_process(capsys, quantize_args(world, world["bert"], tmp_path / "out"))
     line = assert_cli_error(rc, err, "bert")
     assert "encoder" in line or "decoder-only" in line
@@ -363,7 +363,7 @@ def test_recipe_positive_control(world, capsys, tmp_path, monkeypatch):
         seen.append(cfg)
         return {"out": str(out), "effective_bits": 4.0, "mean_relative_error": 0.0, "total_seconds": 0.0}
 
-    monkeypatch.setattr("gift_quant.pipeline.run_quantize", fake_run_quantize)
+    monkeypatch.setattr("gift_quant.workflows.commands.run_quantize", fake_run_quantize)
     recipe = tmp_path / "ok.yaml"
     recipe.write_text("description: fine\nquantize:\n  bits: 4\n  salient: 2\n  clip: minmax\n",
                       encoding="utf-8")

@@ -21,7 +21,7 @@ def test_compare_smoke_reports_every_method(tmp_path):
     inject = tmp_path / "inject"
     inject.mkdir()
     (inject / "sitecustomize.py").write_text(
-        "import gift_quant.compare_methods as m\n"
+        "import gift_quant.compare.methods as m\n"
         "def _boom(job):\n"
         "    raise RuntimeError('rtn failed on purpose (injected by the test)')\n"
         "m.METHOD_TABLE['rtn'] = _boom\n")
@@ -89,8 +89,8 @@ def test_compare_peft_mode_picks_lr_on_validation_and_trains_every_method(tmp_pa
 
 
 def test_lr_grid_parsing():
-    from gift_quant.cli import parse_lr_grid
-    from gift_quant.errors import GiftQuantError
+    from gift_quant.cli.app import parse_lr_grid
+    from gift_quant.util.errors import GiftQuantError
 
     methods = ["gift", "lora", "full"]
     assert parse_lr_grid("1e-4,3e-4", methods) == [1e-4, 3e-4]
@@ -104,8 +104,8 @@ def test_lr_grid_parsing():
 def test_peft_baselines_are_peft_layers_seeded_and_alone_trainable(tmp_path, dora):
     from peft.tuners.lora import LoraLayer
 
-    from gift_quant.compare_peft import peft_baseline
-    from gift_quant.models import load_model
+    from gift_quant.compare.peft import peft_baseline
+    from gift_quant.model.loading import load_model
 
     src = make_model_dir("llama", tmp_path / "src")
     targets = ["q_proj", "v_proj", "down_proj"]
@@ -122,9 +122,9 @@ def test_peft_baselines_are_peft_layers_seeded_and_alone_trainable(tmp_path, dor
 
 def test_gift_pre_injects_noise_at_the_target_bits_whatever_the_post_setting(tmp_path, monkeypatch):
     """The committed 3-bit gift-pre row was trained with the post variant's 4-bit noise: never again."""
-    import gift_quant.pipeline as pipeline
-    from gift_quant.compare import run_method
-    from gift_quant.config import EvalConfig, QuantizeConfig, RecoverConfig
+    import gift_quant.workflows.commands as pipeline
+    from gift_quant.compare.recovery import run_method
+    from gift_quant.config.settings import EvalConfig, QuantizeConfig, RecoverConfig
 
     seen = {}
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from gift_quant import cli_flags
-from gift_quant.cpu_policy import decide, idle_cores, parse_proc_stat, scan_argv, threads_for
+from gift_quant.util.cpu_policy import decide, idle_cores, parse_proc_stat, scan_argv, threads_for
 
 STAT_A = """cpu  1000 0 500 8000 100 0 0 0 0 0
 cpu0 500 0 250 4000 50 0 0 0 0 0
@@ -109,8 +109,8 @@ def test_threads_flag_type():
 
 
 def test_importing_the_cli_keeps_the_callers_settings():
-    """Library use: importing gift_quant.cli in a process that is not the gift-quant command changes nothing."""
-    code = ("import os, gift_quant.cli, torch; "
+    """Library use: importing gift_quant.cli.app in a process that is not the gift-quant command changes nothing."""
+    code = ("import os, gift_quant.cli.app, torch; "
             "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('OMP_NUM_THREADS'))")
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("OMP_")}
     out = subprocess.run([sys.executable, "-c", code, "eval"], capture_output=True, text=True, env=env, check=True)

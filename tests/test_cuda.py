@@ -17,9 +17,9 @@ import pytest
 import torch
 from tiny import tiny_config
 
-from gift_quant.grid import GridSpec
-from gift_quant.qlinear import QuantLinear
+from gift_quant.packed.qlinear import QuantLinear
 from gift_quant.quant.gptq import gptq_quantize
+from gift_quant.quant.grid import GridSpec
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -121,8 +121,8 @@ def _kd_case(device):
 def _load_case(device, tmp_path):
     import dataclasses
 
-    from gift_quant.checkpoint import load, save_checkpoint
-    from gift_quant.config import QuantizeConfig
+    from gift_quant.config.settings import QuantizeConfig
+    from gift_quant.packed.checkpoint import load, save_checkpoint
     from gift_quant.quant.engine import quantize_model
 
     model = _tiny_pair(seed=1)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from tiny import corpus, make_tokenizer
 
-from gift_quant.errors import GiftQuantError
-from gift_quant.text_sources import load_documents, load_records, record_text
-from gift_quant.windows import calibration_windows, eval_windows
+from gift_quant.data.sources import load_documents, load_records, record_text
+from gift_quant.data.windows import calibration_windows, eval_windows
+from gift_quant.util.errors import GiftQuantError
 
 # ---------------------------------------------------------------- fixtures
 

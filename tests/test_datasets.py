@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from gift_quant import named_data as gds
-from gift_quant.cache import CACHE_ENV
-from gift_quant.named_data.fetch import obtain
+from gift_quant.data.named.fetch import obtain
+from gift_quant.util.files import CACHE_ENV
 
 SHINGLE = gds.SHARED_PASSAGE_CHARS  # 200 characters
 
@@ -98,7 +98,7 @@ def test_split_rule_is_pinned_seeded_and_80_10_10():
 
 
 def test_split_rule_does_not_depend_on_the_process_hash_seed():
-    code = ("from gift_quant.named_data import split_of; "
+    code = ("from gift_quant.data.named import split_of; "
             "print(''.join(split_of(f'document {i}')[0] for i in range(300)))")
     outputs = set()
     for seed in ("1", "2"):

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from gift_quant.pack import dequantize_codes, dequantize_packed, pack_cols, pack_rows
-from gift_quant.peer import dense_from_gptq
-from gift_quant.qlinear import QuantLinear
+from gift_quant.compare.gptqmodel_peer import dense_from_gptq
+from gift_quant.packed.bits import dequantize_codes, dequantize_packed, pack_cols, pack_rows
+from gift_quant.packed.qlinear import QuantLinear
 from gift_quant.quant.gptq import GPTQResult
 
 OUT, IN, GROUP = 6, 70, 16  # 70 columns: the packed runs of 32 end in padding

@@ -21,9 +21,7 @@ import pytest
 import torch
 from tiny import ARCHS, corpus, make_model_dir, make_tokenizer, tiny_config
 
-from gift_quant.checkpoint import load
-from gift_quant.config import QuantizeConfig
-from gift_quant.errors import GiftQuantError
+from gift_quant.config.settings import QuantizeConfig
 from gift_quant.export import (
     ADAPTER_DIR,
     EXPORT_INFO,
@@ -34,8 +32,10 @@ from gift_quant.export import (
     gptq_layer,
     lora_rank,
 )
-from gift_quant.inspect_ckpt import format_report, inspect_checkpoint
-from gift_quant.pipeline import quantize_to_checkpoint
+from gift_quant.export.inspection import format_report, inspect_checkpoint
+from gift_quant.packed.checkpoint import load
+from gift_quant.util.errors import GiftQuantError
+from gift_quant.workflows.commands import quantize_to_checkpoint
 
 # gptqmodel on a 2-core CPU: see ASSETS.md. Compiling its dequant with inductor costs ~50 s per load.
 GPTQ_ENV = {"GPTQMODEL_CPU_WORKERS": "2", "GPTQMODEL_DISABLE_PACK_EXT": "1"}
@@ -283,7 +283,7 @@ def test_recovered_checkpoint_exports(src, calib, ids, tmp_path, no_compile):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, GPTQConfig
 
-    from gift_quant.checkpoint import read_gift_config, save_checkpoint
+    from gift_quant.packed.checkpoint import read_gift_config, save_checkpoint
     from gift_quant.recover.model import convert_to_quant, prepare_quantized, salient_layers
 
     cfg = QuantizeConfig(calib_data=str(calib), calib_samples=4, seq_len=32, device="cpu", bits=3, group_size=32,

@@ -24,10 +24,8 @@ import torch
 from test_export import make_src, quantized_checkpoints, rel_err
 from tiny import corpus, make_model_dir
 
-from gift_quant.checkpoint import load
-from gift_quant.cli import main
-from gift_quant.config import QuantizeConfig
-from gift_quant.errors import GiftQuantError
+from gift_quant.cli.app import main
+from gift_quant.config.settings import QuantizeConfig
 from gift_quant.export import (
     ADAPTER_DIR,
     EXPORT_INFO,
@@ -36,8 +34,10 @@ from gift_quant.export import (
     export_compressed_tensors,
     export_gptq_lora,
 )
-from gift_quant.inspect_ckpt import format_report, inspect_checkpoint
-from gift_quant.pipeline import quantize_to_checkpoint
+from gift_quant.export.inspection import format_report, inspect_checkpoint
+from gift_quant.packed.checkpoint import load
+from gift_quant.util.errors import GiftQuantError
+from gift_quant.workflows.commands import quantize_to_checkpoint
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

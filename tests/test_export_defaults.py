@@ -12,9 +12,9 @@ import json
 import pytest
 from test_export_ct import calib, ckpt, src  # noqa: F401  (module fixtures: tiny Llama, quantized once)
 
-from gift_quant.cli import main
-from gift_quant.inspect_ckpt import format_report, inspect_checkpoint
-from gift_quant.vllm_flags import vllm_command
+from gift_quant.cli.app import main
+from gift_quant.export.inspection import format_report, inspect_checkpoint
+from gift_quant.export.vllm_command import vllm_command
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

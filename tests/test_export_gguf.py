@@ -22,13 +22,13 @@ from gguf import GGUFReader
 from test_export import make_src, quantized_checkpoints
 from tiny import corpus, make_tokenizer, tiny_config
 
-from gift_quant.cli import main
-from gift_quant.errors import GiftQuantError
+from gift_quant.cli.app import main
 from gift_quant.export import NativeCheckpoint, export
 from gift_quant.export.gguf import LORA_FILE, MODEL_FILE, gguf_name, llama_hparams
 from gift_quant.export.gguf_blocks import gguf_layer, rope_row_order
 from gift_quant.export.gguf_vocab import pre_tokenizer_name
-from gift_quant.qlinear import QuantLinear
+from gift_quant.packed.qlinear import QuantLinear
+from gift_quant.util.errors import GiftQuantError
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

@@ -22,10 +22,10 @@ import torch
 from test_export import make_src, quantized_checkpoints
 from tiny import corpus
 
-from gift_quant.checkpoint import load
-from gift_quant.errors import GiftQuantError
 from gift_quant.export import export_gguf
 from gift_quant.export.gguf import LORA_FILE, MODEL_FILE
+from gift_quant.packed.checkpoint import load
+from gift_quant.util.errors import GiftQuantError
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="needs llama-cpp-python: pip install -e '.[cpu-serve]'")
 
@@ -149,10 +149,10 @@ def test_llama_cpp_runs_the_tiny_export(case, tiny, tmp_path):
 def test_llama_cpp_runs_the_default_model_at_4_bits(tmp_path):
     """SmolLM2-135M-Instruct, RTN 4-bit symmetric g=32 with the default salient columns (RTN: quick), on two
     128-token windows of the ``sotu`` test split; greedy decoding of 16 tokens from the first 16 ids."""
-    from gift_quant.config import QuantizeConfig
-    from gift_quant.models import default_model_dir, load_tokenizer
-    from gift_quant.named_data import load_named_text
-    from gift_quant.pipeline import quantize_to_checkpoint
+    from gift_quant.config.settings import QuantizeConfig
+    from gift_quant.data.named import load_named_text
+    from gift_quant.model.loading import default_model_dir, load_tokenizer
+    from gift_quant.workflows.commands import quantize_to_checkpoint
 
     try:
         src = default_model_dir()

@@ -22,10 +22,10 @@ import pytest
 import torch
 from tiny import corpus, make_tokenizer, tiny_config
 
-from gift_quant.checkpoint import load
-from gift_quant.config import QuantizeConfig
+from gift_quant.config.settings import QuantizeConfig
 from gift_quant.export import ADAPTER_DIR, NativeCheckpoint, export
-from gift_quant.pipeline import quantize_to_checkpoint
+from gift_quant.packed.checkpoint import load
+from gift_quant.workflows.commands import quantize_to_checkpoint
 
 pytestmark = [pytest.mark.usefixtures("torch_single_thread"), pytest.mark.peers]
 

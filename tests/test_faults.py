@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from tiny import cli_world
 
 from gift_quant import checkpoint, pipeline, stages
-from gift_quant.cli import main
+from gift_quant.cli.app import main
 from gift_quant.export import folder
 from gift_quant.quant import engine
 from gift_quant.recover import train as train_mod

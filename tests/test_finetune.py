@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from tiny import corpus, make_model_dir, write_instruction_jsonl
 from transformers import AutoModelForCausalLM
 
-from gift_quant.cli import main
+from gift_quant.cli.app import main
 
 
 def test_finetune_merged_and_adapter(tmp_path):

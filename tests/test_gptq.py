@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from gift_quant.grid import GridSpec, dequantize, fake_quantize, fit_rows, quantize_codes, quantize_rtn
+from gift_quant.packed.bits import dequantize
 from gift_quant.quant.gptq import gptq_quantize, layer_error
+from gift_quant.quant.grid import GridSpec, fake_quantize, fit_rows, quantize_codes, quantize_rtn
 
 
 def correlated_problem(out_f=48, in_f=96, n=2048, seed=0):

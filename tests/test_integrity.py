@@ -6,11 +6,11 @@ import pytest
 from safetensors.torch import load_file, save_file
 from tiny import corpus, make_model_dir
 
-from gift_quant.cache import sha256_file
-from gift_quant.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load
-from gift_quant.config import QuantizeConfig
-from gift_quant.errors import GiftQuantError
-from gift_quant.stages import quantize_to_checkpoint
+from gift_quant.config.settings import QuantizeConfig
+from gift_quant.packed.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load
+from gift_quant.util.errors import GiftQuantError
+from gift_quant.util.files import sha256_file
+from gift_quant.workflows.stages import quantize_to_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_deleted_weights_are_refused(ckpt, tmp_path):
 
 
 def test_inspect_verifies_the_weights(ckpt, tmp_path, capsys):
-    from gift_quant.cli import main
+    from gift_quant.cli.app import main
 
     assert main(["inspect", str(ckpt)]) == 0
     assert "health        verified" in capsys.readouterr().out

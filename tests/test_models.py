@@ -8,13 +8,13 @@ from safetensors import safe_open
 from tiny import ARCHS, corpus, make_model_dir
 
 from gift_quant import capture
-from gift_quant.arch import block_linears, find_blocks
-from gift_quant.checkpoint import CONFIG_NAME, load
-from gift_quant.config import QuantizeConfig
-from gift_quant.models import load_model
-from gift_quant.pipeline import quantize_to_checkpoint
-from gift_quant.qlinear import QuantLinear
+from gift_quant.config.settings import QuantizeConfig
+from gift_quant.model.arch import block_linears, find_blocks
+from gift_quant.model.loading import load_model
+from gift_quant.packed.checkpoint import CONFIG_NAME, load
+from gift_quant.packed.qlinear import QuantLinear
 from gift_quant.quant import engine
+from gift_quant.workflows.commands import quantize_to_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from tiny import tiny_config
 from transformers import AutoModelForCausalLM
 
-from gift_quant.config import RecoverConfig
+from gift_quant.config.settings import RecoverConfig
+from gift_quant.recover.loop import warmup_cosine_schedule
 from gift_quant.recover.model import prepare_dense
 from gift_quant.recover.objective import Objective, Teacher, objective_loss
-from gift_quant.recover.train import warmup_cosine_schedule
 
 
 def _pair(arch="llama", seed=0, perturb=0.05):

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from gift_quant.errors import GiftQuantError
-from gift_quant.rundir import prepare_output
+from gift_quant.packed.run_folder import prepare_output
+from gift_quant.util.errors import GiftQuantError
 
 
 def test_second_writer_is_refused_and_lock_released_when_holder_dies(tmp_path):
@@ -15,7 +15,7 @@ def test_second_writer_is_refused_and_lock_released_when_holder_dies(tmp_path):
     ready = tmp_path / "ready"
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time, pathlib\n"
-        "from gift_quant.rundir import prepare_output\n"
+        "from gift_quant.packed.run_folder import prepare_output\n"
         f"prepare_output(pathlib.Path({str(out)!r}), False)\n"
         f"pathlib.Path({str(ready)!r}).write_text('x')\n"
         "time.sleep(60)\n")])
@@ -59,7 +59,7 @@ def test_sigterm_stops_with_143_and_the_resume_message(tmp_path):
         "def parked(*a, **k):\n"
         f"    pathlib.Path({str(ready)!r}).write_text('x'); time.sleep(60)\n"
         "engine.gptq_quantize = parked\n"
-        "from gift_quant.cli import main\n"
+        "from gift_quant.cli.app import main\n"
         f"sys.exit(main(['quantize', {str(src)!r}, '--out', {str(tmp_path / 'out')!r}, '--calib-data', "
         f"{str(tmp_path / 'calib.txt')!r}, '--calib-samples', '4', '--seq-len', '32', '--salient', '4', "
         "'--device', 'cpu', '--no-progress']))\n")
@@ -79,7 +79,7 @@ def test_written_folders_and_files_get_ordinary_permissions(tmp_path):
     import os
     import stat
 
-    from gift_quant.cache import atomic_dir, atomic_write_text
+    from gift_quant.util.files import atomic_dir, atomic_write_text
 
     old = os.umask(0o022)
     try:

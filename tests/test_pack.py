@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gift_quant.pack import pack_cols, pack_rows, packed_length, unpack_cols, unpack_rows
+from gift_quant.packed.bits import pack_cols, pack_rows, packed_length, unpack_cols, unpack_rows
 
 
 @settings(max_examples=60, deadline=None)

@@ -6,12 +6,12 @@ import torch
 from test_export import make_src, rel_err
 from tiny import corpus
 
-from gift_quant.config import QuantizeConfig
+from gift_quant.config.settings import QuantizeConfig
 
 
 def test_peer_checkpoint_decodes_like_gptqmodel_loads_it(tmp_path, no_compile):
     gptqmodel = pytest.importorskip("gptqmodel")
-    from gift_quant.peer import quantize_with_gptqmodel
+    from gift_quant.compare.gptqmodel_peer import quantize_with_gptqmodel
 
     src = make_src(tmp_path / "src", tied=False)
     calib = tmp_path / "calib.txt"

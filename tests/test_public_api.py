@@ -20,8 +20,8 @@ def _python_block() -> str:
 def test_readme_python_block_runs_and_generates_with_the_kv_cache(tmp_path, capsys):
     from transformers import AutoTokenizer
 
-    from gift_quant.config import QuantizeConfig
-    from gift_quant.stages import quantize_to_checkpoint
+    from gift_quant.config.settings import QuantizeConfig
+    from gift_quant.workflows.stages import quantize_to_checkpoint
 
     src = make_model_dir("llama", tmp_path / "src")
     tok = AutoTokenizer.from_pretrained(src)
@@ -51,7 +51,7 @@ def test_readme_python_block_runs_and_generates_with_the_kv_cache(tmp_path, caps
 def test_version_flag(capsys):
     import pytest
 
-    from gift_quant.cli import main
+    from gift_quant.cli.app import main
 
     with pytest.raises(SystemExit) as exc:
         main(["--version"])

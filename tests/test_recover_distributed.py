@@ -35,10 +35,10 @@ def _driver(argv: list[str]) -> None:
 
     from safetensors.torch import load_file, save_file
 
-    from gift_quant.checkpoint import load
-    from gift_quant.config import RecoverConfig
+    from gift_quant.config.settings import RecoverConfig
+    from gift_quant.packed.checkpoint import load
+    from gift_quant.recover.loop import train
     from gift_quant.recover.model import prepare_quantized, trainable_state
-    from gift_quant.recover.train import train
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--ckpt", required=True)
@@ -50,7 +50,7 @@ def _driver(argv: list[str]) -> None:
     torch.set_num_threads(1)
     data = load_file(a.data)
     out = Path(a.out)
-    from gift_quant.models import load_model
+    from gift_quant.model.loading import load_model
     from gift_quant.recover.objective import Teacher
 
     for name, (noise, loss) in RUNS.items():
@@ -78,8 +78,8 @@ def runs(tmp_path_factory):
     from safetensors.torch import save_file
     from tiny import corpus, make_model_dir
 
-    from gift_quant.config import QuantizeConfig
-    from gift_quant.pipeline import quantize_to_checkpoint
+    from gift_quant.config.settings import QuantizeConfig
+    from gift_quant.workflows.commands import quantize_to_checkpoint
 
     root = tmp_path_factory.mktemp("ddp")
     src = make_model_dir("llama", root / "llama")

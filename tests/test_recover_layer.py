@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from gift_quant.grid import GridSpec, step_sizes
-from gift_quant.qlinear import QuantLinear
+from gift_quant.packed.qlinear import QuantLinear
 from gift_quant.quant.gptq import gptq_quantize
+from gift_quant.quant.grid import GridSpec, step_sizes
 from gift_quant.recover.layer import SalientLinear
 from gift_quant.recover.model import convert_to_quant, freeze_all_but_gift, prepare_quantized
 

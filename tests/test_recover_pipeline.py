@@ -6,11 +6,11 @@ import pytest
 import torch
 from tiny import corpus, make_model_dir
 
-from gift_quant.checkpoint import load, read_gift_config, save_checkpoint
-from gift_quant.config import QuantizeConfig, RecoverConfig, read_recipe
-from gift_quant.pipeline import quantize_to_checkpoint
+from gift_quant.config.settings import QuantizeConfig, RecoverConfig, read_recipe
+from gift_quant.packed.checkpoint import load, read_gift_config, save_checkpoint
+from gift_quant.recover.loop import eval_loss, train
 from gift_quant.recover.model import convert_to_quant, prepare_quantized, salient_layers
-from gift_quant.recover.train import eval_loss, train
+from gift_quant.workflows.commands import quantize_to_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_fsdp_launch_is_refused_with_advice(quantized, tmp_path, monkeypatch):
     """accelerate on CPU never builds FSDP, so the launch is simulated: the loop must refuse, not half-work."""
     from accelerate import Accelerator, DistributedType
 
-    from gift_quant.errors import GiftQuantError
+    from gift_quant.util.errors import GiftQuantError
 
     monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
     root, _ = quantized

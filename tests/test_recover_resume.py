@@ -2,7 +2,7 @@
 writes: killed mid-training (resumes from the last saved state, metrics logged after it dropped) and
 killed inside the quantize stage (resumes from the finished blocks). A changed setting is refused.
 
-Real subprocesses (``python -m gift_quant.cli recover``) on a tiny llama. Start-up (imports) dominates
+Real subprocesses (``python -m gift_quant.cli.app recover``) on a tiny llama. Start-up (imports) dominates
 their cost, so the module fixture runs them side by side in two phases: the reference, the
 killed-in-training and the killed-in-quantize runs; then the two resumes. The refusals of a changed
 setting run in process (``cli.main``, whose return value is the console script's exit status).
@@ -43,7 +43,7 @@ TIMEOUT = 300
 def _pause_in_gptq(argv: list[str]) -> int:
     """Run the CLI with ``argv``; at the first GPTQ call after block 0 is saved, touch ``ready`` and wait."""
     ready, args = Path(argv[0]), argv[1:]
-    from gift_quant.cli import main
+    from gift_quant.cli.app import main
     from gift_quant.quant import engine
 
     blocks = Path(args[args.index("--out") + 1]) / "run" / "quantized" / "run" / "blocks"
@@ -244,7 +244,7 @@ def test_killed_in_quantize_stage_resumes_to_the_same_model(runs):
                                               ("--steps", str(STEPS + 6), ("steps", str(STEPS), str(STEPS + 6)))])
 def test_changed_setting_into_partly_run_folder_is_refused(runs, capsys, torch_single_thread, flag, value, shown):
     """In process: ``main`` is what the console script runs; its return value is the exit status."""
-    from gift_quant.cli import main
+    from gift_quant.cli.app import main
 
     partial = runs["partial"]
     cmd = runs["cli"](partial)[3:]

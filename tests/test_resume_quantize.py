@@ -9,7 +9,7 @@ import shutil
 import pytest
 from tiny import corpus, make_model_dir
 
-from gift_quant.cli import main
+from gift_quant.cli.app import main
 from gift_quant.quant import engine
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -145,7 +145,7 @@ def test_quantizing_a_checkpoint_is_refused(setup, reference, tmp_path, monkeypa
     def accepted(*_a, **_k):
         raise AssertionError("a gift-quant checkpoint was accepted as the source model")
 
-    monkeypatch.setattr("gift_quant.stages.quantize_model", accepted)
+    monkeypatch.setattr("gift_quant.workflows.stages.quantize_model", accepted)
     args = _args(setup, tmp_path / "out")
     args[1] = str(reference["out"])
     rc = main(args)

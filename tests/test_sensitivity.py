@@ -16,8 +16,8 @@ import math
 import pytest
 import torch
 
-from gift_quant.sensitivity import PRESETS, MetricSpec, column_scores, parse_metric, perturbation, select_salient
-from gift_quant.stats import ColumnStats
+from gift_quant.quant.sensitivity import PRESETS, MetricSpec, column_scores, parse_metric, perturbation, select_salient
+from gift_quant.quant.stats import ColumnStats
 
 # 2 bits: levels {-2s, -s, 0, s}; a row's largest entry is alpha = 1.5 s and rounds to s (error s / 2).
 W = torch.tensor([

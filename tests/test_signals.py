@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from tiny import cli_world
 
 from gift_quant import pipeline, stages
-from gift_quant.cli import Terminated, main
+from gift_quant.cli.app import Terminated, main
 from gift_quant.quant import engine
 from gift_quant.recover import blockwise
 from gift_quant.recover import train as train_mod

@@ -12,12 +12,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from tiny import corpus, make_model_dir
 
-from gift_quant.checkpoint import load
-from gift_quant.config import QuantizeConfig
-from gift_quant.models import load_model
+from gift_quant.config.settings import QuantizeConfig
+from gift_quant.model.loading import load_model
+from gift_quant.model.source_weights import source_weights
+from gift_quant.packed.checkpoint import load
 from gift_quant.recover.model import linear_weights, prepare_quantized
-from gift_quant.source_weights import source_weights
-from gift_quant.stages import prepare_recovery, quantize_to_checkpoint
+from gift_quant.workflows.stages import prepare_recovery, quantize_to_checkpoint
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

@@ -14,7 +14,7 @@ from tiny import make_model_dir
 
 pytest.importorskip("lm_eval")
 
-from gift_quant.errors import GiftQuantError  # noqa: E402
+from gift_quant.data.named import lambada_path, task_arrow_file  # noqa: E402
 from gift_quant.eval import zeroshot  # noqa: E402
 from gift_quant.eval.zeroshot import (  # noqa: E402
     ALL_TASKS,
@@ -25,7 +25,7 @@ from gift_quant.eval.zeroshot import (  # noqa: E402
     task_manager,
     write_task_configs,
 )
-from gift_quant.named_data import lambada_path, task_arrow_file  # noqa: E402
+from gift_quant.util.errors import GiftQuantError  # noqa: E402
 
 LM_EVAL_TASKS = Path(importlib.util.find_spec("lm_eval").submodule_search_locations[0]) / "tasks"
 LIMIT = 8
@@ -226,7 +226,7 @@ def test_lambada_context_and_continuation(tasks, docs):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, torch_single_thread):
-    from gift_quant.pipeline import load_any
+    from gift_quant.workflows.commands import load_any
 
     src = make_model_dir("llama", tmp_path_factory.mktemp("zs") / "model")
     model, tokenizer, _, _ = load_any(str(src))
@@ -319,8 +319,8 @@ def test_per_document_answers_match_a_hand_computed_argmax(tiny_run, task):
 def test_gift_quant_checkpoint_is_evaluated_as_a_module(tmp_path, torch_single_thread):
     from tiny import corpus
 
-    from gift_quant.config import QuantizeConfig
-    from gift_quant.pipeline import quantize_to_checkpoint
+    from gift_quant.config.settings import QuantizeConfig
+    from gift_quant.workflows.commands import quantize_to_checkpoint
 
     src = make_model_dir("llama", tmp_path / "src")
     calib = tmp_path / "calib.txt"

@@ -63,7 +63,7 @@ def block_index(name: str, prefix: str) -> int:
 
 def fp_hessians(model, linears: dict, windows: torch.Tensor, extra_hook=None) -> dict[str, torch.Tensor]:
     """name -> 2/n XᵀX (float64) of the full-precision model's inputs to each selected linear."""
-    from gift_quant.arch import find_blocks
+    from gift_quant.model.arch import find_blocks
 
     xtx = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in linears.items()}
     count = dict.fromkeys(linears, 0)
@@ -107,7 +107,7 @@ def rel_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
 def gift_run(w, h, spec, damp, block, fp32_fit: bool):
     """(stored dense weight, codes, fp32 scales) of gift-quant's GPTQ; ``fp32_fit`` keeps the
     scales in float32 during GPTQ (monkeypatch of the grid fit) and rounds them only for storage."""
-    import gift_quant.grid as grid
+    import gift_quant.quant.grid as grid
     from gift_quant.quant.gptq import gptq_quantize
 
     orig = grid._params_from_range
@@ -185,12 +185,12 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     torch.set_num_threads(1)
 
-    from gift_quant.arch import find_blocks
-    from gift_quant.arch import model_linears as target_linears
-    from gift_quant.config import QuantizeConfig
-    from gift_quant.grid import GridSpec
-    from gift_quant.models import load_model, load_tokenizer, resolve_model_dir
-    from gift_quant.pipeline import calibration_set
+    from gift_quant.config.settings import QuantizeConfig
+    from gift_quant.model.arch import find_blocks
+    from gift_quant.model.arch import model_linears as target_linears
+    from gift_quant.model.loading import load_model, load_tokenizer, resolve_model_dir
+    from gift_quant.quant.grid import GridSpec
+    from gift_quant.workflows.commands import calibration_set
 
     src = resolve_model_dir(a.model)
     tok = load_tokenizer(src)

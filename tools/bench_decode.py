@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.tokenizer is None:
-        from gift_quant.models import resolve_model_dir
+        from gift_quant.model.loading import resolve_model_dir
 
         a.tokenizer = str(resolve_model_dir(None))
     if a.worker:

@@ -2,7 +2,7 @@
 """Benchmark: gift-quant's GPTQ with K = 0 salient columns (plain GPTQ) against GPTQModel's GPTQ.
 
 Both tools quantize the same model (default: the embedded SmolLM2-135M-Instruct) on the identical
-calibration windows (``gift_quant.pipeline.calibration_set``) with matched settings: symmetric grid,
+calibration windows (``gift_quant.workflows.commands.calibration_set``) with matched settings: symmetric grid,
 group size 128 (or -1 = per row), no act-order (GPTQModel's ``desc_act`` and its default
 ``act_group_aware`` both off), damp 0.01, block size 128, true-sequential, fp32 weights and forward.
 Clip: gift-quant's ``clip="minmax"`` matches GPTQModel's default ``mse=0``; gift-quant's
@@ -77,13 +77,13 @@ def _save_weights(weights: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def _block_linear_names(model) -> list[str]:
-    from gift_quant.arch import model_linears as target_linears
+    from gift_quant.model.arch import model_linears as target_linears
 
     return list(target_linears(model))
 
 
 def _unpack_gptq(qweight, qzeros, scales, g_idx, bits: int, in_f: int, out_f: int, zero_offset: int):
-    from gift_quant.peer import dense_from_gptq
+    from gift_quant.compare.gptqmodel_peer import dense_from_gptq
 
     return dense_from_gptq(qweight, qzeros, scales, g_idx, bits, in_f, out_f, zero_offset)
 
@@ -92,12 +92,12 @@ def _unpack_gptq(qweight, qzeros, scales, g_idx, bits: int, in_f: int, out_f: in
 
 
 def worker_gift(a) -> None:
-    from gift_quant.checkpoint import read_gift_config
-    from gift_quant.config import QuantizeConfig
+    from gift_quant.config.settings import QuantizeConfig
+    from gift_quant.data.windows import fingerprint_tokens
     from gift_quant.eval.perplexity import perplexity
-    from gift_quant.pipeline import quantize_to_checkpoint
-    from gift_quant.qlinear import QuantLinear
-    from gift_quant.windows import fingerprint_tokens
+    from gift_quant.packed.checkpoint import read_gift_config
+    from gift_quant.packed.qlinear import QuantLinear
+    from gift_quant.workflows.commands import quantize_to_checkpoint
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -121,7 +121,7 @@ def worker_gift(a) -> None:
     if out.exists():
         shutil.rmtree(out)
     # time the quantize_model stage in CPU seconds too (wall clock is noisy on a shared machine)
-    import gift_quant.pipeline as pipeline
+    import gift_quant.workflows.commands as pipeline
 
     stage = {}
     inner = pipeline.quantize_model
@@ -168,7 +168,7 @@ def worker_peer(a) -> None:
     from gptqmodel.utils.model import convert_gptq_v1_to_v2_format_module
     from safetensors import safe_open
 
-    from gift_quant.windows import fingerprint_tokens
+    from gift_quant.data.windows import fingerprint_tokens
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -188,7 +188,7 @@ def worker_peer(a) -> None:
     model.quantize(calib, batch_size=1, calibration_sort=None)
     quant_s, quant_cpu = time.perf_counter() - t0, time.process_time() - c0
 
-    from gift_quant.pack import unpack_cols
+    from gift_quant.packed.bits import unpack_cols
 
     mid = 2 ** (a.bits - 1)  # the zero point of a symmetric grid
 
@@ -259,7 +259,7 @@ def worker_peer(a) -> None:
 def fp_hessians(model, windows: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """X^T X (float64) of every block linear's input in the full-precision model, one pass over the
     calibration windows. Linears fed the same tensor (q/k/v, gate/up) share one matrix."""
-    from gift_quant.arch import model_linears as target_linears
+    from gift_quant.model.arch import model_linears as target_linears
 
     linears = target_linears(model)
     calls: list[tuple[str, torch.Tensor]] = []
@@ -404,12 +404,12 @@ def markdown(result: dict) -> str:
 def orchestrate(args) -> dict:
     from safetensors.torch import load_file
 
-    from gift_quant.config import DEFAULT_PPL_DATA, QuantizeConfig
+    from gift_quant.config.settings import DEFAULT_PPL_DATA, QuantizeConfig
+    from gift_quant.data.sources import load_documents
+    from gift_quant.data.windows import eval_windows, fingerprint_tokens
     from gift_quant.eval.perplexity import perplexity
-    from gift_quant.models import default_model_dir, load_model, load_tokenizer, resolve_model_dir
-    from gift_quant.pipeline import calibration_set
-    from gift_quant.text_sources import load_documents
-    from gift_quant.windows import eval_windows, fingerprint_tokens
+    from gift_quant.model.loading import default_model_dir, load_model, load_tokenizer, resolve_model_dir
+    from gift_quant.workflows.commands import calibration_set
 
     model_dir = resolve_model_dir(args.model) if args.model else default_model_dir()
     out_dir = Path(args.out_dir)
@@ -434,7 +434,7 @@ def orchestrate(args) -> dict:
     hess_s = time.perf_counter() - t0
     print(f"[bench] full-precision Hessians of {len(alias)} linears ({len(hess)} distinct inputs) in {hess_s:.1f}s",
           flush=True)
-    from gift_quant.arch import model_linears as target_linears
+    from gift_quant.model.arch import model_linears as target_linears
 
     linears = target_linears(model)
     ref = {n: lin.weight.detach().clone() for n, lin in linears.items()}

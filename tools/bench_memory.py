@@ -13,7 +13,7 @@ right before the measured part, so the model's construction does not count):
   step (grads, AdamW state, scratch buffers, activations, the loss's chunks) vs recover_memory's terms, and
   the static tensor bytes of the prepared model vs its base/grid/outside/salient terms.
 
-``--table`` prints docs/scaling.md's table (from gift_quant.memory_model) and exits.
+``--table`` prints docs/scaling.md's table (from gift_quant.workflows.memory_model) and exits.
 
     OMP_NUM_THREADS=1 python tools/bench_memory.py --out results/bench_memory
 """
@@ -98,7 +98,7 @@ def tensor_bytes(model) -> int:
 def worker_quantize(args) -> dict:
     import torch
 
-    from gift_quant.config import QuantizeConfig
+    from gift_quant.config.settings import QuantizeConfig
     from gift_quant.quant.engine import quantize_model
 
     torch.set_num_threads(1)
@@ -128,7 +128,7 @@ def worker_step(args) -> dict:
 
     import torch
 
-    from gift_quant.config import QuantizeConfig
+    from gift_quant.config.settings import QuantizeConfig
     from gift_quant.quant.engine import quantize_model
     from gift_quant.recover.model import freeze_all_but_gift, linear_weights, prepare_quantized, set_noise_key
     from gift_quant.recover.objective import Objective, Teacher, objective_loss

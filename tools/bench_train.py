@@ -49,7 +49,7 @@ def _rss_mb() -> float:
 
 
 def worker(args) -> dict:
-    from gift_quant.checkpoint import load
+    from gift_quant.packed.checkpoint import load
     from gift_quant.recover.model import convert_to_dense, freeze_all_but_gift, prepare_quantized
     from gift_quant.recover.objective import Objective, Teacher, objective_loss
 
@@ -58,7 +58,7 @@ def worker(args) -> dict:
     model = load(args.ckpt)
     teacher = None
     if args.method.endswith("-kd"):
-        from gift_quant.models import default_model_dir, load_model
+        from gift_quant.model.loading import default_model_dir, load_model
 
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         teacher = Teacher(load_model(default_model_dir(), dtype), device)
@@ -66,7 +66,7 @@ def worker(args) -> dict:
     if args.method in ("gift", "gift-kd", "gift-dense", "gift-blockwise"):
         model = prepare_quantized(model, noise="normal", noise_bits=4, seed=0)
         if args.method == "gift-dense":
-            from gift_quant.arch import model_linears as named_block_linears
+            from gift_quant.model.arch import model_linears as named_block_linears
             from gift_quant.recover.model import prepare_dense
 
             salient = {n: m.salient_idx.clone() for n, m in named_block_linears(model).items()}
@@ -92,8 +92,8 @@ def worker(args) -> dict:
     ids = torch.randint(0, 49152, (args.batch_size, args.seq_len), generator=g).to(device)
 
     if args.method == "gift-blockwise":
-        from gift_quant.arch import find_blocks
-        from gift_quant.capture import capture_block_inputs
+        from gift_quant.model.arch import find_blocks
+        from gift_quant.model.capture import capture_block_inputs
 
         _, blocks = find_blocks(model)
         n_blocks = len(blocks)
@@ -142,9 +142,9 @@ def worker(args) -> dict:
 
 
 def ensure_checkpoint(path: Path, calib_samples: int) -> Path:
-    from gift_quant.checkpoint import is_checkpoint
-    from gift_quant.config import QuantizeConfig
-    from gift_quant.pipeline import quantize_to_checkpoint
+    from gift_quant.config.settings import QuantizeConfig
+    from gift_quant.packed.checkpoint import is_checkpoint
+    from gift_quant.workflows.commands import quantize_to_checkpoint
 
     if not is_checkpoint(path):
         # calibration quality does not matter for step speed: a small calibration set keeps this quick

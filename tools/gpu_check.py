@@ -256,7 +256,7 @@ def depth_view(model, layers, device: torch.device | None = None):
     Measuring at two depths and extrapolating is how a 2-block model speaks for 32 blocks; moving only the
     viewed blocks keeps the others out of the measured memory. Blocks, config and device are restored.
     """
-    from gift_quant.arch import find_blocks, set_module
+    from gift_quant.model.arch import find_blocks, set_module
 
     name, blocks = find_blocks(model)
     config = model.config
@@ -313,9 +313,9 @@ def compare(what: str, got: torch.Tensor, want: torch.Tensor, tol, reference: st
 
 def small_packed_layer(seed: int, sym: bool, group_size: int, out_f: int = 96, in_f: int = 128, k: int = 8):
     """A packed 3-bit layer from salient-aware GPTQ on random weights, with a bias."""
-    from gift_quant.grid import GridSpec
-    from gift_quant.qlinear import QuantLinear
+    from gift_quant.packed.qlinear import QuantLinear
     from gift_quant.quant.gptq import gptq_quantize
+    from gift_quant.quant.grid import GridSpec
 
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(out_f, in_f, generator=g) * 0.05
@@ -432,7 +432,7 @@ class Tiny:
 
 def tiny_packed() -> Tiny:
     """A tiny random Llama and its 3-bit packed copy, quantized on the CPU (a deterministic reference)."""
-    from gift_quant.config import QuantizeConfig
+    from gift_quant.config.settings import QuantizeConfig
     from gift_quant.quant.engine import quantize_model
 
     fp = random_llama(CPU_SHAPES, torch.device("cpu"), seed=0)
@@ -511,7 +511,7 @@ def check_kd_loss(device: torch.device, tiny: Tiny) -> dict:
 
 
 def check_checkpoint(device: torch.device, tiny: Tiny) -> dict:
-    from gift_quant.checkpoint import load, save_checkpoint
+    from gift_quant.packed.checkpoint import load, save_checkpoint
 
     ids = random_tokens(2, 20, CPU_SHAPES.vocab, seed=6)
     with tempfile.TemporaryDirectory() as tmp:
@@ -602,7 +602,7 @@ def section_gptq(models: Models, shapes: Shapes, device: torch.device, budget: B
     blocks. A later block then sees embeddings instead of the previous block's outputs, which changes
     nothing about the time of a random model's block; each call also re-captures its inputs (one
     embedding pass, a small overestimate)."""
-    from gift_quant.config import QuantizeConfig
+    from gift_quant.config.settings import QuantizeConfig
     from gift_quant.quant.engine import quantize_model
 
     cfg = QuantizeConfig(bits=3, salient_fraction=0.03125, calib_samples=shapes.calib_windows,
@@ -645,7 +645,7 @@ def section_gptq(models: Models, shapes: Shapes, device: torch.device, budget: B
 
 def serving_copy(model):
     """The packed model as it would be served in bf16: QuantLinear buffers as stored, everything else bf16."""
-    from gift_quant.qlinear import QuantLinear
+    from gift_quant.packed.qlinear import QuantLinear
 
     serve = copy.deepcopy(model)
     for module in serve.modules():
@@ -663,9 +663,9 @@ def section_prepare(models: Models, shapes: Shapes, device: torch.device) -> dic
     the loaded checkpoint on the CPU, where the clip search runs on one thread: timed here on one
     slice and scaled to the 7B model's weights.
     """
-    from gift_quant.grid import GridSpec, step_sizes
+    from gift_quant.quant.grid import GridSpec, step_sizes
     from gift_quant.recover.model import prepare_quantized
-    from gift_quant.threads import cpu_threads
+    from gift_quant.util.threads import cpu_threads
 
     models.serve = serving_copy(models.packed)  # before prepare replaces the packed layers
     layers = list(range(models.quantized))

@@ -63,7 +63,7 @@ CONFIGS: dict[str, dict] = {
 
 
 def _settings(config: str, bits: int, seed: int, steps: int):
-    from gift_quant.config import EvalConfig, QuantizeConfig, RecoverConfig, build, read_recipe
+    from gift_quant.config.settings import EvalConfig, QuantizeConfig, RecoverConfig, build, read_recipe
 
     recipe = read_recipe(RECIPE)
     spec = {**BASE, "steps": steps, **CONFIGS[config]}
@@ -76,8 +76,8 @@ def _settings(config: str, bits: int, seed: int, steps: int):
 
 
 def run_job(config: str, bits: int, seed: int, start: Path, out: Path, steps: int) -> dict:
-    from gift_quant.compare import _eval, run_method
-    from gift_quant.models import load_tokenizer, resolve_model_dir
+    from gift_quant.compare.recovery import _eval, run_method
+    from gift_quant.model.loading import load_tokenizer, resolve_model_dir
 
     out = Path(out)
     name = f"{config}-w{bits}-s{seed}"
@@ -92,16 +92,16 @@ def run_job(config: str, bits: int, seed: int, start: Path, out: Path, steps: in
     row = {"config": config, "bits": bits, "seed": seed, "start": str(start), "steps": rcfg.steps,
            "recover": dataclasses.asdict(rcfg) if config in CONFIGS else None}
     if method == "fp":
-        from gift_quant.models import load_model
+        from gift_quant.model.loading import load_model
 
         src = resolve_model_dir(None)
         row.update(_eval(load_model(src).eval(), load_tokenizer(src), ecfg, [], None, "cpu"))
     elif method == "start":
-        from gift_quant.checkpoint import load
+        from gift_quant.packed.checkpoint import load
 
         row.update(_eval(load(start).eval(), load_tokenizer(Path(start)), ecfg, [], None, "cpu"))
     elif method == "recover":
-        from gift_quant.pipeline import run_recover
+        from gift_quant.workflows.commands import run_recover
 
         summary = run_recover(None, work / "out", qcfg, rcfg, ecfg, progress=False)
         stages = json.loads((work / "out" / "run" / "stages.json").read_text())
@@ -112,7 +112,7 @@ def run_job(config: str, bits: int, seed: int, start: Path, out: Path, steps: in
                     "blockwise_seconds": sum(b.get("seconds", 0.0) for b in bw),
                     "train_seconds": stages["recover"].get("seconds", 0.0),
                     "blockwise_relative_mse": [[b["relative_mse_before"], b["relative_mse_after"]] for b in bw]})
-        from gift_quant.checkpoint import load
+        from gift_quant.packed.checkpoint import load
 
         row["window_nll"] = _eval(load(work / "out").eval(), load_tokenizer(work / "out"), ecfg, [], None,
                                   "cpu")["window_nll"]
@@ -303,7 +303,7 @@ def greedy_answers(models: dict[str, str | None], results: Path, max_new_tokens:
     """Greedy answers of each model to fixed chat prompts -> answers.md / answers.json."""
     import torch
 
-    from gift_quant.pipeline import load_any
+    from gift_quant.workflows.commands import load_any
 
     rows = []
     for label, path in models.items():

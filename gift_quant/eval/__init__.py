@@ -1,0 +1,1 @@
+"""Evaluation: perplexity over held-out windows and zero-shot accuracy with lm-evaluation-harness."""

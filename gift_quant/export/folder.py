@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..cache import atomic_dir
-from ..checkpoint import copy_tokenizer_files
-from ..errors import GiftQuantError
-from ..models import parse_dtype
-from ..rundir import lock_output
+from ..model.loading import parse_dtype
+from ..packed.checkpoint import copy_tokenizer_files
+from ..packed.run_folder import lock_output
+from ..util.errors import GiftQuantError
+from ..util.files import atomic_dir
 from .adapter import ADAPTER_DIR, SalientAdapter
 from .native import NativeCheckpoint
 

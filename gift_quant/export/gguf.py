@@ -24,8 +24,8 @@ import torch
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFWriter, LlamaFileType
 
-from ..cache import atomic_dir
-from ..errors import GiftQuantError
+from ..util.errors import GiftQuantError
+from ..util.files import atomic_dir
 from .adapter import SalientAdapter, onehot_lora
 from .folder import EXPORT_INFO, check_out, dtype_name, export_info, resolve_dtype, tie_fixup
 from .gguf_blocks import gguf_layer, rope_row_order

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QT
 
-from ..errors import GiftQuantError
-from ..qlinear import QuantLinear
+from ..packed.qlinear import QuantLinear
+from ..util.errors import GiftQuantError
 from .native import layer_codes, layer_zeros
 
 BLOCK = 32  # input columns per GGUF block, for each of Q4_0, Q4_1 and Q8_0

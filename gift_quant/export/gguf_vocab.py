@@ -16,7 +16,7 @@ from pathlib import Path
 
 from gguf import TokenType
 
-from ..errors import GiftQuantError
+from ..util.errors import GiftQuantError
 
 # Llama 3's split pattern (the "llama-bpe" pre-tokenizer of llama.cpp)
 _LLAMA3_SPLIT = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"

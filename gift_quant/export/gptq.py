@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
-from ..arch import model_linears
-from ..errors import GiftQuantError
-from ..pack import dequantize_packed, pack_cols, pack_rows, packed_words
-from ..qlinear import QuantLinear
+from ..model.arch import model_linears
+from ..packed.bits import dequantize_packed, pack_cols, pack_rows, packed_words
+from ..packed.qlinear import QuantLinear
+from ..util.errors import GiftQuantError
 from .adapter import SalientAdapter, lora_rank
 from .folder import cast_tensors, check_out, dtype_name, resolve_dtype, write_export
 from .native import NativeCheckpoint, layer_codes, layer_zeros

@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..checkpoint import WEIGHTS_NAME, read_gift_config, verify_files
-from ..errors import GiftQuantError
-from ..models import parse_dtype
-from ..qlinear import QuantLinear
+from ..model.loading import parse_dtype
+from ..packed.checkpoint import WEIGHTS_NAME, read_gift_config, verify_files
+from ..packed.qlinear import QuantLinear
+from ..util.errors import GiftQuantError
 
 _REQUIRED = ("qweight", "scales", "g_idx", "salient_idx", "salient_weight")
 _QUANT_SUFFIXES = (*_REQUIRED, "qzeros", "bias")  # every buffer a QuantLinear stores

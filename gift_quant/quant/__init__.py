@@ -1,0 +1,1 @@
+"""Quantization algorithms: grid, calibration statistics, sensitivity, groups, GPTQ, RTN, the per-block engine."""

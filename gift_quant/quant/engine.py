@@ -24,20 +24,20 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..arch import block_linears, find_blocks, model_linears, set_module
-from ..cache import atomic_write_text
-from ..capture import capture_block_inputs, collect_inputs, move_kwargs, run_block, sequential_groups
-from ..config import QuantizeConfig
-from ..errors import GiftQuantError
-from ..grid import GridSpec
-from ..models import parse_dtype
-from ..qlinear import QuantLinear, effective_bits
-from ..rundir import RunFiles
-from ..sensitivity import column_scores, parse_metric, select_salient
-from ..stats import ColumnStats
-from ..threads import cpu_threads
+from ..config.settings import QuantizeConfig
+from ..model.arch import block_linears, find_blocks, model_linears, set_module
+from ..model.capture import capture_block_inputs, collect_inputs, move_kwargs, run_block, sequential_groups
+from ..model.loading import parse_dtype
+from ..packed.qlinear import QuantLinear, effective_bits
+from ..packed.run_folder import RunFiles
+from ..util.errors import GiftQuantError
+from ..util.files import atomic_write_text
+from ..util.threads import cpu_threads
 from .gptq import gptq_quantize, layer_error
+from .grid import GridSpec
 from .rtn import rtn_quantize
+from .sensitivity import column_scores, parse_metric, select_salient
+from .stats import ColumnStats
 
 _QL_BUFFERS = ("qweight", "scales", "qzeros", "g_idx", "salient_idx", "salient_weight", "bias")
 

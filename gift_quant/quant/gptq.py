@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..grid import GridSpec, dequantize, fit_rows, quantize_codes
-from ..pack import dequantize_codes
-from ..threads import cpu_threads
+from ..packed.bits import dequantize, dequantize_codes
+from ..util.threads import cpu_threads
+from .grid import GridSpec, fit_rows, quantize_codes
 from .groups import plan_groups
 
 

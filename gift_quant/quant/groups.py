@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..grid import GROUP_LAYOUTS
+from ..config.settings import GROUP_LAYOUTS
 
 
 @dataclass

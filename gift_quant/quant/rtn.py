@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ..grid import GridSpec, fit_rows, quantize_codes
 from .gptq import GPTQResult, empty_grids, processing_order
+from .grid import GridSpec, fit_rows, quantize_codes
 from .groups import plan_groups
 
 

@@ -27,9 +27,9 @@ import time
 import torch
 from torch import nn
 
-from ..arch import block_linears, set_module
-from ..capture import run_block
-from ..qlinear import QuantLinear
+from ..model.arch import block_linears, set_module
+from ..model.capture import run_block
+from ..packed.qlinear import QuantLinear
 from .layer import SalientLinear
 from .model import freeze_all_but_gift, quant_from_salient, salient_from_quant
 

@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import NoiseSpec
-from ..grid import GridSpec, step_sizes
-from ..threads import cpu_threads
+from ..config.settings import NoiseSpec
+from ..quant.grid import GridSpec, step_sizes
+from ..util.threads import cpu_threads
 
 
 class SalientLinear(nn.Module):

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..arch import model_linears, set_module
-from ..qlinear import QuantLinear
+from ..model.arch import model_linears, set_module
+from ..packed.qlinear import QuantLinear
 from .layer import SalientLinear
 
 TRAINABLE_PREFIX = "gift_"

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..errors import GiftQuantError
+from ..util.errors import GiftQuantError
 
 IGNORE = -100
 LOSSES = ("ce", "kd", "kd+ce")

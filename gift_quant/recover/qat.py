@@ -12,9 +12,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..arch import model_linears, set_module
-from ..grid import dequantize, quantize_codes
-from ..qlinear import QuantLinear
+from ..model.arch import model_linears, set_module
+from ..packed.bits import dequantize
+from ..packed.qlinear import QuantLinear
+from ..quant.grid import quantize_codes
 from .model import freeze_all_but_gift
 
 

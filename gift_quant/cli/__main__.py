@@ -1,0 +1,7 @@
+"""``python -m gift_quant.cli``: the same as the ``gift-quant`` command."""
+
+import sys
+
+from .app import main
+
+sys.exit(main())

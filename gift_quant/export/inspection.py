@@ -1,0 +1,423 @@
+"""``inspect``: what a checkpoint folder holds, for the native format and for gift-quant's exports.
+
+``inspect_checkpoint(path)`` returns a JSON-able dict; ``format_report(info)`` renders it for people.
+Only metadata, tensor headers and the (small) LoRA ``A`` matrices are read: inspecting a large model
+costs no more memory than its adapter.
+
+Kinds recognised:
+
+* ``gift-quant``: the native checkpoint (``gift_quant_config.json``): bits, group size, salient
+  columns per layer, effective bits per weight as recorded at quantization, provenance.
+* ``gptq-lora`` / ``gptq``: a GPTQ folder (``quantize_config.json`` or ``config.json``'s
+  ``quantization_config``) with or without a PEFT adapter in ``adapter/``; the salient count of a layer
+  is the number of non-zero rows of its ``lora_A``; effective bits are what the files store (padded
+  LoRA rank and one-hot ``A`` included).
+* ``compressed-tensors-lora`` / ``compressed-tensors``: a folder whose ``config.json`` names
+  ``quant_method: compressed-tensors`` (e.g. ``gift-quant export --format compressed-tensors``), with or
+  without a PEFT adapter in ``adapter/``: bits, strategy, group size and salient counts as for GPTQ;
+  the layer shapes come from the ``weight_shape`` tensors.
+* ``dense``: a plain Hugging Face folder: dtype and parameter count.
+
+Any of them written by ``gift-quant export`` also carries ``gift_quant_export.json``, whose provenance
+and native effective bits are reported.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from statistics import mean
+
+from safetensors import safe_open
+
+from ..util.errors import GiftQuantError
+from .vllm_command import vllm_command
+
+NATIVE_CONFIG = "gift_quant_config.json"  # checkpoint.CONFIG_NAME, repeated to keep this module light
+EXPORT_INFO = "gift_quant_export.json"  # export.EXPORT_INFO
+_DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8,
+               "BOOL": 8, "F8_E4M3": 8, "F8_E5M2": 8, "U16": 16, "U32": 32, "U64": 64}
+_DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def _dir_size(path: Path, skip: tuple[str, ...] = ()) -> int:
+    total = 0
+    for f in path.rglob("*"):
+        rel = f.relative_to(path).parts
+        if f.is_file() and not (rel and rel[0] in skip):
+            total += f.stat().st_size
+    return total
+
+
+def _headers(files: list[Path]) -> dict[str, tuple[str, list[int]]]:
+    """name -> (safetensors dtype, shape), read from the file headers only."""
+    out = {}
+    for f in files:
+        with safe_open(f, "pt") as h:
+            for k in h.keys():
+                s = h.get_slice(k)
+                out[k] = (s.get_dtype(), list(s.get_shape()))
+    return out
+
+
+def _bits(dtype: str, shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n * _DTYPE_BITS.get(dtype, 32)
+
+
+def _salient_summary(counts: dict[str, int]) -> dict:
+    vals = list(counts.values())
+    if not vals:
+        return {"layers": 0}
+    return {"layers": len(vals), "min": min(vals), "mean": mean(vals), "max": max(vals), "total_columns": sum(vals)}
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+# ---------------------------------------------------------------------------- kinds
+
+
+def _native_health(path: Path, doc: dict) -> str:
+    """"verified" when every recorded file matches its sha256 and the settings are possible, else what is wrong."""
+    from ..config.settings import SUPPORTED_BITS
+    from ..util.files import sha256_file
+
+    bits = doc.get("bits", doc.get("quantize", {}).get("bits"))
+    if bits not in SUPPORTED_BITS:
+        return f"broken: bits {bits!r} is not a storable width ({', '.join(map(str, SUPPORTED_BITS))})"
+    files = doc.get("files")
+    if not files:
+        return "unverified: written before gift-quant recorded file checksums"
+    for name, digest in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"broken: {name} is missing"
+        if sha256_file(f) != digest:
+            return f"broken: {name} does not match its recorded sha256 (changed or corrupt)"
+    mismatch = _layer_mismatch(path, doc)
+    if mismatch:
+        return f"broken: {mismatch}"
+    return "verified (sha256 of " + ", ".join(sorted(files)) + "; per-layer settings match the tensors)"
+
+
+def _layer_mismatch(path: Path, doc: dict) -> str | None:
+    """The first layer whose recorded groups / salient count / in-out features disagree with the tensor
+    headers (the config is not covered by its own sha256, so this is what catches an edited config)."""
+    headers = _headers(sorted(path.glob("*.safetensors")))
+    for name, info in (doc.get("layers") or {}).items():
+        if not isinstance(info, dict):
+            return f"layer {name}: its entry is not an object"
+        scales, sal = headers.get(f"{name}.scales"), headers.get(f"{name}.salient_idx")
+        if scales is None or sal is None:
+            return f"layer {name} is named in {NATIVE_CONFIG} but has no tensors in the weights"
+        groups, out_f = scales[1]
+        recorded = {"groups": groups, "salient": sal[1][0], "out_features": out_f}
+        for key, actual in recorded.items():
+            if key in info and info[key] != actual:
+                return f"layer {name}: {NATIVE_CONFIG} says {key} {info[key]!r}, the tensors hold {actual}"
+    return None
+
+
+def _inspect_native(path: Path) -> dict:
+    from ..packed.checkpoint import read_gift_config
+
+    doc = read_gift_config(path)
+    q = doc.get("quantize", {})
+    layers = [{"name": n, "in_features": i["in_features"], "out_features": i["out_features"],
+               "salient": i["salient"], "groups": i.get("groups"), "effective_bits": i.get("effective_bits"),
+               "relative_error": i.get("relative_error")} for n, i in doc.get("layers", {}).items()]
+    config = _read_json(path / "config.json") or {}
+    return {
+        "kind": "gift-quant", "path": str(path), "model_type": config.get("model_type"),
+        "health": _native_health(path, doc),
+        "format_version": doc.get("format_version"), "tool": doc.get("tool"), "version": doc.get("version"),
+        "bits": doc.get("bits", q.get("bits")), "group_size": doc.get("group_size", q.get("group_size")),
+        "sym": q.get("sym"), "act_order": q.get("act_order"), "static_groups": q.get("static_groups"),
+        # checkpoints from before the natural layout have no key and compact groups
+        "group_layout": q.get("group_layout", "compact"),
+        "metric": doc.get("metric", q.get("metric")), "salient_dtype": q.get("salient_dtype"),
+        "compute_dtype": doc.get("dtype"),
+        "salient": _salient_summary({row["name"]: row["salient"] for row in layers}),
+        "effective_bits": doc.get("effective_bits"), "layers": layers,
+        "size_on_disk": _dir_size(path, skip=("run",)), "run_artifacts_size": _dir_size(path / "run"),
+        "recovery": ({"variant": doc.get("variant"), **doc["recover"]} if doc.get("recover") else None),
+        "provenance": doc.get("provenance"),
+    }
+
+
+def _gptq_config(path: Path) -> dict | None:
+    qc = _read_json(path / "quantize_config.json")
+    if qc is None:
+        qc = (_read_json(path / "config.json") or {}).get("quantization_config")
+    if qc and str(qc.get("quant_method", "gptq")).lower() == "gptq" and "bits" in qc:
+        return qc
+    return None
+
+
+def _read_adapter(path: Path) -> tuple[dict | None, dict[str, int], dict[str, int]]:
+    """(adapter_config, salient count per module = non-zero rows of lora_A, stored bits per module)."""
+    adapter_dir = path / "adapter"
+    acfg = _read_json(adapter_dir / "adapter_config.json")
+    a_rows: dict[str, int] = {}
+    adapter_bits: dict[str, int] = {}
+    if acfg is not None:
+        files = sorted(adapter_dir.glob("*.safetensors"))
+        for f in files:
+            with safe_open(f, "pt") as h:
+                for k in h.keys():
+                    mod = k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
+                    s = h.get_slice(k)
+                    adapter_bits[mod] = adapter_bits.get(mod, 0) + _bits(s.get_dtype(), s.get_shape())
+                    if ".lora_A." in k:
+                        a_rows[mod] = int((h.get_tensor(k) != 0).any(dim=1).sum())
+    return acfg, a_rows, adapter_bits
+
+
+def _adapter_summary(path: Path, acfg: dict | None, a_rows: dict[str, int]) -> dict | None:
+    if acfg is None:
+        return None
+    return {"rank": acfg.get("r"), "lora_alpha": acfg.get("lora_alpha"), "target_modules": acfg.get("target_modules"),
+            "modules": len(a_rows), "size_on_disk": _dir_size(path / "adapter")}
+
+
+def _inspect_gptq(path: Path, qc: dict) -> dict:
+    headers = _headers(sorted(path.glob("*.safetensors")))
+    acfg, a_rows, adapter_bits = _read_adapter(path)
+    layers = []
+    for k, (_, shape) in sorted(headers.items()):
+        if not k.endswith(".qweight"):
+            continue
+        name = k.removesuffix(".qweight")
+        g = headers.get(f"{name}.g_idx")
+        out_f = shape[1]
+        in_f = g[1][0] if g else None
+        stored = sum(_bits(*headers[f"{name}.{s}"]) for s in ("qweight", "qzeros", "scales", "g_idx")
+                     if f"{name}.{s}" in headers) + adapter_bits.get(name, 0)
+        layers.append({"name": name, "in_features": in_f, "out_features": out_f,
+                       "groups": headers[f"{name}.scales"][1][0] if f"{name}.scales" in headers else None,
+                       "salient": a_rows.get(name, 0),
+                       "effective_bits": stored / (in_f * out_f) if in_f else None})
+    info_doc = _read_json(path / EXPORT_INFO) or {}
+    total_w = sum(row["in_features"] * row["out_features"] for row in layers if row["in_features"])
+    total_bits = sum(row["effective_bits"] * row["in_features"] * row["out_features"]
+                     for row in layers if row["effective_bits"] is not None)
+    return {
+        "kind": "gptq-lora" if acfg is not None else "gptq", "path": str(path),
+        "model_type": (_read_json(path / "config.json") or {}).get("model_type"),
+        "bits": qc.get("bits"), "group_size": qc.get("group_size"), "sym": qc.get("sym"),
+        "desc_act": qc.get("desc_act"),
+        "checkpoint_format": qc.get("checkpoint_format", qc.get("format", "gptq")),
+        **_export_common(path, acfg, a_rows, layers, total_bits, total_w, info_doc),
+    }
+
+
+def _ct_config(path: Path) -> dict | None:
+    qc = (_read_json(path / "config.json") or {}).get("quantization_config")
+    if qc and str(qc.get("quant_method", "")).lower() == "compressed-tensors":
+        return qc
+    return None
+
+
+def _inspect_ct(path: Path, qc: dict) -> dict:
+    files = sorted(path.glob("*.safetensors"))
+    headers = _headers(files)
+    acfg, a_rows, adapter_bits = _read_adapter(path)
+    shapes: dict[str, list[int]] = {}  # weight_shape tensors: two int64 each, read from the files
+    for f in files:
+        with safe_open(f, "pt") as h:
+            for k in h.keys():
+                if k.endswith(".weight_shape"):
+                    shapes[k.removesuffix(".weight_shape")] = [int(v) for v in h.get_tensor(k).tolist()]
+    layers = []
+    for name, shape in sorted(shapes.items()):
+        out_f, in_f = shape[-2], shape[-1]
+        stored = sum(_bits(*headers[f"{name}.{s}"]) for s in ("weight_packed", "weight_scale", "weight_zero_point",
+                                                              "weight_shape") if f"{name}.{s}" in headers)
+        stored += adapter_bits.get(name, 0)
+        scale = headers.get(f"{name}.weight_scale")
+        layers.append({"name": name, "in_features": in_f, "out_features": out_f,
+                       "groups": scale[1][-1] if scale else None, "salient": a_rows.get(name, 0),
+                       "effective_bits": stored / (in_f * out_f)})
+    groups = list((qc.get("config_groups") or {}).values())
+    weights = (groups[0].get("weights") or {}) if groups and isinstance(groups[0], dict) else {}
+    strategy = weights.get("strategy")
+    info_doc = _read_json(path / EXPORT_INFO) or {}
+    total_w = sum(row["in_features"] * row["out_features"] for row in layers)
+    total_bits = sum(row["effective_bits"] * row["in_features"] * row["out_features"] for row in layers)
+    return {
+        "kind": "compressed-tensors-lora" if acfg is not None else "compressed-tensors", "path": str(path),
+        "model_type": (_read_json(path / "config.json") or {}).get("model_type"),
+        "bits": weights.get("num_bits"), "group_size": weights.get("group_size") if strategy == "group" else -1,
+        "sym": weights.get("symmetric"), "strategy": strategy, "checkpoint_format": qc.get("format"),
+        "config_groups": len(groups), "ignore": qc.get("ignore"),
+        **_export_common(path, acfg, a_rows, layers, total_bits, total_w, info_doc),
+    }
+
+
+def _inspect_dense(path: Path) -> dict:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise GiftQuantError(f"{path} has no .safetensors weights to inspect")
+    headers = _headers(files)
+    params = Counter()
+    for dtype, shape in headers.values():
+        n = 1
+        for d in shape:
+            n *= d
+        params[dtype] += n
+    floating = {d: n for d, n in params.items() if d in _DTYPE_NAMES}
+    main = max(floating, key=floating.get) if floating else None
+    info_doc = _read_json(path / EXPORT_INFO) or {}
+    return {
+        "kind": "dense", "path": str(path), "model_type": (_read_json(path / "config.json") or {}).get("model_type"),
+        "dtype": _DTYPE_NAMES.get(main, main), "parameters": sum(params.values()),
+        "bits_per_weight": _DTYPE_BITS.get(main) if main else None,
+        "native_effective_bits": info_doc.get("native_effective_bits"),
+        "salient": _salient_summary(info_doc.get("salient_per_layer") or {}) if info_doc else None,
+        "size_on_disk": _dir_size(path),
+        "provenance": info_doc.get("provenance"), "source_checkpoint": info_doc.get("source_checkpoint"),
+    }
+
+
+def _with_vllm(info: dict) -> dict:
+    command, note = vllm_command(info)
+    return {**info, "vllm": {"command": command, "note": note}}
+
+
+def inspect_checkpoint(path: str | Path) -> dict:
+    """A description of the checkpoint folder ``path`` (see the module docstring for the kinds)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise GiftQuantError(f"{p} is not a folder; inspect takes a checkpoint or export folder")
+    if (p / NATIVE_CONFIG).is_file():
+        return _inspect_native(p)
+    qc = _gptq_config(p)
+    if qc is not None:
+        return _with_vllm(_inspect_gptq(p, qc))
+    qc = _ct_config(p)
+    if qc is not None:
+        return _with_vllm(_inspect_ct(p, qc))
+    if (p / "config.json").is_file():
+        return _inspect_dense(p)
+    if (p / "run" / "run.json").is_file():
+        raise GiftQuantError(f"{p} is an unfinished gift-quant run: rerun the same command to finish it")
+    raise GiftQuantError(f"{p} is neither a gift-quant checkpoint, a GPTQ or compressed-tensors folder nor a Hugging "
+                         "Face model folder")
+
+
+# ---------------------------------------------------------------------------- pretty printer
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _fmt_bits(b) -> str:
+    return "?" if b is None else f"{b:.3f}"
+
+
+def _provenance_lines(info: dict) -> list[str]:
+    prov = info.get("provenance") or {}
+    lines = []
+    if info.get("source_checkpoint"):
+        lines.append(f"  exported from {info['source_checkpoint']}")
+    if prov.get("source_model"):
+        lines.append(f"  source model  {prov['source_model']} (fingerprint {prov.get('model_fingerprint', '?')})")
+    if prov.get("calibration_data"):
+        lines.append(f"  calibration   {prov['calibration_data']} ({prov.get('calibration_tokens', '?')} tokens, "
+                     f"fingerprint {prov.get('calibration_fingerprint', '?')})")
+    for k, v in prov.items():
+        if k not in ("source_model", "model_fingerprint", "calibration_data", "calibration_tokens",
+                     "calibration_fingerprint"):
+            lines.append(f"  {k:<13} {v}")
+    return lines
+
+
+def format_report(info: dict, layers: bool = True) -> str:
+    """Human-readable text of ``inspect_checkpoint``'s dict; ``layers`` adds the per-layer table."""
+    kind = info["kind"]
+    out = [f"{kind} checkpoint: {info['path']}"]
+    if info.get("health"):
+        out.append(f"  health        {info['health']}")
+    if info.get("model_type"):
+        out.append(f"  model         {info['model_type']}")
+    if kind == "dense":
+        out.append(f"  weights       {info['parameters']:,} parameters, {info['dtype']}")
+        if info.get("native_effective_bits") is not None:
+            out.append(f"  merged from   a {info['native_effective_bits']:.3f} bits/weight gift-quant checkpoint")
+    else:
+        gs = info.get("group_size")
+        grid = ["sym" if info.get("sym") else "asym", f"group size {gs}" if gs and gs > 0 else "per-row groups"]
+        if gs and gs > 0 and info.get("group_layout"):
+            grid.append(f"{info['group_layout']} layout")
+        if info.get("act_order") or info.get("desc_act"):
+            grid.append("act-order" if kind == "gift-quant" else "desc_act")
+        if info.get("static_groups"):
+            grid.append("static groups")
+        if info.get("strategy"):
+            grid.append(f"{info['strategy']} strategy")
+        if info.get("checkpoint_format"):
+            grid.append(f"format {info['checkpoint_format']}")
+        out.append(f"  bits          {info['bits']} ({', '.join(grid)})")
+        sal = info.get("salient")
+        if sal and sal.get("layers"):
+            out.append(f"  salient       per layer min {sal['min']} / mean {sal['mean']:.1f} / max {sal['max']} "
+                       f"({sal['total_columns']} columns in {sal['layers']} layers)")
+        if info.get("adapter"):
+            a = info["adapter"]
+            out.append(f"  adapter       LoRA rank {a['rank']}, alpha {a['lora_alpha']}, {a['modules']} modules, "
+                       f"{_size(a['size_on_disk'])}")
+        exported = kind.startswith(("gptq", "compressed-tensors"))
+        out.append(f"  eff. bits     {_fmt_bits(info.get('effective_bits'))} bits/weight"
+                   + (" as stored (padded LoRA included)" if exported else ""))
+        if exported and info.get("native_effective_bits") is not None:
+            out.append(f"  native bits   {info['native_effective_bits']:.3f} bits/weight in the source checkpoint")
+    rec = info.get("recovery")
+    if rec:
+        noise = f"noise {rec.get('noise')}" + (f" at {rec['noise_bits']} bits" if rec.get("noise_bits") else "")
+        out.append(f"  recovered     GIFT-SW {rec.get('variant') or 'post'}, {rec.get('steps')} steps, "
+                   f"lr {rec.get('lr')}, {noise}")
+    size = f"  size on disk  {_size(info.get('size_on_disk'))}"
+    if info.get("run_artifacts_size"):
+        size += f" (+ {_size(info['run_artifacts_size'])} of run/ artifacts)"
+    out.append(size)
+    out.extend(_provenance_lines(info))
+    if info.get("vllm"):
+        v = info["vllm"]
+        out.append(f"  vllm serve    {v['command']}" if v["command"] else f"  vllm          not servable: {v['note']}")
+        if v["command"] and v["note"]:
+            out.append(f"                ({v['note']})")
+    if layers and info.get("layers"):
+        rows = info["layers"]
+        width = max(len(r["name"]) for r in rows)
+        out.append("")
+        out.append(f"  {'layer':<{width}}  {'in':>6} {'out':>6} {'K':>5} {'groups':>6} {'bits/w':>7}")
+        for r in rows:
+            out.append(f"  {r['name']:<{width}}  {r['in_features'] or '?':>6} {r['out_features']:>6} "
+                       f"{r['salient']:>5} {r['groups'] if r['groups'] is not None else '?':>6} "
+                       f"{_fmt_bits(r['effective_bits']):>7}")
+    return "\n".join(out)
+
+
+def _export_common(path: Path, acfg, a_rows, layers: list[dict], total_bits: float, total_w: int,
+                   info_doc: dict) -> dict:
+    """The report fields every export kind shares: adapter, salient counts, bits, size, provenance."""
+    return {
+        "adapter": _adapter_summary(path, acfg, a_rows),
+        "salient": _salient_summary({row["name"]: row["salient"] for row in layers}) if acfg is not None else None,
+        "effective_bits": total_bits / total_w if total_w else None,
+        "native_effective_bits": info_doc.get("native_effective_bits"),
+        "layers": layers, "size_on_disk": _dir_size(path),
+        "provenance": info_doc.get("provenance"), "source_checkpoint": info_doc.get("source_checkpoint"),
+    }

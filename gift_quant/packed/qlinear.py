@@ -1,0 +1,143 @@
+"""QuantLinear: the packed, deployable form of a salient-aware quantized linear layer.
+
+Computes ``dequant(codes) x + W_s x[S]``. Because salient columns store their group's zero point the
+dequantized part is exactly zero there, so the layer equals ``F.linear(x, dequant(codes) with the
+salient columns scattered in)``; that dense weight is built once and cached on first use (inference
+on CPU or GPU through plain matmuls, no custom kernels). Buffers use the GPTQ layout (qweight packed
+along in-features, scales (groups, out) in float16, qzeros packed along out-features) so exporting to
+GPTQ is a relabelling, not a recomputation.
+
+The one model of a stored layer: ``load``, the quantization engine's resume (``empty_like``) and the
+exports (``from_buffers``) all build this class, and it dequantizes with ``pack.dequantize_packed``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .bits import dequantize_packed, pack_cols, pack_rows, packed_length, unpack_cols, unpack_rows
+
+
+class QuantLinear(nn.Module):
+    is_gift_linear = True  # recognized by arch.block_linears like an nn.Linear
+
+    def __init__(self, in_features: int, out_features: int, bits: int, n_groups: int, n_salient: int,
+                 sym: bool, bias: bool, bias_dtype: torch.dtype = torch.float32,
+                 salient_dtype: torch.dtype = torch.float16):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.n_groups, self.n_salient, self.sym = bits, n_groups, n_salient, sym
+        self.register_buffer("qweight", torch.zeros(packed_length(in_features, bits), out_features, dtype=torch.int32))
+        self.register_buffer("scales", torch.ones(n_groups, out_features, dtype=torch.float16))
+        if not sym:
+            self.register_buffer("qzeros", torch.zeros(n_groups, packed_length(out_features, bits), dtype=torch.int32))
+        self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32))
+        self.register_buffer("salient_idx", torch.zeros(n_salient, dtype=torch.int32))
+        self.register_buffer("salient_weight", torch.zeros(out_features, n_salient, dtype=salient_dtype))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype))
+        else:
+            self.bias = None
+        self._dense: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def empty_like(cls, linear: nn.Module, bits: int, sym: bool, n_groups: int, n_salient: int,
+                   salient_dtype: torch.dtype = torch.float16) -> QuantLinear:
+        """An empty packed layer with ``linear``'s shape and bias (its dtype kept), to load stored buffers into."""
+        bias = linear.bias
+        return cls(linear.in_features, linear.out_features, bits, n_groups, n_salient, sym, bias is not None,
+                   bias.dtype if bias is not None else torch.float32, salient_dtype)
+
+    @classmethod
+    def from_buffers(cls, buffers: dict[str, torch.Tensor], bits: int, sym: bool) -> QuantLinear:
+        """The layer holding these stored buffers themselves (no copy; shapes and dtypes as stored).
+
+        ``buffers``: qweight, scales, g_idx, salient_idx, salient_weight, qzeros (asymmetric only) and
+        bias (if any). A shape that does not fit the others raises RuntimeError (load_state_dict's check).
+        """
+        bias = buffers.get("bias")
+        with torch.device("meta"):  # the constructor's placeholder buffers are replaced below: allocate nothing
+            m = cls(buffers["g_idx"].numel(), buffers["scales"].shape[1], bits, buffers["scales"].shape[0],
+                    buffers["salient_idx"].numel(), sym, bias is not None,
+                    bias.dtype if bias is not None else torch.float32, buffers["salient_weight"].dtype)
+        m.load_state_dict(buffers, assign=True)
+        return m
+
+    @classmethod
+    def from_parts(cls, codes, scales, zeros, g_idx, salient_idx, salient_weight, bits: int, sym: bool,
+                   bias: torch.Tensor | None = None, salient_dtype: torch.dtype = torch.float16) -> QuantLinear:
+        """From a GPTQResult's tensors: codes (out, in), scales/zeros (out, G)."""
+        out_f, in_f = codes.shape
+        m = cls(in_f, out_f, bits, scales.shape[1], salient_idx.numel(), sym, bias is not None,
+                bias.dtype if bias is not None else torch.float32, salient_dtype)
+        m.qweight.copy_(pack_rows(codes.T.cpu(), bits))
+        m.scales.copy_(scales.T.to(torch.float16))
+        if not sym:
+            m.qzeros.copy_(pack_cols(zeros.T.round().to(torch.int64).cpu(), bits))
+        m.g_idx.copy_(g_idx.to(torch.int32))
+        m.salient_idx.copy_(salient_idx.to(torch.int32))
+        m.salient_weight.copy_(salient_weight.to(salient_dtype))
+        if bias is not None:
+            m.bias.copy_(bias.detach())
+        return m
+
+    # ------------------------------------------------------------------ numerics
+
+    def codes(self) -> torch.Tensor:
+        """Integer codes (out, in)."""
+        return unpack_rows(self.qweight, self.bits, self.in_features).T
+
+    def zero_points(self) -> torch.Tensor:
+        """Zero points (G, out) as float."""
+        if self.sym:
+            return torch.full_like(self.scales, 2 ** (self.bits - 1), dtype=torch.float32)
+        return unpack_cols(self.qzeros, self.bits, self.out_features).float()
+
+    def dequantized_base(self) -> torch.Tensor:
+        """dequant(codes) (out, in) float32, zero on salient columns."""
+        return dequantize_packed(self.qweight, self.scales, self.zero_points(), self.g_idx, self.bits)
+
+    def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        w = self.dequantized_base()
+        w[:, self.salient_idx.long()] = self.salient_weight.float()
+        return w.to(dtype or self.salient_weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # buffers only change through load_state_dict / _apply, which drop the cache
+        if self._dense is None or self._dense.dtype != x.dtype or self._dense.device != x.device:
+            self._dense = self.dense_weight(x.dtype).to(x.device)
+        w = self._dense
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, w, bias)
+
+    def _apply(self, fn, recurse=True):
+        self._dense = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._dense = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, groups={self.n_groups}, "
+                f"salient={self.n_salient}, sym={self.sym}")
+
+
+def effective_bits(in_features: int, out_features: int, bits: int, n_groups: int, n_salient: int,
+                   sym: bool, salient_bits: int = 16) -> float:
+    """Stored bits per weight of one QuantLinear, everything on disk counted.
+
+    Packed codes (salient columns included), fp16 scales, packed zeros (asymmetric only), int32 g_idx,
+    the salient columns at ``salient_bits`` and their int32 indices; this is docs/method.md's [Bits],
+    ``b + 16 k / in + overhead``.
+    """
+    stored = (packed_length(in_features, bits) * out_features * 32
+              + n_groups * out_features * 16
+              + (0 if sym else n_groups * packed_length(out_features, bits) * 32)
+              + in_features * 32
+              + n_salient * out_features * salient_bits + n_salient * 32)
+    return stored / (in_features * out_features)

@@ -1,0 +1,1 @@
+"""The commands as resumable stage sequences: quantize, recover, eval, finetune, and the stages they share."""

@@ -1,0 +1,286 @@
+"""The commands' orchestration: ``quantize``, ``eval`` and ``recover`` built from the stages in stages.py.
+
+``recover`` runs calibrate -> sensitivity -> quantize (-> block-wise reconstruction) -> train -> pack ->
+eval, each stage recorded in ``OUT/run/stages.json`` so a rerun resumes from the first unfinished one
+(run folders: rundir.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from ..config.settings import EvalConfig, QuantizeConfig, RecoverConfig
+from ..model.loading import load_model, parse_dtype, resolve_device, resolve_model_dir
+from ..packed.any_model import load_any
+from ..packed.checkpoint import load, read_gift_config, save_checkpoint
+from ..packed.run_folder import (
+    RUN_DIR,
+    RunFiles,
+    Stages,
+    check_stage_checkpoint,
+    claim_run,
+    prepare_output,
+    remove_intermediate,
+    warn,
+)
+from ..util.errors import writing
+from ..util.files import atomic_write_text
+from .stages import (
+    blockwise_reconstructor,
+    convert_recovered,
+    evaluate_perplexity,
+    load_source,
+    prepare_recovery,
+    quantize_stage,
+    quantize_to_checkpoint,
+    select_salient,
+    train_stage,
+)
+
+
+def run_quantize(model_dir: str | None, out: str | Path, cfg: QuantizeConfig, overwrite: bool = False,
+                 trust_remote_code: bool = False, progress: bool = True) -> dict:
+    """quantize: calibrate -> sensitivity -> salient-aware GPTQ -> native checkpoint in ``out``."""
+    return quantize_to_checkpoint(model_dir, out, cfg, overwrite, trust_remote_code, progress)[1]
+
+
+def run_eval_ppl(path: str | None, cfg: EvalConfig, device_name: str = "auto", trust_remote_code: bool = False,
+                 progress: bool = True) -> dict:
+    device = resolve_device(device_name)
+    model, tokenizer, bits, kind = load_any(path, device=device, trust_remote_code=trust_remote_code)
+    result = evaluate_perplexity(model, tokenizer, cfg, device, progress=progress)
+    return {"model": str(path) if path else "default", "kind": kind, "effective_bits": bits,
+            "ppl_data": cfg.ppl_data, **result}
+
+
+def run_recover(model_dir: str | None, out: str | Path, qcfg: QuantizeConfig, rcfg: RecoverConfig,
+                ecfg: EvalConfig, overwrite: bool = False, trust_remote_code: bool = False,
+                progress: bool = True, keep_intermediate: bool = False) -> dict:
+    """recover: calibrate -> sensitivity -> quantize -> recover -> pack -> eval, resumable by stage.
+
+    post: GPTQ with salient columns, then noise-injected training of those columns (noise at
+    ``noise_bits``, 4 by default). pre: train the salient columns of the full-precision model with
+    noise at the target bits, then quantize with the same columns. After success, ``run/`` keeps only its
+    record and training curve (rundir.KEPT_AFTER_SUCCESS) unless ``keep_intermediate``.
+    """
+    summary = _RecoverRun(model_dir, Path(out), qcfg, rcfg, ecfg, overwrite, trust_remote_code, progress).run()
+    from accelerate import PartialState
+
+    if not keep_intermediate and PartialState().is_main_process:
+        remove_intermediate(Path(out) / RUN_DIR)
+    return summary
+
+
+class _RecoverRun:
+    """One ``recover`` run: its settings, run folder and stage record, and one method per stage."""
+
+    def __init__(self, model_dir, out: Path, qcfg, rcfg, ecfg, overwrite, trust_remote_code, progress):
+        from accelerate import PartialState
+
+        self.out, self.qcfg, self.rcfg, self.ecfg = out, qcfg, rcfg, ecfg
+        self.overwrite, self.trust, self.progress = overwrite, trust_remote_code, progress
+        self.src = resolve_model_dir(model_dir)
+        self.device = resolve_device(qcfg.device)
+        self.dtype = parse_dtype(qcfg.dtype)
+        self.noise_bits = rcfg.resolved_noise_bits(qcfg.bits)
+        # Under torchrun / accelerate launch there is one process per rank: rank 0 alone claims the run and
+        # runs every stage before training (the others wait, then find those stages finished and only load);
+        # all ranks train; rank 0 alone writes the trained model, packs and evaluates.
+        self.dist = PartialState(cpu=self.device.type == "cpu")
+
+    def run(self) -> dict:
+        with self.dist.main_process_first():
+            main = self.dist.is_main_process  # rank 0 alone owns (and locks) the output folder
+            prepare_output(self.out, self.overwrite and main, lock=main)
+            self.tokenizer, model, self.windows, self.identity = load_source(self.src, self.qcfg, self.dtype,
+                                                                              self.trust)
+            self.identity.update(recover=dataclasses.asdict(self.rcfg), eval=dataclasses.asdict(self.ecfg))
+            self.run_dir = claim_run(self.out, self.identity)
+            self.stages = Stages(self.run_dir)
+            self._check_artifacts()
+            self.salient = None if self.rcfg.variant == "post" else self._select(model)
+            self._quantize("quantized", model if self.rcfg.variant == "post" else self._fresh(),
+                           blockwise=self.rcfg.variant == "post")
+            del model
+            self._evaluate("eval_before", self.run_dir / "quantized", "ppl before")
+            self._evaluate("eval_fp", None, "ppl full precision")
+            self._say_before()
+        trained = self._train()
+        if not self.dist.is_main_process:
+            self.dist.wait_for_everyone()  # rank 0 packs and evaluates
+            return json.loads((self.out / "summary.json").read_text())
+        final = self.run_dir / "recovered"
+        if self.rcfg.variant == "pre":
+            final = self._quantize("recovered", trained, blockwise=True)
+        self._pack(final)
+        self._evaluate("eval_after", self.out, "ppl after")
+        summary = self._summary()
+        self.dist.wait_for_everyone()
+        return summary
+
+    def _check_artifacts(self) -> None:
+        """Recompute a finished stage whose artifact a pending stage needs and which fails its sha256 check.
+
+        run/ is a cache of deterministic stages (rundir.py): recomputing gives what an uninterrupted run
+        gives; loading a changed artifact would give a silently different final checkpoint.
+        """
+        done, post = self.stages.finished, self.rcfg.variant == "post"
+        files = RunFiles(self.run_dir)
+        checks = []  # (stage that made it, why it is unusable or None)
+        if not post and done("select"):
+            checks.append(("select", files.problem([self.run_dir / "salient.safetensors"])))
+        if done("quantized") and not (done("eval_before") and (not post or done("recover"))):
+            checks.append(("quantized", check_stage_checkpoint(self.run_dir / "quantized")))
+        if not done("pack"):
+            if post and done("recover"):
+                checks.append(("recover", check_stage_checkpoint(self.run_dir / "recovered")))
+            if not post and done("recovered"):
+                checks.append(("recovered", check_stage_checkpoint(self.run_dir / "recovered")))
+            if not post and done("recover") and not done("recovered"):
+                trained = sorted(p for p in (self.run_dir / "trained").glob("*") if p.is_file())
+                why = files.problem(trained) if trained else f"{self.run_dir / 'trained'} is empty"
+                checks.append(("recover", why))
+        for stage, why in checks:
+            if why is not None and self.dist.is_main_process:
+                warn(f"{why}; recomputing the {stage} stage")
+                self.stages.drop(stage)
+
+    def _fresh(self):
+        return load_model(self.src, self.dtype, self.trust)
+
+    def _select(self, model):
+        """pre: the salient columns, chosen on the full-precision model (then trained, then quantized)."""
+        from safetensors.torch import load_file, save_file
+
+        path = self.run_dir / "salient.safetensors"
+        if not self.stages.finished("select"):
+            salient = select_salient(model, self.windows, self.qcfg, self.device, self.progress)
+            with writing(path):
+                save_file(salient, str(path.with_suffix(".tmp")))
+                path.with_suffix(".tmp").replace(path)
+            RunFiles(self.run_dir).record([path])
+            self.stages.mark("select", {"layers": len(salient)})
+        return load_file(str(path))
+
+    def _quantize(self, name: str, source_model, blockwise: bool) -> Path:
+        """Quantize ``source_model`` into run/<name> (a native checkpoint); resumable per block."""
+        path = self.run_dir / name
+        if not self.stages.finished(name):
+            t0 = time.perf_counter()
+            rec = blockwise_reconstructor(self.rcfg, self.qcfg, self.noise_bits) if blockwise else None
+            report = quantize_stage(source_model, self.windows, self.qcfg, self.src, self.identity, path, self.device,
+                                    self.progress, fixed_salient=self.salient, reconstruct=rec,
+                                    reconstruct_target=self.rcfg.blockwise_target)
+            self.stages.mark(name, {"seconds": time.perf_counter() - t0,
+                                    "effective_bits": report.mean_effective_bits()})
+        return path
+
+    def _evaluate(self, name: str, path: Path | None, desc: str) -> None:
+        """Perplexity of the checkpoint at ``path`` (None: the full-precision source) on the held-out text."""
+        if not self.stages.finished(name):
+            model = self._fresh() if path is None else load(path)
+            self.stages.mark(name, evaluate_perplexity(model, self.tokenizer, self.ecfg, self.device,
+                                                       self.progress, desc))
+
+    def _say_before(self) -> None:
+        """The first number a user waits for, as soon as it is known (training takes most of the run)."""
+        if self.dist.is_main_process:
+            before, fp = self.stages.done["eval_before"]["perplexity"], self.stages.done["eval_fp"]["perplexity"]
+            stage = "after block-wise reconstruction" if self.rcfg.blockwise_steps else "quantized, before training"
+            print(f"gift-quant: perplexity {before:.3f} {stage} (full precision {fp:.3f}); now training "
+                  f"{self.rcfg.steps} steps ({self.rcfg.loss})", file=sys.stderr, flush=True)
+
+    def _train(self):
+        """post: train the packed model's salient columns; pre: the full-precision model's. Returns the latter."""
+        from ..recover.model import convert_to_dense, prepare_dense
+
+        rcfg, qpath = self.rcfg, self.run_dir / "quantized"
+        if self.stages.finished("recover"):
+            pending = rcfg.variant == "pre" and not self.stages.finished("recovered")
+            return load_model(self.run_dir / "trained", self.dtype) if pending else None
+        if rcfg.steps == 0:  # block-wise reconstruction only: the quantized model is the result
+            if self.dist.is_main_process:
+                with writing(self.run_dir / "recovered"):
+                    shutil.copytree(qpath, self.run_dir / "recovered", dirs_exist_ok=True,
+                                    ignore=shutil.ignore_patterns(RUN_DIR))
+                self.stages.mark("recover", {"seconds": 0.0, "noise_bits": self.noise_bits, "final_loss": None})
+            return None
+        t0 = time.perf_counter()
+        if rcfg.variant == "post":
+            model = prepare_recovery(qpath, self.src, rcfg.noise, self.noise_bits, rcfg.seed, self.dtype, self.trust,
+                                     fit_device=self.device)
+        else:
+            model = prepare_dense(self._fresh(), self.salient, noise=rcfg.noise, noise_bits=self.noise_bits,
+                                  seed=rcfg.seed)
+        summary = train_stage(model, self.tokenizer, rcfg, self.run_dir / "recover", self.device, self.progress,
+                              teacher_src=self.src, qcfg=self.qcfg, trust_remote_code=self.trust)
+        if not self.dist.is_main_process:
+            return None
+        if rcfg.variant == "post":
+            convert_recovered(model)
+            save_checkpoint(model, self.run_dir / "recovered", self.src,
+                            {**read_gift_config(qpath), "recover": dataclasses.asdict(rcfg)})
+        else:
+            convert_to_dense(model.cpu())
+            with writing(self.run_dir / "trained"):
+                model.save_pretrained(self.run_dir / "trained")
+            RunFiles(self.run_dir).record(sorted(p for p in (self.run_dir / "trained").glob("*") if p.is_file()))
+        history = summary["history"]
+        self.stages.mark("recover", {"seconds": time.perf_counter() - t0, "noise_bits": self.noise_bits,
+                                     "final_loss": history[-1]["loss"] if history else None,
+                                     "train_tokens": summary.get("train_tokens"),
+                                     "teacher_mb": summary.get("teacher_mb")})
+        return model if rcfg.variant == "pre" else None
+
+    def _pack(self, final_src: Path) -> None:
+        if self.stages.finished("pack"):
+            return
+        t0 = time.perf_counter()
+        doc = read_gift_config(final_src)
+        doc.update({"recover": dataclasses.asdict(self.rcfg), "variant": self.rcfg.variant})
+        doc.pop("format", None)
+        doc.pop("format_version", None)
+        save_checkpoint(load(final_src), self.out, self.src, doc)
+        self.stages.mark("pack", {"seconds": time.perf_counter() - t0})
+
+    def _summary(self) -> dict:
+        done = self.stages.done
+        timings = {k: v.get("seconds") for k, v in done.items() if isinstance(v, dict) and "seconds" in v}
+        summary = {"out": str(self.out), "variant": self.rcfg.variant, "bits": self.qcfg.bits,
+                   "noise": self.rcfg.noise, "noise_bits": self.noise_bits, "loss": self.rcfg.loss,
+                   "blockwise_steps": self.rcfg.blockwise_steps,
+                   "effective_bits": read_gift_config(self.out)["effective_bits"],
+                   "ppl_before": done["eval_before"]["perplexity"], "ppl_after": done["eval_after"]["perplexity"],
+                   "ppl_fp": done["eval_fp"]["perplexity"], "ppl_data": self.ecfg.ppl_data, "seconds": timings}
+        fp, before, after = summary["ppl_fp"], summary["ppl_before"], summary["ppl_after"]
+        summary["gap_closed"] = (before - after) / (before - fp) if before > fp else None
+        atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=1))
+        atomic_write_text(self.out / "summary.md", summary_markdown(summary, self.qcfg, self.rcfg))
+        return summary
+
+
+def summary_markdown(s: dict, qcfg: QuantizeConfig, rcfg: RecoverConfig) -> str:
+    """The run's result in a few lines a person reads: settings, size, perplexity and the gap closed."""
+    gap = "" if s["gap_closed"] is None else f" ({100 * s['gap_closed']:.1f} % of the gap to full precision closed)"
+    before = "after block-wise reconstruction" if s["blockwise_steps"] else "quantized, before training"
+    noise = "" if s["noise"] == "none" else f" at {s['noise_bits']} bits"
+    lines = [f"# gift-quant recover: {s['out']}", "",
+             f"- {s['bits']}-bit {'symmetric' if qcfg.sym else 'asymmetric'} "
+             f"{'per-row' if qcfg.group_size <= 0 else f'group-{qcfg.group_size}'} GPTQ with salient columns, "
+             f"{s['effective_bits']:.3f} effective bits per weight (scales and fp16 salient columns included)",
+             f"- recovery: GIFT-SW {s['variant']}, loss {rcfg.loss} on {rcfg.train_data}, {rcfg.steps} steps of "
+             f"{rcfg.batch_size * rcfg.grad_accum} x {rcfg.seq_len} tokens, lr {rcfg.lr:g}, noise {s['noise']}"
+             f"{noise}"
+             + (f", block-wise {s['blockwise_steps']} steps per block" if s["blockwise_steps"] else ""),
+             "", f"Perplexity on {s['ppl_data']} (lower is better):", "",
+             "| model | perplexity |", "|---|---|",
+             f"| full precision (the source model) | {s['ppl_fp']:.3f} |",
+             f"| {before} | {s['ppl_before']:.3f} |",
+             f"| recovered | {s['ppl_after']:.3f}{gap} |", "",
+             "Seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in s["seconds"].items() if v is not None), ""]
+    return "\n".join(lines)
