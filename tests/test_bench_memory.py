@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from gift_quant import memory_model as mm
+from gift_quant.workflows import memory_model as mm
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from gift_quant import cli_flags
+from gift_quant.cli import flags as cli_flags
 from gift_quant.util.cpu_policy import decide, idle_cores, parse_proc_stat, scan_argv, threads_for
 
 STAT_A = """cpu  1000 0 500 8000 100 0 0 0 0 0

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from gift_quant import named_data as gds
+from gift_quant.data import named as gds
 from gift_quant.data.named.fetch import obtain
 from gift_quant.util.files import CACHE_ENV
 

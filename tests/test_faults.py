@@ -21,11 +21,12 @@ import torch
 from safetensors.torch import load_file
 from tiny import cli_world
 
-from gift_quant import checkpoint, pipeline, stages
 from gift_quant.cli.app import main
 from gift_quant.export import folder
+from gift_quant.packed import checkpoint
 from gift_quant.quant import engine
 from gift_quant.recover import train as train_mod
+from gift_quant.workflows import commands, stages
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -288,14 +289,14 @@ def test_recover_summary_on_a_full_disk(world, recover_reference, tmp_path, caps
     out = tmp_path / "out"
     shutil.copytree(recover_reference, out)
     (out / "summary.json").unlink()
-    real = pipeline.atomic_write_text
+    real = commands.atomic_write_text
 
     def full(path, text):
         if Path(path).name == "summary.json":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(path, text)
 
-    monkeypatch.setattr(pipeline, "atomic_write_text", full)
+    monkeypatch.setattr(commands, "atomic_write_text", full)
     rc = main(recover_args(world, out))
     _assert_one_line(rc, capsys.readouterr().err, "no space left")
 

@@ -7,8 +7,8 @@ import torch
 from safetensors import safe_open
 from tiny import ARCHS, corpus, make_model_dir
 
-from gift_quant import capture
 from gift_quant.config.settings import QuantizeConfig
+from gift_quant.model import capture
 from gift_quant.model.arch import block_linears, find_blocks
 from gift_quant.model.loading import load_model
 from gift_quant.packed.checkpoint import CONFIG_NAME, load

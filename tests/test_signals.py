@@ -22,11 +22,11 @@ import torch
 from safetensors.torch import load_file
 from tiny import cli_world
 
-from gift_quant import pipeline, stages
 from gift_quant.cli.app import Terminated, main
 from gift_quant.quant import engine
 from gift_quant.recover import blockwise
 from gift_quant.recover import train as train_mod
+from gift_quant.workflows import commands, stages
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -147,12 +147,12 @@ def test_recover_stopped_at_every_stage_resumes_to_the_same_model(world, referen
         ("calibration", stages, "calibration_set", KeyboardInterrupt, 1, None),
         ("GPTQ of block 1", engine, "gptq_quantize", Terminated, LINEARS_PER_BLOCK + 2, None),
         ("block-wise reconstruction of block 1", blockwise, "reconstruct_block", KeyboardInterrupt, 1, None),
-        ("evaluation before training", pipeline, "evaluate_perplexity", Terminated, 1, None),
+        ("evaluation before training", commands, "evaluate_perplexity", Terminated, 1, None),
         ("training step 3", train_mod._Loop, "step", KeyboardInterrupt, 1,
          lambda self, step, *a: step == 3),
         ("training step 5", train_mod._Loop, "step", Terminated, 1, lambda self, step, *a: step == 5),
-        ("packing", pipeline, "save_checkpoint", Terminated, 1, is_pack),
-        ("evaluation after training", pipeline, "evaluate_perplexity", KeyboardInterrupt, 1, None),
+        ("packing", commands, "save_checkpoint", Terminated, 1, is_pack),
+        ("evaluation after training", commands, "evaluate_perplexity", KeyboardInterrupt, 1, None),
     ]
     for what, module, name, exc, call, when in points:
         with pytest.MonkeyPatch.context() as mp:

@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gift_quant import memory_model as mm  # noqa: E402  (pure: no torch)
+from gift_quant.workflows import memory_model as mm  # noqa: E402  (pure: no torch)
 
 MB = 2**20
 VOCAB = 2048
