@@ -25,7 +25,7 @@ from gift_quant.cli.app import main
 from gift_quant.export import folder
 from gift_quant.packed import checkpoint
 from gift_quant.quant import engine
-from gift_quant.recover import train as train_mod
+from gift_quant.recover import loop as train_mod
 from gift_quant.workflows import commands, stages
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")

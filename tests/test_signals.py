@@ -25,7 +25,7 @@ from tiny import cli_world
 from gift_quant.cli.app import Terminated, main
 from gift_quant.quant import engine
 from gift_quant.recover import blockwise
-from gift_quant.recover import train as train_mod
+from gift_quant.recover import loop as train_mod
 from gift_quant.workflows import commands, stages
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")

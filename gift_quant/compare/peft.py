@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..config.settings import QuantizeConfig, RecoverConfig
+from ..util.files import atomic_save_tensors
 from .report import claim_settings, plot_loss_curves, subprocess_row
 
 PEFT_METHODS = ("gift", "gift-no-noise", "lora", "dora", "full")
@@ -26,21 +27,17 @@ LR_GRID = {"gift": (1e-4, 3e-4, 1e-3), "gift-no-noise": (1e-4, 3e-4, 1e-3), "lor
 
 def salient_sets(model_dir, root: Path, qcfg: QuantizeConfig) -> dict[str, torch.Tensor]:
     """GIFT-SW's salient columns, selected once on calibration data and cached in ``root``."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from ..model.loading import load_model, load_tokenizer, resolve_device, resolve_model_dir
-    from ..quant.engine import quantize_model
-    from ..workflows.stages import calibration_set
+    from ..workflows.stages import calibration_set, select_salient
 
     path = root / "salient.safetensors"
     if not path.is_file():
         src = resolve_model_dir(model_dir)
         model = load_model(src)
         windows = calibration_set(load_tokenizer(src), qcfg)
-        report = quantize_model(model, windows, qcfg, resolve_device(qcfg.device), None, progress=False,
-                                score_only=True)
-        root.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in report.salient.items()}, str(path))
+        atomic_save_tensors(path, select_salient(model, windows, qcfg, resolve_device(qcfg.device), progress=False))
     return load_file(str(path))
 
 

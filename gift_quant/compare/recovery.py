@@ -50,13 +50,9 @@ TRAINED = ("salient-ft", "gift-post", "gift-pre", "ste", "quik-lora")
 
 
 def _eval(model, tokenizer, ecfg: EvalConfig, tasks: list[str], limit: int | None, device) -> dict:
-    from ..data.sources import load_documents
-    from ..data.windows import eval_windows
-    from ..eval.perplexity import perplexity
+    from ..workflows.stages import evaluate_perplexity
 
-    docs = load_documents(ecfg.ppl_data, default_split="test")
-    windows = eval_windows(tokenizer, docs, ecfg.seq_len, ecfg.max_windows, source=ecfg.ppl_data)
-    ppl = perplexity(model, windows, device, progress=False)
+    ppl = evaluate_perplexity(model, tokenizer, ecfg, device, progress=False)
     out = {"ppl": ppl["perplexity"], "window_nll": ppl["window_nll"]}  # per window: paired comparisons
     if tasks:
         from ..eval.zeroshot import evaluate_tasks

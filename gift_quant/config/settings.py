@@ -188,11 +188,6 @@ class RecoverConfig:
 SECTIONS = {"quantize": QuantizeConfig, "eval": EvalConfig, "recover": RecoverConfig}
 
 
-def register_section(name: str, cls: type) -> None:
-    """Later stages (recover, compare) add their own recipe sections."""
-    SECTIONS[name] = cls
-
-
 def read_recipe(path: str | Path | None) -> dict[str, dict[str, Any]]:
     if path is None:
         return {}
@@ -260,9 +255,6 @@ def build(cls: type, recipe: dict[str, dict[str, Any]], section: str, overrides:
         raise GiftQuantError(f"bad {section} settings: {exc}") from exc
 
 
-def as_dict(cfg) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
-__all__ = ["NOISE_KINDS", "EvalConfig", "NoiseSpec", "QuantizeConfig", "RecoverConfig", "as_dict", "build",
-           "read_recipe", "register_section"]
+__all__ = ["DEFAULT_CALIB_DATA", "DEFAULT_PEFT_TRAIN_DATA", "DEFAULT_PPL_DATA", "DEFAULT_TRAIN_DATA", "GRID_BITS",
+           "GROUP_LAYOUTS", "NOISE_KINDS", "SECTIONS", "SUPPORTED_BITS", "EvalConfig", "NoiseSpec", "QuantizeConfig",
+           "RecoverConfig", "build", "check_type", "read_recipe"]

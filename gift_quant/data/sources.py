@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..util.errors import GiftQuantError, os_error
 from . import named as named_data
+from .named.splits import record_text
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
@@ -59,17 +60,6 @@ def load_documents(spec: str, default_split: str = "train") -> list[str]:
     if not docs:
         raise GiftQuantError(f"{spec}: no text found (empty file or no 'text' field)")
     return docs
-
-
-def record_text(r: dict) -> str:
-    """One record as plain text: ``text``; ``prompt`` and ``response`` on two lines; chat contents by line."""
-    if "text" in r:
-        return str(r["text"])
-    if "prompt" in r and "response" in r:
-        return f"{r['prompt']}\n{r['response']}"
-    if "messages" in r:
-        return "\n".join(str(m.get("content", "")) for m in r["messages"])
-    raise GiftQuantError(f"record has none of the fields text, prompt/response, messages: {sorted(r)[:8]}")
 
 
 def _read_file(path: Path) -> list[dict]:

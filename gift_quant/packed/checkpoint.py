@@ -26,7 +26,7 @@ from ..config.settings import SUPPORTED_BITS
 from ..model.arch import set_module
 from ..model.loading import parse_dtype
 from ..util.errors import GiftQuantError, writing
-from ..util.files import atomic_write_text, sha256_file
+from ..util.files import atomic_path, atomic_write_text, sha256_file
 from .qlinear import QuantLinear
 
 FORMAT = "gift-quant"
@@ -54,13 +54,9 @@ def save_checkpoint(model: nn.Module, out_dir: Path, source_dir: Path, gift_conf
     with writing(out_dir / WEIGHTS_NAME, need):
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / CONFIG_NAME).unlink(missing_ok=True)  # incomplete until rewritten below
-        tmp = out_dir / f".{WEIGHTS_NAME}.tmp"
-        try:
-            # save_model drops the duplicate of tied tensors (embeddings / lm_head) that save_file rejects
-            save_model(model, str(tmp))
-            os.replace(tmp, out_dir / WEIGHTS_NAME)
-        finally:
-            tmp.unlink(missing_ok=True)  # a failed write (disk full) leaves no partial copy behind
+    with atomic_path(out_dir / WEIGHTS_NAME, need) as tmp:
+        # save_model drops the duplicate of tied tensors (embeddings / lm_head) that save_file rejects
+        save_model(model, str(tmp))
     cfg = model.config.to_dict()
     cfg.pop("quantization_config", None)
     atomic_write_text(out_dir / "config.json", json.dumps(cfg, indent=2, default=str))

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -31,7 +31,7 @@ from ..model.loading import parse_dtype
 from ..packed.qlinear import QuantLinear, effective_bits
 from ..packed.run_folder import RunFiles
 from ..util.errors import GiftQuantError
-from ..util.files import atomic_write_text
+from ..util.files import atomic_save_tensors, atomic_write_text
 from ..util.threads import cpu_threads
 from .gptq import gptq_quantize, layer_error
 from .grid import GridSpec
@@ -133,13 +133,9 @@ def _save_block(run_dir: Path, i: int, qlins: dict[str, QuantLinear], scores: di
             if t is not None:
                 tensors[f"{name}.{b}"] = t.detach().cpu().contiguous()
     # write tensors first, the JSON last: the JSON's presence marks the block as finished
-    tmp = tensors_path.with_suffix(".tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(tensors_path)
-    tmp = sens_path.with_suffix(".tmp")
-    save_file({**{f"{n}.scores": s.float().cpu() for n, s in scores.items()},
-               **{f"{n}.salient_idx": s.cpu() for n, s in salient.items()}}, str(tmp))
-    tmp.replace(sens_path)
+    atomic_save_tensors(tensors_path, tensors)
+    atomic_save_tensors(sens_path, {**{f"{n}.scores": s.float().cpu() for n, s in scores.items()},
+                                    **{f"{n}.salient_idx": s.cpu() for n, s in salient.items()}})
     atomic_write_text(json_path, json.dumps(metrics, indent=1))
     # recorded as soon as it is complete, so a SIGKILL later in the stage loses no finished block
     RunFiles(run_dir).record([tensors_path, sens_path, json_path])

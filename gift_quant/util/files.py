@@ -69,29 +69,49 @@ def atomic_dir(final: Path, need_bytes: int | None = None):
                 shutil.rmtree(tmp, ignore_errors=True)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, need_bytes: int | None = None):
+    """Yield a temp file path beside ``path``; on success it replaces ``path`` (the one temp-then-rename).
+
+    Readers see the old file or the new one, never a partial one; a failed write (disk full, Ctrl-C)
+    leaves no temp behind, and a disk fault becomes one GiftQuantError naming ``path``.
+    """
     path = Path(path)
-    with writing(path, len(data)):
-        _atomic_write_bytes(path, data)
+    with writing(path, need_bytes):
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
+        try:
+            publish_mode(Path(tmp), is_dir=False)
+            yield Path(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    if path.is_dir():
-        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        publish_mode(Path(tmp), is_dir=False)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path, len(data)) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file written atomically (contiguous copies of the tensors are saved)."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    with atomic_path(path, sum(v.numel() * v.element_size() for v in tensors.values())) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+__all__ = ["CACHE_ENV", "atomic_dir", "atomic_path", "atomic_save_tensors", "atomic_write_bytes", "atomic_write_text",
+           "cache_dir", "publish_mode", "sha256_file"]

@@ -29,7 +29,7 @@ from ..packed.run_folder import (
     warn,
 )
 from ..util.errors import writing
-from ..util.files import atomic_write_text
+from ..util.files import atomic_save_tensors, atomic_write_text
 from .stages import (
     blockwise_reconstructor,
     convert_recovered,
@@ -155,14 +155,12 @@ class _RecoverRun:
 
     def _select(self, model):
         """pre: the salient columns, chosen on the full-precision model (then trained, then quantized)."""
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import load_file
 
         path = self.run_dir / "salient.safetensors"
         if not self.stages.finished("select"):
             salient = select_salient(model, self.windows, self.qcfg, self.device, self.progress)
-            with writing(path):
-                save_file(salient, str(path.with_suffix(".tmp")))
-                path.with_suffix(".tmp").replace(path)
+            atomic_save_tensors(path, salient)
             RunFiles(self.run_dir).record([path])
             self.stages.mark("select", {"layers": len(salient)})
         return load_file(str(path))

@@ -16,19 +16,18 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..config.settings import QuantizeConfig, RecoverConfig
 from ..model.loading import check_causal_lm, resolve_device, resolve_model_dir
 from ..packed.checkpoint import copy_tokenizer_files
 from ..packed.run_folder import RunFiles, Stages, claim_run, prepare_output, warn
-from ..quant.engine import quantize_model
 from ..recover.loop import state_problem
 from ..recover.model import convert_to_dense, prepare_dense, salient_layers
 from ..recover.training import train_stage
 from ..util.errors import writing
-from ..util.files import atomic_write_text
-from .stages import load_source
+from ..util.files import atomic_save_tensors, atomic_write_text
+from .stages import load_source, select_salient
 
 
 def source_dtype(model_dir: Path) -> torch.dtype:
@@ -60,12 +59,10 @@ def run_finetune(model_dir: str | None, out: str | Path, qcfg: QuantizeConfig, r
             warn(f"{why}; recomputing the {stage} stage")
             stages.drop(stage)
     if not stages.finished("select"):
-        report = quantize_model(model, windows, qcfg, device, None, progress=progress, score_only=True)
-        with writing(salient_path):
-            save_file({k: v.contiguous() for k, v in report.salient.items()}, str(salient_path.with_suffix(".tmp")))
-            salient_path.with_suffix(".tmp").replace(salient_path)
+        salient = select_salient(model, windows, qcfg, device, progress)
+        atomic_save_tensors(salient_path, salient)
         files.record([salient_path])
-        stages.mark("select", {"layers": len(report.salient)})
+        stages.mark("select", {"layers": len(salient)})
     salient = load_file(str(run_dir / "salient.safetensors"))
     originals = {n: model.get_submodule(n).weight.detach()[:, salient[n].long()].clone() for n in salient}
     noise_bits = rcfg.noise_bits or 4

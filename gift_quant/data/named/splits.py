@@ -19,6 +19,8 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from ...util.errors import GiftQuantError
+
 SPLITS = ("train", "validation", "test")
 # Changing the seed, the cuts, SHARED_PASSAGE_CHARS or the decontamination rule moves documents
 # between splits or in/out of a dataset: bump store.FORMAT_VERSION with them.
@@ -47,11 +49,18 @@ def split_of(key: str) -> str:
     return "validation" if u < _VALIDATION_BELOW else "test"
 
 
-def record_text(record: dict) -> str:
-    """A record as one plain-text document (instructions: prompt, blank line, response)."""
-    if "text" in record:
-        return record["text"]
-    return f"{record['prompt']}\n\n{record['response']}"
+def record_text(r: dict) -> str:
+    """One record as plain text: ``text``; ``prompt`` and ``response`` on two lines; chat contents by line.
+
+    The one rendering of a record as a document, for named datasets and local files alike.
+    """
+    if "text" in r:
+        return str(r["text"])
+    if "prompt" in r and "response" in r:
+        return f"{r['prompt']}\n{r['response']}"
+    if "messages" in r:
+        return "\n".join(str(m.get("content", "")) for m in r["messages"])
+    raise GiftQuantError(f"record has none of the fields text, prompt/response, messages: {sorted(r)[:8]}")
 
 
 def write_splits(folder: Path, keyed: Iterable[tuple[str, dict]],
