@@ -114,8 +114,9 @@ def parse_lr_grid(text: str, methods: list[str]) -> dict[str, tuple[float, ...]]
 
 
 def cmd_compare(a) -> dict:
+    from ..compare.methods import METHODS
     from ..compare.peft import run_compare_peft
-    from ..compare.recovery import METHODS, run_compare
+    from ..compare.recovery import run_compare
 
     recipe = read_recipe(a.recipe)
     qcfg = build(QuantizeConfig, recipe, "quantize", _quantize_overrides(a))

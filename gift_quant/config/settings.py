@@ -123,7 +123,7 @@ class RecoverConfig:
 
     variant: str = "post"  # post: quantize then train; pre: train with noise at the target bits, then quantize
     noise: str = "normal"  # normal | uniform | none (--no-noise: plain salient fine-tuning)
-    noise_bits: int | None = None  # None: 4 for post (the paper), the target bits for pre
+    noise_bits: int | None = None  # the post variant's noise grid; None: 4 (the paper). pre: always the target bits
     loss: str = "kd"  # ce | kd | kd+ce (recover/objective.py); kd won the recovery study
     kd_temperature: float = 1.0
     ce_weight: float = 1.0  # weight of the CE term in kd+ce
@@ -176,13 +176,18 @@ class RecoverConfig:
             raise GiftQuantError(f"warmup_ratio must be in [0, 1) (got {self.warmup_ratio})")
 
     def noise_spec(self, target_bits: int) -> NoiseSpec:
-        """The noise of this run when quantizing to ``target_bits``."""
+        """The noise of this run when quantizing to ``target_bits``: the one place it is decided.
+
+        post: ``noise_bits`` (the paper: always 4). pre: the target bits, whatever ``noise_bits`` says
+        (pre-GIFT-SW trains the full-precision model to withstand the quantization it will get), so
+        ``recover --variant pre`` and compare's ``gift-pre`` inject the same noise under any recipe.
+        """
         return NoiseSpec(self.noise, self.resolved_noise_bits(target_bits))
 
     def resolved_noise_bits(self, target_bits: int) -> int:
-        if self.noise_bits is not None:
-            return self.noise_bits
-        return 4 if self.variant == "post" else target_bits
+        if self.variant == "pre":
+            return target_bits
+        return 4 if self.noise_bits is None else self.noise_bits
 
 
 SECTIONS = {"quantize": QuantizeConfig, "eval": EvalConfig, "recover": RecoverConfig}
