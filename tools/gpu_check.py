@@ -688,7 +688,7 @@ def section_prepare(models: Models, shapes: Shapes, device: torch.device) -> dic
 
 
 def train_step(model, ids: torch.Tensor, obj, teacher, opt, device: torch.device, key: int) -> float:
-    """One optimizer step as recover/train.py takes it: noise keyed by step, bf16 autocast, backward inside."""
+    """One optimizer step as recover/loop.py takes it: noise keyed by step, bf16 autocast, backward inside."""
     from gift_quant.recover.model import set_noise_key
     from gift_quant.recover.objective import objective_loss
 

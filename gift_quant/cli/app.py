@@ -1,4 +1,4 @@
-"""Command line: flags -> config objects -> pipeline calls. No logic lives here.
+"""Command line: flags -> config objects -> workflow calls. No logic lives here.
 
 Every user-facing failure is a GiftQuantError (or a few well-understood OS errors), printed as one
 line ``gift-quant: error: ...`` with exit status 2, never a traceback.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..util.cpu_policy import apply_at_launch
 
-apply_at_launch()  # thread settings of the gift-quant command: before torch loads (cli_flags -> config -> torch)
+apply_at_launch()  # thread settings of the gift-quant command: before torch loads (cli/flags -> config -> torch)
 
 from ..config.settings import DEFAULT_PEFT_TRAIN_DATA, EvalConfig, QuantizeConfig, RecoverConfig, build, read_recipe  # noqa: E402
 from ..util.console import quiet_import_noise, silence_library_bars  # noqa: E402

@@ -4,7 +4,7 @@ Instruction records (``prompt``/``response``) and chat records (``messages``) ar
 tokenizer's chat template when it has one (else ``prompt\\nresponse``); every token up to the start of
 the answer gets label -100. Plain text trains on every token. Examples are concatenated with EOS and
 cut into ``seq_len`` windows, the labels travelling with their tokens. (Calibration and perplexity
-windows, which carry no labels, are gift_quant/windows.py's.)
+windows, which carry no labels, are data/windows.py's.)
 """
 
 from __future__ import annotations

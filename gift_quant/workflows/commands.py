@@ -2,7 +2,7 @@
 
 ``recover`` runs calibrate -> sensitivity -> quantize (-> block-wise reconstruction) -> train -> pack ->
 eval, each stage recorded in ``OUT/run/stages.json`` so a rerun resumes from the first unfinished one
-(run folders: rundir.py).
+(run folders: packed/run_folder.py).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def run_recover(model_dir: str | None, out: str | Path, qcfg: QuantizeConfig, rc
     post: GPTQ with salient columns, then noise-injected training of those columns (noise at
     ``noise_bits``, 4 by default). pre: train the salient columns of the full-precision model with
     noise at the target bits, then quantize with the same columns. After success, ``run/`` keeps only its
-    record and training curve (rundir.KEPT_AFTER_SUCCESS) unless ``keep_intermediate``.
+    record and training curve (run_folder.KEPT_AFTER_SUCCESS) unless ``keep_intermediate``.
     """
     summary = _RecoverRun(model_dir, Path(out), qcfg, rcfg, ecfg, overwrite, trust_remote_code, progress).run()
     from accelerate import PartialState
@@ -126,7 +126,7 @@ class _RecoverRun:
     def _check_artifacts(self) -> None:
         """Recompute a finished stage whose artifact a pending stage needs and which fails its sha256 check.
 
-        run/ is a cache of deterministic stages (rundir.py): recomputing gives what an uninterrupted run
+        run/ is a cache of deterministic stages (packed/run_folder.py): recomputing gives what an uninterrupted run
         gives; loading a changed artifact would give a silently different final checkpoint.
         """
         done, post = self.stages.finished, self.rcfg.variant == "post"

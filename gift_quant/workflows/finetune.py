@@ -51,7 +51,7 @@ def run_finetune(model_dir: str | None, out: str | Path, qcfg: QuantizeConfig, r
     identity["finetune"] = dataclasses.asdict(rcfg)
     run_dir = claim_run(out, identity)
     stages = Stages(run_dir)
-    # run/ is a cache (rundir.py): a finished stage whose artifact fails its sha256 check is recomputed
+    # run/ is a cache (packed/run_folder.py): a finished stage whose artifact fails its sha256 check is recomputed
     files, salient_path = RunFiles(run_dir), run_dir / "salient.safetensors"
     for stage, why in (("select", stages.finished("select") and files.problem([salient_path])),
                        ("train", stages.finished("train") and state_problem(run_dir / "train" / "state"))):

@@ -3,7 +3,7 @@
 * `load_source`: checked model, tokenizer, calibration windows and the run identity they define;
 * `select_salient`: sensitivity scores -> salient column indices of every block linear (no quantization);
 * `quantize_stage`: salient-aware GPTQ (optionally with block-wise reconstruction) -> native checkpoint;
-* `prepare_recovery` + `train_stage` (recover/stage.py) + `convert_recovered`: prepare -> train -> convert;
+* `prepare_recovery` + `train_stage` (recover/training.py) + `convert_recovered`: prepare -> train -> convert;
 * `evaluate_perplexity`: held-out perplexity of an in-memory model.
 
 Each is resumable through the run folder it is given; none knows about the commands that call it.
@@ -88,7 +88,7 @@ def quantize_stage(model, windows: torch.Tensor, qcfg: QuantizeConfig, src: Path
     """Quantize ``model`` in place and write the native checkpoint to ``out`` (per-block resume in out/run).
 
     The finished blocks are checked against their recorded sha256 before the engine may reuse them
-    (rundir.check_blocks: a failing one is recomputed). The engine records each block's sha256 as soon as
+    (run_folder.check_blocks: a failing one is recomputed). The engine records each block's sha256 as soon as
     the block is written, so even a SIGKILL loses no finished block; ``record_blocks`` at the stop is a
     safety net for blocks written by an older version.
     """
