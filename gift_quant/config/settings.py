@@ -31,6 +31,51 @@ DEFAULT_TRAIN_DATA = "sotu"
 DEFAULT_PEFT_TRAIN_DATA = "natural-instructions"
 
 
+SALIENT_DTYPES = ("float16", "bfloat16", "float32")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How every quantized linear of a checkpoint is stored: bits, symmetry, groups, layout, salient dtype.
+
+    Made once from the settings (``QuantizeConfig.spec``), carried by the packed layer (QuantLinear) and the
+    training layer (SalientLinear), written once into gift_quant_config.json ("spec"); every value is
+    validated here and nowhere else.
+    """
+
+    bits: int = 3
+    sym: bool = True
+    group_size: int = -1  # <= 0 (-1): one grid per output row
+    group_layout: str = "natural"
+    salient_dtype: str = "float16"
+
+    def __post_init__(self):
+        if isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
+            widths = ", ".join(map(str, SUPPORTED_BITS))
+            raise GiftQuantError(f"--bits {self.bits!r} is not supported: use one of {widths}")
+        if not isinstance(self.sym, bool):
+            raise GiftQuantError(f"sym must be true or false (got {self.sym!r})")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or (
+                self.group_size == 0 or self.group_size < -1):
+            raise GiftQuantError(f"--group-size must be -1 (per row) or a positive count (got {self.group_size!r})")
+        if self.group_layout not in GROUP_LAYOUTS:
+            raise GiftQuantError(
+                f"--group-layout must be one of {', '.join(GROUP_LAYOUTS)} (got {self.group_layout!r})")
+        if self.salient_dtype not in SALIENT_DTYPES:
+            raise GiftQuantError(f"--salient-dtype must be one of {', '.join(SALIENT_DTYPES)} "
+                                 f"(got {self.salient_dtype!r})")
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(QuantSpec))
+
+
 @dataclass(frozen=True)
 class QuantizeConfig:
     bits: int = 3
@@ -57,9 +102,7 @@ class QuantizeConfig:
     device: str = "auto"
 
     def __post_init__(self):
-        if self.bits not in SUPPORTED_BITS:
-            widths = ", ".join(map(str, SUPPORTED_BITS))
-            raise GiftQuantError(f"--bits {self.bits} is not supported: use one of {widths}")
+        self.spec  # noqa: B018  (validates bits, sym, groups, layout and salient dtype, once)
         if self.salient is not None and self.salient < 0:
             raise GiftQuantError(f"--salient must be >= 0 (got {self.salient})")
         if not 0.0 <= self.salient_fraction < 1.0:
@@ -74,11 +117,11 @@ class QuantizeConfig:
             raise GiftQuantError("--calib-samples must be > 0 and --seq-len > 1")
         if self.calib_batch_size <= 0:
             raise GiftQuantError(f"--calib-batch-size must be > 0 (got {self.calib_batch_size})")
-        if self.group_layout not in GROUP_LAYOUTS:
-            raise GiftQuantError(
-                f"--group-layout must be one of {', '.join(GROUP_LAYOUTS)} (got {self.group_layout!r})")
-        if self.group_size == 0 or self.group_size < -1:
-            raise GiftQuantError(f"--group-size must be -1 (per row) or a positive count (got {self.group_size})")
+
+    @property
+    def spec(self) -> QuantSpec:
+        """The storage spec of every quantized linear these settings make."""
+        return QuantSpec(self.bits, self.sym, self.group_size, self.group_layout, self.salient_dtype)
 
     def salient_count(self, in_features: int, layer: str = "") -> int:
         k = self.salient if self.salient is not None else round(self.salient_fraction * in_features)
@@ -261,5 +304,5 @@ def build(cls: type, recipe: dict[str, dict[str, Any]], section: str, overrides:
 
 
 __all__ = ["DEFAULT_CALIB_DATA", "DEFAULT_PEFT_TRAIN_DATA", "DEFAULT_PPL_DATA", "DEFAULT_TRAIN_DATA", "GRID_BITS",
-           "GROUP_LAYOUTS", "NOISE_KINDS", "SECTIONS", "SUPPORTED_BITS", "EvalConfig", "NoiseSpec", "QuantizeConfig",
-           "RecoverConfig", "build", "check_type", "read_recipe"]
+           "GROUP_LAYOUTS", "NOISE_KINDS", "SALIENT_DTYPES", "SECTIONS", "SPEC_FIELDS", "SUPPORTED_BITS", "EvalConfig",
+           "NoiseSpec", "QuantSpec", "QuantizeConfig", "RecoverConfig", "build", "check_type", "read_recipe"]

@@ -98,7 +98,7 @@ def export_info(nat: NativeCheckpoint, fmt: str, summary: dict) -> str:
     info = {"format": fmt, "source_checkpoint": str(nat.path.resolve()), "tool": nat.doc.get("tool"),
             "version": nat.doc.get("version"), "native_effective_bits": nat.doc.get("effective_bits"),
             "salient_per_layer": {n: q.n_salient for n, q in nat.layers.items()},
-            "provenance": nat.doc.get("provenance"), "quantize": nat.doc.get("quantize"),
+            "provenance": nat.doc.get("provenance"), "spec": nat.spec.to_json(), "quantize": nat.doc.get("quantize"),
             **{k: v for k, v in summary.items() if k not in ("out", "format")}}
     return json.dumps(info, indent=1, default=str)
 

@@ -85,9 +85,10 @@ def _read_json(path: Path) -> dict | None:
 def _native_health(path: Path, doc: dict) -> str:
     """"verified" when every recorded file matches its sha256 and the settings are possible, else what is wrong."""
     from ..config.settings import SUPPORTED_BITS
+    from ..packed.checkpoint import read_spec
     from ..util.files import sha256_file
 
-    bits = doc.get("bits", doc.get("quantize", {}).get("bits"))
+    bits = read_spec(doc).bits
     if bits not in SUPPORTED_BITS:
         return f"broken: bits {bits!r} is not a storable width ({', '.join(map(str, SUPPORTED_BITS))})"
     files = doc.get("files")
@@ -124,10 +125,10 @@ def _layer_mismatch(path: Path, doc: dict) -> str | None:
 
 
 def _inspect_native(path: Path) -> dict:
-    from ..packed.checkpoint import read_gift_config
+    from ..packed.checkpoint import read_gift_config, read_spec
 
     doc = read_gift_config(path)
-    q = doc.get("quantize", {})
+    q, spec = doc.get("quantize", {}), read_spec(doc)
     layers = [{"name": n, "in_features": i["in_features"], "out_features": i["out_features"],
                "salient": i["salient"], "groups": i.get("groups"), "effective_bits": i.get("effective_bits"),
                "relative_error": i.get("relative_error")} for n, i in doc.get("layers", {}).items()]
@@ -136,11 +137,9 @@ def _inspect_native(path: Path) -> dict:
         "kind": "gift-quant", "path": str(path), "model_type": config.get("model_type"),
         "health": _native_health(path, doc),
         "format_version": doc.get("format_version"), "tool": doc.get("tool"), "version": doc.get("version"),
-        "bits": doc.get("bits", q.get("bits")), "group_size": doc.get("group_size", q.get("group_size")),
-        "sym": q.get("sym"), "act_order": q.get("act_order"), "static_groups": q.get("static_groups"),
-        # checkpoints from before the natural layout have no key and compact groups
-        "group_layout": q.get("group_layout", "compact"),
-        "metric": doc.get("metric", q.get("metric")), "salient_dtype": q.get("salient_dtype"),
+        "bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym, "act_order": q.get("act_order"),
+        "static_groups": q.get("static_groups"), "group_layout": spec.group_layout,
+        "metric": doc.get("metric", q.get("metric")), "salient_dtype": spec.salient_dtype,
         "compute_dtype": doc.get("dtype"),
         "salient": _salient_summary({row["name"]: row["salient"] for row in layers}),
         "effective_bits": doc.get("effective_bits"), "layers": layers,

@@ -4,9 +4,15 @@ Layout of a checkpoint folder::
 
     config.json, generation_config.json, tokenizer files   (copied from the source model)
     model.safetensors        every tensor: QuantLinear buffers for quantized linears, the rest as is
-    gift_quant_config.json   format version, settings, per-layer K and effective bits, provenance, and
-                             the sha256 of every file above ("files"); written last, so its presence
-                             means the checkpoint is complete, and `load` refuses a file that changed
+    gift_quant_config.json   format version, the storage spec of every quantized linear ("spec": bits,
+                             sym, group size, layout, salient dtype; written once, from the layers
+                             themselves), the other quantize settings, per-layer K and effective bits,
+                             provenance, and the sha256 of every file above ("files"); written last, so
+                             its presence means the checkpoint is complete, and `load` refuses a file
+                             that changed
+
+Format versions: 1 kept the spec's values inside "quantize" (and bits / group_size again at the top);
+2 writes them once, under "spec". `read_spec` reads both, so older checkpoints still load.
 
 Only safetensors is read or written; nothing is unpickled.
 """
@@ -22,7 +28,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from ..config.settings import SUPPORTED_BITS
+from ..config.settings import GROUP_LAYOUTS, SALIENT_DTYPES, SPEC_FIELDS, SUPPORTED_BITS, QuantSpec
 from ..model.arch import set_module
 from ..model.loading import parse_dtype
 from ..util.errors import GiftQuantError, writing
@@ -30,7 +36,7 @@ from ..util.files import atomic_path, atomic_write_text, sha256_file
 from .qlinear import QuantLinear
 
 FORMAT = "gift-quant"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CONFIG_NAME = "gift_quant_config.json"
 WEIGHTS_NAME = "model.safetensors"
 _COPY_PATTERNS = ("tokenizer*", "special_tokens_map.json", "vocab.*", "merges.txt", "chat_template*",
@@ -48,8 +54,31 @@ def copy_tokenizer_files(src: Path, dst: Path) -> None:
                 shutil.copy2(f, dst / f.name)
 
 
+def model_spec(model: nn.Module) -> QuantSpec:
+    """The one QuantSpec the model's packed layers carry (a checkpoint stores one spec for all of them)."""
+    specs = {m.spec for m in model.modules() if isinstance(m, QuantLinear)}
+    if len(specs) != 1:
+        raise ValueError(f"a checkpoint holds packed layers of exactly one spec; this model has {len(specs)}: "
+                         f"{sorted(map(str, specs))[:3]}")
+    return specs.pop()
+
+
+def read_spec(doc: dict) -> QuantSpec:
+    """The storage spec recorded in a (checked) gift_quant_config.json, format 1 or 2."""
+    if doc["format_version"] >= 2:
+        return QuantSpec(**doc["spec"])
+    q = doc["quantize"]  # format 1: the spec's values lived among the quantize settings
+    return QuantSpec(q["bits"], q["sym"], q.get("group_size", -1), q.get("group_layout", "compact"),
+                     q["salient_dtype"])
+
+
 def save_checkpoint(model: nn.Module, out_dir: Path, source_dir: Path, gift_config: dict) -> None:
-    """Write the checkpoint files into ``out_dir``, each atomically, the gift config last."""
+    """Write the checkpoint files into ``out_dir``, each atomically, the gift config last.
+
+    ``gift_config``: settings, per-layer metrics and provenance; the spec is taken from the model's layers
+    and written once (any copy of its values among the settings is dropped).
+    """
+    spec = model_spec(model)
     need = sum(t.numel() * t.element_size() for t in model.state_dict().values())  # tied pairs counted twice
     with writing(out_dir / WEIGHTS_NAME, need):
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -62,7 +91,10 @@ def save_checkpoint(model: nn.Module, out_dir: Path, source_dir: Path, gift_conf
     atomic_write_text(out_dir / "config.json", json.dumps(cfg, indent=2, default=str))
     with writing(out_dir):
         copy_tokenizer_files(source_dir, out_dir)
-    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, **gift_config}
+    written_here = ("format", "format_version", "spec", "files", *SPEC_FIELDS)
+    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "spec": spec.to_json(),
+           **{k: v for k, v in gift_config.items() if k not in written_here}}
+    doc["quantize"] = {k: v for k, v in doc.get("quantize", {}).items() if k not in SPEC_FIELDS}
     doc["files"] = {name: sha256_file(out_dir / name) for name in (WEIGHTS_NAME, "config.json")}
     atomic_write_text(out_dir / CONFIG_NAME, json.dumps(doc, indent=1))
 
@@ -106,10 +138,20 @@ def _check_doc(f: Path, doc: dict) -> None:
         return value
 
     q = need(doc, "quantize", (dict,), "", hint="an object")
-    need(q, "bits", (int,), "quantize.", lambda b: b in SUPPORTED_BITS, f"one of {list(SUPPORTED_BITS)}")
-    need(q, "sym", (bool,), "quantize.")
-    need(q, "salient_dtype", (str,), "quantize.", lambda v: v in ("float16", "bfloat16", "float32"),
-         "float16, bfloat16 or float32")
+    if doc["format_version"] >= 2:
+        s, where = need(doc, "spec", (dict,), "", hint="an object"), "spec."
+    else:
+        s, where = q, "quantize."
+    need(s, "bits", (int,), where, lambda b: b in SUPPORTED_BITS, f"one of {list(SUPPORTED_BITS)}")
+    need(s, "sym", (bool,), where)
+    need(s, "salient_dtype", (str,), where, lambda v: v in SALIENT_DTYPES, " or ".join(SALIENT_DTYPES))
+    if doc["format_version"] >= 2:
+        need(s, "group_size", (int,), where, lambda g: g == -1 or g > 0, "-1 or a positive integer")
+        need(s, "group_layout", (str,), where, lambda v: v in GROUP_LAYOUTS, " or ".join(GROUP_LAYOUTS))
+        unknown = set(s) - set(SPEC_FIELDS)
+        if unknown:
+            raise GiftQuantError(f"{f}: spec has unknown key(s) {sorted(unknown)}: the checkpoint is damaged or "
+                                 "from a newer gift-quant")
     if "dtype" in doc:
         need(doc, "dtype", (str,), "")
     if "effective_bits" in doc:  # written by every command; minimal configs (tools/gpu_check.py) leave it out
@@ -151,7 +193,7 @@ def check_loaded(model: nn.Module, path: Path) -> None:
                                          "the checkpoint is corrupt: re-create it")
 
 
-def build_quant_skeleton(model: nn.Module, layers: dict, bits: int, sym: bool, salient_dtype: torch.dtype) -> None:
+def build_quant_skeleton(model: nn.Module, layers: dict, spec: QuantSpec) -> None:
     """Swap the linears named in ``layers`` (name -> per-layer info) for empty QuantLinears."""
     for name, info in layers.items():
         try:
@@ -161,7 +203,7 @@ def build_quant_skeleton(model: nn.Module, layers: dict, bits: int, sym: bool, s
         if not isinstance(lin, nn.Linear):
             raise GiftQuantError(f"{CONFIG_NAME} names layer {name!r}, which is not a linear layer of the model in "
                                  "config.json: the checkpoint is damaged; re-create it")
-        set_module(model, name, QuantLinear.empty_like(lin, bits, sym, info["groups"], info["salient"], salient_dtype))
+        set_module(model, name, QuantLinear.empty_like(lin, spec, info["groups"], info["salient"]))
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
@@ -180,8 +222,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     # save_model stored one tensor of a tied pair; tie first so loading fills both
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-    q = doc["quantize"]
-    build_quant_skeleton(model, doc["layers"], q["bits"], q["sym"], parse_dtype(q["salient_dtype"]))
+    build_quant_skeleton(model, doc["layers"], read_spec(doc))
     try:
         missing, unexpected = load_model(model, str(path / WEIGHTS_NAME), strict=False)
     except (RuntimeError, ValueError, OSError) as exc:  # shape mismatch (e.g. bits vs packed words), bad file

@@ -156,8 +156,8 @@ def evaluate_perplexity(model, tokenizer, ecfg: EvalConfig, device, progress: bo
 def gift_config(cfg: QuantizeConfig, report, src: Path, identity: dict, windows: torch.Tensor) -> dict:
     """The checkpoint's gift_quant_config.json: settings, per-layer metrics, provenance."""
     return {
+        # the spec (bits, sym, groups, layout, salient dtype) is written once by save_checkpoint, from the layers
         "tool": "gift-quant", "version": tool_version(), "dtype": cfg.dtype, "quantize": identity["settings"],
-        "bits": cfg.bits, "group_size": cfg.group_size, "metric": cfg.metric,
         "effective_bits": report.mean_effective_bits(),
         "salient_per_layer": {n: m["salient"] for n, m in report.layers.items()},
         "layers": report.layers,
