@@ -1,4 +1,4 @@
-"""Compare's jobs: each method run is a subprocess that reads its ``job.json`` and writes ``result.json``.
+"""Compare's jobs: each method run is a subprocess (job_main.py) that reads its ``job.json`` and writes ``result.json``.
 
 A subprocess per run keeps one method's failure from ending the comparison and makes peak memory the
 method's own. ``result.json`` is the cache: a finished job is never rerun, so a comparison resumes and
@@ -25,7 +25,7 @@ def run_cached_job(job: dict, work: Path) -> dict:
         work.mkdir(parents=True, exist_ok=True)
         atomic_write_text(work / "job.json", json.dumps(job, indent=1))
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "gift_quant.compare.jobs", str(work / "job.json")],
+        proc = subprocess.run([sys.executable, "-m", "gift_quant.compare.job_main", str(work / "job.json")],
                               capture_output=True, text=True, check=False)
         if proc.returncode != 0 or not result.is_file():
             err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -33,32 +33,3 @@ def run_cached_job(job: dict, work: Path) -> dict:
             atomic_write_text(result, json.dumps({**failed, "failed": err, "total_seconds": time.perf_counter() - t0}))
             atomic_write_text(work / "stderr.txt", proc.stderr[-20000:])
     return json.loads(result.read_text())
-
-
-def _run_here(job_file: Path) -> int:
-    """The subprocess side: run the job described in ``job_file`` and write ``result.json`` beside it."""
-    from ..config.settings import EvalConfig, QuantizeConfig, RecoverConfig
-
-    job = json.loads(job_file.read_text())
-    qcfg, rcfg = QuantizeConfig(**job["quantize"]), RecoverConfig(**job["recover"])
-    t0 = time.perf_counter()
-    if job["mode"] == "peft":
-        from .peft import run_peft_method
-
-        row = run_peft_method(job["method"], job["lr"], job["model_dir"], Path(job["root"]), qcfg, rcfg,
-                              job["tasks"], job["limit"], final=job["final"])
-        row["total_seconds"] = time.perf_counter() - t0
-    else:
-        from .recovery import run_method
-
-        row = run_method(job["method"], job["model_dir"], Path(job["root"]), qcfg, rcfg, EvalConfig(**job["eval"]),
-                         job["tasks"], job["limit"])
-    atomic_write_text(job_file.parent / "result.json", json.dumps(row, indent=1, default=str))
-    return 0
-
-
-if __name__ == "__main__":
-    from ..util.console import quiet_import_noise
-
-    quiet_import_noise()
-    sys.exit(_run_here(Path(sys.argv[1])))
