@@ -21,11 +21,13 @@ import torch
 from safetensors.torch import load_file
 from tiny import cli_world
 
-from gift_quant import checkpoint, pipeline, stages
 from gift_quant.cli.app import main
 from gift_quant.export import folder
+from gift_quant.packed import checkpoint
 from gift_quant.quant import engine
-from gift_quant.recover import train as train_mod
+from gift_quant.recover import loop as train_mod
+from gift_quant.workflows import commands as pipeline
+from gift_quant.workflows import stages
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

@@ -63,9 +63,10 @@ def test_nan_scale_is_refused_naming_the_layer(ckpt, tmp_path):
 def test_config_bits_that_disagree_with_the_packed_data_are_refused(ckpt, tmp_path):
     c = _copy(ckpt, tmp_path)
     doc = json.loads((c / CONFIG_NAME).read_text())
-    doc["quantize"]["bits"] = 2  # 3-bit data read as 2-bit would be a silently wrong model
+    doc["quantize"]["bits"] = doc["bits"] = 2  # 3-bit data read as 2-bit would be a silently wrong model
     (c / CONFIG_NAME).write_text(json.dumps(doc))
-    with pytest.raises(GiftQuantError, match="does not match gift_quant_config.json"):
+    with pytest.raises(GiftQuantError, match="does not match gift_quant_config.json for layer .*: bits 2 in the "
+                                             "config, 3 in the tensors"):
         load(c)
 
 

@@ -22,11 +22,12 @@ import torch
 from safetensors.torch import load_file
 from tiny import cli_world
 
-from gift_quant import pipeline, stages
 from gift_quant.cli.app import Terminated, main
 from gift_quant.quant import engine
 from gift_quant.recover import blockwise
-from gift_quant.recover import train as train_mod
+from gift_quant.recover import loop as train_mod
+from gift_quant.workflows import commands as pipeline
+from gift_quant.workflows import stages
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

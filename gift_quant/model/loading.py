@@ -10,7 +10,6 @@ a pinned sha256 so a tampered or different file is never used silently.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import sys
 from pathlib import Path
@@ -91,8 +90,10 @@ def check_causal_lm(path: Path, trust_remote_code: bool = False):
 
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (ValueError, OSError, json.JSONDecodeError) as exc:
-        raise GiftQuantError(f"{path}/config.json could not be read as a model config: {exc}") from exc
+    except Exception as exc:  # ValueError, OSError, JSONDecodeError, a strict-dataclass validation error ...
+        text = " ".join(str(exc).split())[:240] or type(exc).__name__
+        raise GiftQuantError(f"{path}/config.json could not be read as a model config ({text}); fix the field it "
+                             "names") from None
     remote = bool(getattr(config, "auto_map", None)) and trust_remote_code
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and not remote:
         raise GiftQuantError(
@@ -119,6 +120,7 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32, trust_remote_code
         raise GiftQuantError(
             f"{path} is already a gift-quant checkpoint; quantize the original model folder "
             "(see provenance.source_model in its gift_quant_config.json)")
+    check_weights_match_config(path, trust_remote_code)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True)
@@ -136,9 +138,99 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32, trust_remote_code
     if missing:
         raise GiftQuantError(f"{path}: the weight files lack {len(missing)} tensors (e.g. {missing[0]}); "
                              "the folder is incomplete or not a plain Hugging Face model")
+    untie_distinct_head(model, path)
     model.eval()
     model.config.use_cache = False
     return model
+
+
+def _weight_headers(path: Path) -> dict[str, list[int]] | None:
+    """name -> shape of every tensor in the folder's safetensors files (None when it has none)."""
+    from safetensors import safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        return None
+    shapes = {}
+    for f in files:
+        try:
+            with safe_open(f, "pt") as h:
+                for k in h.keys():
+                    shapes[k] = list(h.get_slice(k).get_shape())
+        except Exception as exc:  # SafetensorError: a truncated or damaged file
+            raise GiftQuantError(f"{path}: a weight file cannot be read ({f.name}: "
+                                 f"{str(exc).splitlines()[0][:160] if str(exc) else 'truncated'}); the file is "
+                                 "truncated or damaged: download or copy it again") from None
+    return shapes
+
+
+def _fields_of(config, size: int) -> str:
+    """The config fields whose value is ``size`` (what a mismatched dimension is made of)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    names = [k for k, v in sorted(text.to_dict().items()) if isinstance(v, int) and not isinstance(v, bool)
+             and v == size and not k.endswith("_id")]
+    return ", ".join(f"{k} {size}" for k in names[:3]) or f"a dimension of {size}"
+
+
+def check_weights_match_config(path: Path, trust_remote_code: bool = False) -> None:
+    """Refuse weights that config.json does not describe, naming the tensor and the config field, before
+    transformers would raise a size mismatch or silently drop tensors the config has no place for."""
+    import re
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    shapes = _weight_headers(path)
+    if shapes is None:
+        return
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # a config transformers validates but cannot build
+        raise GiftQuantError(f"{path}/config.json does not describe a model transformers can build "
+                             f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); fix config.json") from None
+    expected = {k: list(t.shape) for k, t in model.state_dict().items()}
+    ignored = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
+    for k, shape in shapes.items():
+        if k in expected and expected[k] != shape:
+            dim = next(i for i in range(max(len(shape), len(expected[k])))
+                       if i >= len(shape) or i >= len(expected[k]) or shape[i] != expected[k][i])
+            want = expected[k][dim] if dim < len(expected[k]) else None
+            field = _fields_of(config, want) if want is not None else "its number of dimensions"
+            raise GiftQuantError(f"{path}: {k} has shape {shape} in the weights, {expected[k]} in the model "
+                                 f"config.json describes ({field}): config.json does not match the weights; fix "
+                                 "config.json or use the matching weights")
+    unexpected = sorted(k for k in shapes if k not in expected and not k.endswith("inv_freq")
+                        and not any(p.search(k) for p in ignored))
+    if unexpected:
+        n_layers = getattr(config.get_text_config(), "num_hidden_layers", None)
+        layer = re.search(r"layers\.(\d+)\.", unexpected[0])
+        hint = (f"config.json's num_hidden_layers {n_layers} is fewer than the weights' blocks"
+                if layer and n_layers is not None and int(layer.group(1)) >= n_layers
+                else "config.json does not describe these weights")
+        raise GiftQuantError(f"{path}: the weights hold {len(unexpected)} tensor(s) the model in config.json has no "
+                             f"place for (e.g. {unexpected[0]}): {hint}; fix config.json")
+
+
+def untie_distinct_head(model, path: Path) -> None:
+    """config.json says ``tie_word_embeddings`` but the weights hold an output head that differs from the
+    input embeddings: transformers keeps the two apart (it loads both), so that is the source's behaviour.
+    Record it in the config the outputs are written from, or every later load would tie them again and
+    silently drop the head."""
+    import torch
+
+    text = model.config.get_text_config()
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    if not getattr(text, "tie_word_embeddings", False) or out is None or out.weight is inp.weight:
+        return
+    if out.weight.shape == inp.weight.shape and torch.equal(out.weight, inp.weight):
+        return
+    for cfg in {id(model.config): model.config, id(text): text}.values():
+        cfg.tie_word_embeddings = False
+    print(f"gift-quant: warning: {path}/config.json says tie_word_embeddings true but the weights hold an output "
+          "head that differs from the input embeddings; transformers keeps them apart, and so do gift-quant's "
+          "outputs (their config.json says tie_word_embeddings false)", file=sys.stderr, flush=True)
 
 
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
@@ -173,3 +265,33 @@ def resolve_device(name: str) -> torch.device:
         raise GiftQuantError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s) "
                              f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
     return dev
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence the model's position embeddings cover, from its config (None when unstated)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "n_ctx"):
+        value = getattr(text, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_lengths(path: Path, lengths: dict[str, int], trust_remote_code: bool = False) -> None:
+    """Refuse a window (flag -> tokens) longer than the model's positions, before any model is loaded:
+    past them a model computes without a word of warning, on positions it never learned."""
+    config = check_causal_lm(path, trust_remote_code)
+    limit = max_positions(config)
+    for flag, n in lengths.items():
+        if limit is not None and n is not None and n > limit:
+            raise GiftQuantError(f"{flag} {n} is longer than the model's {limit} positions (max_position_embeddings "
+                                 f"in {path}/config.json): use {flag} {limit} or less")
+
+
+def check_vocabulary(path: Path, config, tokenizer) -> None:
+    """Refuse a tokenizer that produces ids past the model's embedding rows (config.json's vocab_size)."""
+    vocab = getattr(config.get_text_config(), "vocab_size", None)
+    if isinstance(vocab, int) and len(tokenizer) > vocab:
+        raise GiftQuantError(f"{path}: the tokenizer has {len(tokenizer)} tokens but config.json's vocab_size is "
+                             f"{vocab}: token ids {vocab}..{len(tokenizer) - 1} index past the embeddings; use the "
+                             "tokenizer that belongs to the model")

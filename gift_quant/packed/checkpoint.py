@@ -31,6 +31,10 @@ from .qlinear import QuantLinear
 
 FORMAT = "gift-quant"
 FORMAT_VERSION = 1
+# Every format version from this one on records the sha256 manifest ("files"): a checkpoint of such a version
+# whose manifest is missing, empty or incomplete is damaged, never "legacy" (integrity.py).
+MANIFEST_SINCE_VERSION = 1
+MANIFEST_REQUIRED = ("model.safetensors", "config.json")  # what every manifest names
 CONFIG_NAME = "gift_quant_config.json"
 WEIGHTS_NAME = "model.safetensors"
 _COPY_PATTERNS = ("tokenizer*", "special_tokens_map.json", "vocab.*", "merges.txt", "chat_template*",
@@ -66,7 +70,9 @@ def save_checkpoint(model: nn.Module, out_dir: Path, source_dir: Path, gift_conf
     atomic_write_text(out_dir / "config.json", json.dumps(cfg, indent=2, default=str))
     with writing(out_dir):
         copy_tokenizer_files(source_dir, out_dir)
-    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, **gift_config}
+    # the format and manifest are this writer's, never those of a config ``gift_config`` was copied from
+    doc = {"format": FORMAT, "format_version": FORMAT_VERSION,
+           **{k: v for k, v in gift_config.items() if k not in ("format", "format_version", "files")}}
     doc["files"] = {name: sha256_file(out_dir / name) for name in (WEIGHTS_NAME, "config.json")}
     atomic_write_text(out_dir / CONFIG_NAME, json.dumps(doc, indent=1))
 
@@ -88,6 +94,9 @@ def read_gift_config(path: Path) -> dict:
         raise GiftQuantError(f"{f}: format {doc.get('format')!r} is not {FORMAT!r}; not a gift-quant checkpoint")
     if type(version) is not int:
         raise GiftQuantError(f"{f}: format_version must be an integer, got {version!r}: the checkpoint is damaged")
+    if version < 1:
+        raise GiftQuantError(f"{f}: format_version {version} is not a version gift-quant ever wrote: the checkpoint "
+                             "is damaged; re-create it")
     if version > FORMAT_VERSION:
         raise GiftQuantError(
             f"{f}: format {FORMAT} v{version} is not readable by this gift-quant (reads {FORMAT} v{FORMAT_VERSION}); "
@@ -132,16 +141,31 @@ def _check_doc(f: Path, doc: dict) -> None:
 
 
 def verify_files(path: Path, doc: dict) -> None:
-    """Refuse a checkpoint whose files differ from the sha256 its config recorded (older ones record none)."""
-    for name, digest in (doc.get("files") or {}).items():
-        f = Path(path) / name
-        if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise GiftQuantError(f"{Path(path) / CONFIG_NAME}: files names {name!r}, outside the checkpoint")
-        if not f.is_file():
-            raise GiftQuantError(f"{f} is missing: the checkpoint is incomplete; re-create it")
-        if sha256_file(f) != digest:
-            raise GiftQuantError(f"{f} does not match the sha256 recorded when it was written (changed or corrupt "
-                                 "on disk); re-create the checkpoint or restore the file")
+    """Refuse a checkpoint whose manifest is incomplete for its format version, names a file outside the
+    folder, or records a sha256 that a file no longer has."""
+    f = Path(path) / CONFIG_NAME
+    files = doc.get("files")
+    if doc["format_version"] >= MANIFEST_SINCE_VERSION:
+        if not files:
+            raise GiftQuantError(f"{f} records no file manifest ('files' is {files!r}), which every {FORMAT} "
+                                 f"v{doc['format_version']} checkpoint has: the checkpoint is damaged (edited); "
+                                 "re-create it")
+        lacking = [n for n in MANIFEST_REQUIRED if n not in files]
+        if lacking:
+            raise GiftQuantError(f"{f}: the file manifest does not name {lacking[0]}: the checkpoint is damaged "
+                                 "(edited); re-create it")
+    for name, digest in (files or {}).items():
+        parts = Path(name).parts
+        if not name or Path(name).is_absolute() or ".." in parts or "\\" in name or parts[:1] == (".",) \
+                or str(Path(*parts)) != name:
+            raise GiftQuantError(f"{f}: files names {name!r}, outside the checkpoint folder: the checkpoint is "
+                                 "damaged; re-create it")
+        target = Path(path) / name
+        if not target.is_file():
+            raise GiftQuantError(f"{target} is missing: the checkpoint is incomplete; re-create it")
+        if sha256_file(target) != digest:
+            raise GiftQuantError(f"{target} does not match the sha256 recorded when it was written (changed or "
+                                 "corrupt on disk); re-create the checkpoint or restore the file")
 
 
 def check_loaded(model: nn.Module, path: Path) -> None:
@@ -169,14 +193,18 @@ def build_quant_skeleton(model: nn.Module, layers: dict, bits: int, sym: bool, s
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-         trust_remote_code: bool = False):
-    """A transformers model whose quantized linears are QuantLinear modules, ready for inference."""
+         trust_remote_code: bool = False, verified=None):
+    """A transformers model whose quantized linears are QuantLinear modules, ready for inference.
+
+    The checkpoint passes integrity.verify_checkpoint first (``verified``: its result, when the caller ran it).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
+    from .integrity import verify_checkpoint
+
     path = Path(path)
-    doc = read_gift_config(path)
-    verify_files(path, doc)
+    doc = (verified or verify_checkpoint(path, trust_remote_code)).doc
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     model_dtype = dtype or parse_dtype(doc.get("dtype", "float32"))
     with no_init_weights():
