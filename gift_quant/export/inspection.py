@@ -65,7 +65,7 @@ def _read_json(path: Path) -> dict | None:
 def _native_health(path: Path) -> tuple[str, object]:
     """("verified ..." or "broken: why", the verification or None): the very check load, eval and export run
     (packed/integrity.py), so inspect never says verified where they refuse."""
-    from ..packed.integrity import verify_checkpoint
+    from ..packed.checkpoint import verify_checkpoint
 
     try:
         verified = verify_checkpoint(path)

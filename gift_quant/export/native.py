@@ -14,8 +14,7 @@ import torch
 from safetensors import safe_open
 
 from ..model.loading import parse_dtype
-from ..packed.checkpoint import WEIGHTS_NAME
-from ..packed.integrity import verify_checkpoint
+from ..packed.checkpoint import WEIGHTS_NAME, verify_checkpoint
 from ..packed.qlinear import QuantLinear
 from ..util.errors import GiftQuantError
 

@@ -83,11 +83,34 @@ def resolve_model_dir(model_dir: str | os.PathLike | None) -> Path:
     return path
 
 
+JSON_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json",
+              "tokenizer.json", "added_tokens.json")
+
+
+def check_json_files(path: Path) -> None:
+    """Refuse a model folder whose JSON files (config, generation config, tokenizer) do not parse, naming the
+    file and the place: transformers would fail later with a traceback, or copy the broken file on."""
+    import json
+
+    for name in JSON_FILES:
+        f = Path(path) / name
+        if not f.is_file():
+            continue
+        try:
+            json.loads(f.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise GiftQuantError(f"{f} is not UTF-8 text: the model folder is damaged; copy the file again") from None
+        except ValueError as exc:
+            raise GiftQuantError(f"{f} is not valid JSON ({str(exc).splitlines()[0][:120]}): the model folder is "
+                                 "damaged; copy the file again") from None
+
+
 def check_causal_lm(path: Path, trust_remote_code: bool = False):
     """The model's config, or a clear error if it is not a decoder-only causal LM."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+    check_json_files(path)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:  # ValueError, OSError, JSONDecodeError, a strict-dataclass validation error ...
@@ -120,10 +143,11 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32, trust_remote_code
         raise GiftQuantError(
             f"{path} is already a gift-quant checkpoint; quantize the original model folder "
             "(see provenance.source_model in its gift_quant_config.json)")
-    check_weights_match_config(path, trust_remote_code)
     try:
+        # mismatched sizes are loaded as a report (below), so the refusal can name the tensor and config field
         model, info = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True)
+            path, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True,
+            ignore_mismatched_sizes=True)
     except (OSError, ValueError) as exc:
         raise GiftQuantError(f"{path}: no loadable weights (model.safetensors / pytorch_model.bin): {exc}") from exc
     except Exception as exc:  # safetensors' SafetensorError (truncated shard), a pickle that fails to unpickle
@@ -134,6 +158,7 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32, trust_remote_code
         raise GiftQuantError(f"{path}: a weight file cannot be read ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0][:160] if str(exc) else 'truncated'}); the file is truncated "
                              "or damaged: download or copy it again") from None
+    check_loading_info(path, model.config, info)
     missing = [k for k in info.get("missing_keys", []) if not k.endswith("inv_freq")]
     if missing:
         raise GiftQuantError(f"{path}: the weight files lack {len(missing)} tensors (e.g. {missing[0]}); "
@@ -144,26 +169,6 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32, trust_remote_code
     return model
 
 
-def _weight_headers(path: Path) -> dict[str, list[int]] | None:
-    """name -> shape of every tensor in the folder's safetensors files (None when it has none)."""
-    from safetensors import safe_open
-
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        return None
-    shapes = {}
-    for f in files:
-        try:
-            with safe_open(f, "pt") as h:
-                for k in h.keys():
-                    shapes[k] = list(h.get_slice(k).get_shape())
-        except Exception as exc:  # SafetensorError: a truncated or damaged file
-            raise GiftQuantError(f"{path}: a weight file cannot be read ({f.name}: "
-                                 f"{str(exc).splitlines()[0][:160] if str(exc) else 'truncated'}); the file is "
-                                 "truncated or damaged: download or copy it again") from None
-    return shapes
-
-
 def _fields_of(config, size: int) -> str:
     """The config fields whose value is ``size`` (what a mismatched dimension is made of)."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -172,37 +177,21 @@ def _fields_of(config, size: int) -> str:
     return ", ".join(f"{k} {size}" for k in names[:3]) or f"a dimension of {size}"
 
 
-def check_weights_match_config(path: Path, trust_remote_code: bool = False) -> None:
-    """Refuse weights that config.json does not describe, naming the tensor and the config field, before
-    transformers would raise a size mismatch or silently drop tensors the config has no place for."""
+def check_loading_info(path: Path, config, info: dict) -> None:
+    """Refuse weights config.json does not describe (transformers' loading report, its key renames applied):
+    a tensor whose shape differs, naming the config field of that size, or tensors the model has no place for
+    (which transformers drops without a word)."""
     import re
 
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    shapes = _weight_headers(path)
-    if shapes is None:
-        return
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except Exception as exc:  # a config transformers validates but cannot build
-        raise GiftQuantError(f"{path}/config.json does not describe a model transformers can build "
-                             f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); fix config.json") from None
-    expected = {k: list(t.shape) for k, t in model.state_dict().items()}
-    ignored = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
-    for k, shape in shapes.items():
-        if k in expected and expected[k] != shape:
-            dim = next(i for i in range(max(len(shape), len(expected[k])))
-                       if i >= len(shape) or i >= len(expected[k]) or shape[i] != expected[k][i])
-            want = expected[k][dim] if dim < len(expected[k]) else None
-            field = _fields_of(config, want) if want is not None else "its number of dimensions"
-            raise GiftQuantError(f"{path}: {k} has shape {shape} in the weights, {expected[k]} in the model "
-                                 f"config.json describes ({field}): config.json does not match the weights; fix "
-                                 "config.json or use the matching weights")
-    unexpected = sorted(k for k in shapes if k not in expected and not k.endswith("inv_freq")
-                        and not any(p.search(k) for p in ignored))
+    mismatched = sorted(info.get("mismatched_keys") or [], key=lambda m: str(m[0]))
+    if mismatched:
+        key, stored, wanted = mismatched[0][0], list(mismatched[0][1]), list(mismatched[0][2])
+        dim = next((i for i in range(min(len(stored), len(wanted))) if stored[i] != wanted[i]), None)
+        field = _fields_of(config, wanted[dim]) if dim is not None else "its number of dimensions"
+        raise GiftQuantError(f"{path}: {key} has shape {stored} in the weights, {wanted} in the model config.json "
+                             f"describes ({field}): config.json does not match the weights; fix config.json or use "
+                             "the matching weights")
+    unexpected = sorted(k for k in info.get("unexpected_keys") or [] if not k.endswith("inv_freq"))
     if unexpected:
         n_layers = getattr(config.get_text_config(), "num_hidden_layers", None)
         layer = re.search(r"layers\.(\d+)\.", unexpected[0])
@@ -238,8 +227,10 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
 
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise GiftQuantError(f"{path}: no usable tokenizer files ({exc}); copy the tokenizer into the folder") from exc
+    except Exception as exc:  # OSError, ValueError, and the KeyError/TypeError of a tokenizer file of the wrong shape
+        text = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise GiftQuantError(f"{path}: no usable tokenizer files ({type(exc).__name__}: {text}); copy the model's "
+                             "tokenizer files into the folder") from None
 
 
 def parse_dtype(name: str) -> torch.dtype:

@@ -13,8 +13,7 @@ import torch
 
 from ..model.loading import load_model, load_tokenizer, resolve_model_dir
 from ..util.errors import GiftQuantError
-from .checkpoint import is_checkpoint, load
-from .integrity import verify_checkpoint
+from .checkpoint import is_checkpoint, load, verify_checkpoint
 from .run_folder import RUN_DIR, RUN_FILE
 from .served import dense_bits, load_served, served_kind
 

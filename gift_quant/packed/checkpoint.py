@@ -168,6 +168,24 @@ def verify_files(path: Path, doc: dict) -> None:
                                  "corrupt on disk); re-create the checkpoint or restore the file")
 
 
+def verify_checkpoint(path: str | os.PathLike, trust_remote_code: bool = False):
+    """The one integrity check of every reader (load, eval, export, inspect, resume; integrity.py says what
+    it checks): returns an ``integrity.Verified`` (the config and the facts measured from the tensors)."""
+    from .integrity import Verified, verify_model, verify_tensors
+
+    path = Path(path)
+    doc = read_gift_config(path)
+    q = doc["quantize"]
+    for key in ("bits", "group_size"):  # the top-level copies readers show must be the settings readers use
+        if key in doc and key in q and doc[key] != q[key]:
+            raise GiftQuantError(f"{path / CONFIG_NAME}: {key} {doc[key]!r} disagrees with quantize.{key} "
+                                 f"{q[key]!r}: the checkpoint is damaged (edited); re-create it")
+    verify_files(path, doc)
+    layers, other = verify_tensors(path, doc)
+    verify_model(path, doc, other, trust_remote_code)
+    return Verified(doc, layers)
+
+
 def check_loaded(model: nn.Module, path: Path) -> None:
     """Non-finite scales, zeros or salient columns make a silently wrong model: refuse them, naming the layer."""
     for name, m in model.named_modules():
@@ -200,8 +218,6 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     """
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
-
-    from .integrity import verify_checkpoint
 
     path = Path(path)
     doc = (verified or verify_checkpoint(path, trust_remote_code)).doc

@@ -1,6 +1,7 @@
 """The one integrity check of a native checkpoint, used by every reader: load, eval, export, inspect, resume.
 
-``verify_checkpoint(path)`` refuses, in one line naming the file, layer, key and value:
+``checkpoint.verify_checkpoint(path)`` runs it (this module holds its tensor and model checks, and imports
+nothing of checkpoint.py, which imports it); it refuses, in one line naming the file, layer, key and value:
 
 1. a ``gift_quant_config.json`` that does not parse or lacks what readers use (checkpoint.read_gift_config);
 2. a manifest (``files``) that is missing, empty or incomplete in a format version that records one
@@ -25,9 +26,11 @@ import torch
 
 from ..util.errors import GiftQuantError
 from .bits import packed_length
-from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_gift_config, verify_files
 
-__all__ = ["Verified", "verify_checkpoint"]
+__all__ = ["Verified", "layer_setting", "verify_model", "verify_tensors"]
+
+CONFIG_NAME = "gift_quant_config.json"  # checkpoint.CONFIG_NAME / WEIGHTS_NAME (checkpoint.py imports this module)
+WEIGHTS_NAME = "model.safetensors"
 
 # safetensors dtype names -> bits per element
 DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8,
@@ -59,26 +62,11 @@ def layer_setting(doc: dict, name: str, key: str):
     return info[key] if key in info else doc["quantize"][key]
 
 
-def verify_checkpoint(path: str | Path, trust_remote_code: bool = False) -> Verified:
-    """Every check above, in order; returns the config and the per-layer facts measured from the tensors."""
-    path = Path(path)
-    doc = read_gift_config(path)
-    q = doc["quantize"]
-    for key in ("bits", "group_size"):  # the top-level copies readers show must be the settings readers use
-        if key in doc and key in q and doc[key] != q[key]:
-            raise GiftQuantError(f"{path / CONFIG_NAME}: {key} {doc[key]!r} disagrees with quantize.{key} "
-                                 f"{q[key]!r}: the checkpoint is damaged (edited); re-create it")
-    verify_files(path, doc)
-    layers, other = _verify_tensors(path, doc)
-    _verify_model(path, doc, other, trust_remote_code)
-    return Verified(doc, layers)
-
-
 def _damaged(f: Path, what: str) -> GiftQuantError:
     return GiftQuantError(f"{f} {what}; the checkpoint is damaged (edited or mixed with another): re-create it")
 
 
-def _verify_tensors(path: Path, doc: dict) -> tuple[dict[str, dict], dict[str, tuple]]:
+def verify_tensors(path: Path, doc: dict) -> tuple[dict[str, dict], dict[str, tuple]]:
     """Per-layer facts from the packed tensors, and the headers of every other tensor."""
     from safetensors import safe_open
 
@@ -153,7 +141,7 @@ def _numel(shape) -> int:
     return n
 
 
-def _verify_model(path: Path, doc: dict, other: dict[str, tuple], trust_remote_code: bool) -> None:
+def verify_model(path: Path, doc: dict, other: dict[str, tuple], trust_remote_code: bool) -> None:
     """The model ``config.json`` describes (built on the meta device) has exactly the stored tensors."""
     from torch import nn
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -281,7 +281,7 @@ def check_stage_checkpoint(path: Path) -> str | None:
     """Why the stage checkpoint at ``path`` (a native checkpoint under run/) cannot be used, or None."""
     if not (Path(path) / CONFIG_NAME).is_file():
         return f"{path} is missing or incomplete"
-    from .integrity import verify_checkpoint
+    from .checkpoint import verify_checkpoint
 
     try:
         verify_checkpoint(path)

@@ -17,8 +17,7 @@ from pathlib import Path
 from ..config.settings import EvalConfig, QuantizeConfig, RecoverConfig
 from ..model.loading import check_lengths, load_model, load_tokenizer, parse_dtype, resolve_device, resolve_model_dir
 from ..packed.any_model import evaluable, load_any
-from ..packed.integrity import verify_checkpoint
-from ..packed.checkpoint import load, read_gift_config, save_checkpoint
+from ..packed.checkpoint import load, read_gift_config, save_checkpoint, verify_checkpoint
 from ..packed.run_folder import (
     RUN_DIR,
     RunFiles,
