@@ -95,14 +95,13 @@ class QuantizeConfig:
             raise GiftQuantError(f"--bits {self.bits} is not supported: use one of {widths}")
         if self.salient is not None and self.salient < 0:
             raise GiftQuantError(f"--salient must be >= 0 (got {self.salient})")
-        if not 0.0 <= self.salient_fraction < 1.0:
-            raise GiftQuantError(f"--salient-fraction must be in [0, 1) (got {self.salient_fraction})")
+        _number("--salient-fraction", self.salient_fraction, 0, 1, high_open=True,
+                hint="a fraction of each layer's input columns, e.g. 0.03125")
         if self.algorithm not in ("gptq", "rtn"):
             raise GiftQuantError(f"algorithm must be gptq or rtn (got {self.algorithm!r})")
         if self.clip not in ("mse", "minmax"):
             raise GiftQuantError(f"clip must be mse or minmax (got {self.clip!r})")
-        if not 0 <= self.damp < 1:
-            raise GiftQuantError(f"damp must be in [0, 1) (got {self.damp})")
+        _number("--damp", self.damp, 0, 1, high_open=True, hint="the default is 0.01")
         if self.calib_batch_size <= 0:
             raise GiftQuantError(f"--calib-batch-size must be > 0 (got {self.calib_batch_size})")
         if self.group_layout not in GROUP_LAYOUTS:
@@ -215,9 +214,12 @@ class RecoverConfig:
             raise GiftQuantError(f"--teacher-device must be auto or cpu (got {self.teacher_device!r})")
         if self.blockwise_target not in ("fp-prefix", "quant-prefix"):
             raise GiftQuantError(f"blockwise_target must be fp-prefix or quant-prefix (got {self.blockwise_target!r})")
-        for name in ("batch_size", "grad_accum", "seq_len", "save_every", "eval_windows"):
-            if getattr(self, name) <= 0:
-                raise GiftQuantError(f"{name} must be positive (got {getattr(self, name)})")
+        for flag, value in (("--batch-size", self.batch_size), ("--grad-accum", self.grad_accum),
+                            ("--save-every", self.save_every), ("recover.eval_windows", self.eval_windows)):
+            _count(flag, value, 1)
+        for flag, value in (("--steps", self.steps), ("--blockwise-steps", self.blockwise_steps),
+                            ("recover.eval_every", self.eval_every)):
+            _count(flag, value, 0)
         _count("--seq-len", self.seq_len, 2, "a training window needs at least 2 tokens")
         fields = type(self).__dataclass_fields__
         for name in ("lr", "kd_temperature", "blockwise_lr", "max_grad_norm", "ce_weight", "weight_decay",
@@ -231,9 +233,6 @@ class RecoverConfig:
             raise GiftQuantError(f"--seed {self.seed} is too large: use 0..{MAX_SEED - 1}")
         _text("--train-data", self.train_data)
         _text("--eval-data", self.eval_data, allow_none=True)
-        if self.steps < 0 or self.blockwise_steps < 0 or self.ce_weight < 0 or self.eval_every < 0:
-            raise GiftQuantError("steps, blockwise_steps, ce_weight and eval_every must be >= 0 "
-                                 f"(got {self.steps}, {self.blockwise_steps}, {self.ce_weight}, {self.eval_every})")
         if self.steps == 0 and self.variant == "pre":
             raise GiftQuantError("--variant pre trains the full-precision model first: give --steps > 0")
         if self.steps == 0 and self.blockwise_steps == 0:

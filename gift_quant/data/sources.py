@@ -57,7 +57,7 @@ def load_documents(spec: str, default_split: str = "train") -> list[str]:
     docs = [record_text(r) for r in load_records(spec, default_split)]
     docs = [d for d in docs if d.strip()]
     if not docs:
-        raise GiftQuantError(f"{spec}: no text found (empty file or no 'text' field)")
+        raise GiftQuantError(f"{spec}: no text found (empty file or no 'text' field); give a file that holds text")
     return docs
 
 

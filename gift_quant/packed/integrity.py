@@ -182,5 +182,11 @@ def verify_model(path: Path, doc: dict, other: dict[str, tuple], trust_remote_co
                              f"{unexpected[:3]}; the checkpoint is damaged: re-create it")
     for k, (_, shape) in other.items():
         if shape != expected[k]:
+            dims = [w for s, w in zip(shape, expected[k]) if s != w]
+            text = config.get_text_config().to_dict()
+            fields = [f"{n} {v}" for n, v in sorted(text.items()) if dims and v == dims[0]
+                      and isinstance(v, int) and not isinstance(v, bool) and not n.endswith("_id")][:2]
+            named = f" ({', '.join(fields)})" if fields else ""
             raise GiftQuantError(f"{f} stores {k} with shape {list(shape)}, the model in {cfg_file} needs "
-                                 f"{list(expected[k])}: the checkpoint is damaged (config.json edited?); re-create it")
+                                 f"{list(expected[k])}{named}: the checkpoint is damaged (config.json edited?); "
+                                 "re-create it")
