@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from ..model.loading import parse_dtype
 from ..packed.checkpoint import copy_tokenizer_files
-from ..packed.ownership import check_inputs, foreign_files, remove_owned
+from ..packed.ownership import check_inputs, refuse_foreign, remove_owned
 from ..packed.run_folder import lock_output
 from ..util.errors import GiftQuantError
 from ..util.files import atomic_dir
@@ -39,10 +39,16 @@ def resolve_dtype(dtype: str | torch.dtype | None, default: torch.dtype) -> torc
 
 def check_out(out_dir: Path, ckpt: Path, overwrite: bool) -> None:
     """Refuse an export folder that is, holds or lies inside the checkpoint, that holds something else than an
-    export, or an earlier export unless asked; with ``overwrite``, one that holds files the export did not write."""
+    export, or an earlier export unless asked; with ``overwrite``, one that holds files the export did not write.
+    The refusals come before the lock, so a refused folder gets nothing created beside it."""
     check_inputs(out_dir, {"checkpoint": ckpt}, what="export folder")
+    _check_existing(out_dir, overwrite)
     # one writer per folder; the lock also removes what a killed export left (.tmp-NAME-xxxxxxxx beside it)
     lock_output(out_dir)
+    _check_existing(out_dir, overwrite)
+
+
+def _check_existing(out_dir: Path, overwrite: bool) -> None:
     if not out_dir.exists():
         return
     if not out_dir.is_dir():
@@ -52,8 +58,7 @@ def check_out(out_dir: Path, ckpt: Path, overwrite: bool) -> None:
             raise GiftQuantError(f"export folder {out_dir} exists and is not a gift-quant export; choose a new folder")
         if not overwrite:
             raise GiftQuantError(f"export folder {out_dir} holds an earlier export; pass --overwrite to replace it")
-        if foreign_files(out_dir):  # refused now, before the work; remove_owned words the refusal
-            remove_owned(out_dir, "export folder")
+        refuse_foreign(out_dir, "export folder")
 
 
 def replace_earlier(out_dir: Path) -> None:

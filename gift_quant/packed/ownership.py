@@ -23,7 +23,8 @@ from pathlib import Path
 
 from ..util.errors import GiftQuantError, writing
 
-__all__ = ["check_file_target", "check_inputs", "data_input", "foreign_files", "owned_files", "remove_owned"]
+__all__ = ["check_file_target", "check_inputs", "data_input", "foreign_files", "owned_files", "refuse_foreign",
+           "remove_owned"]
 
 EXPORT_INFO = "gift_quant_export.json"  # export/folder.py's record (repeated: export sits above packed)
 _TOKENIZER = ("tokenizer*", "special_tokens_map.json", "vocab.*", "merges.txt", "chat_template*", "*.model",
@@ -120,17 +121,23 @@ def _listing(paths: list[Path], out: Path, n: int = 4) -> str:
     return ", ".join(names) + more
 
 
+def refuse_foreign(out: Path, what: str = "--out") -> list[Path]:
+    """Refuse an ``out`` holding anything gift-quant did not write, naming a few; else gift-quant's files in it."""
+    ours, other = owned_files(Path(out))
+    if other:
+        raise GiftQuantError(f"{what} {out} holds {len(other)} file(s) gift-quant did not write "
+                             f"({_listing(other, Path(out))}); --overwrite removes only gift-quant's files: move "
+                             "those away or choose another folder")
+    return ours
+
+
 def remove_owned(out: Path, what: str = "--out") -> None:
     """``--overwrite``: remove gift-quant's files from ``out`` (and the folders that held only them), after
     refusing, with nothing removed, when ``out`` holds anything gift-quant did not write."""
     import shutil
 
     out = Path(out)
-    ours, other = owned_files(out)
-    if other:
-        raise GiftQuantError(f"{what} {out} holds {len(other)} file(s) gift-quant did not write "
-                             f"({_listing(other, out)}); --overwrite removes only gift-quant's files: move those "
-                             "away or choose another folder")
+    ours = refuse_foreign(out, what)
     with writing(out, action="removing"):
         for p in ours:
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()

@@ -88,24 +88,34 @@ def lock_output(out: Path) -> None:
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
-def prepare_output(out: Path, overwrite: bool, lock: bool = True, inputs: dict | None = None) -> None:
-    """Refuse an ``out`` that overlaps an input (``inputs``: label -> path, ownership.check_inputs) before
-    anything is created; lock it for this process; refuse folders that hold something else; ``overwrite``
-    removes gift-quant's files only (ownership.remove_owned), refusing when anything else is there."""
-    from .ownership import check_inputs, remove_owned
+def _existing(out: Path, overwrite: bool) -> bool:
+    """Whether ``out`` is an earlier gift-quant output; refuses a file, a foreign folder, and (``overwrite``)
+    one holding files gift-quant did not write. Reads only."""
+    from .ownership import refuse_foreign
 
-    check_inputs(out, inputs or {})
-    if lock:
-        lock_output(out)
     if not out.exists():
-        return
+        return False
     if not out.is_dir():
         raise GiftQuantError(f"--out {out} is a file; give a folder path")
     ours = (out / RUN_DIR / RUN_FILE).is_file() or is_checkpoint(out)
     if any(out.iterdir()) and not ours:
-        raise GiftQuantError(
-            f"--out {out} exists and is not a gift-quant output; choose a new folder or empty it")
+        raise GiftQuantError(f"--out {out} exists and is not a gift-quant output; choose a new folder or empty it")
     if overwrite and ours:
+        refuse_foreign(out)
+    return ours
+
+
+def prepare_output(out: Path, overwrite: bool, lock: bool = True, inputs: dict | None = None) -> None:
+    """Refuse an ``out`` that overlaps an input (``inputs``: label -> path, ownership.check_inputs), that is not
+    a gift-quant output, or (``overwrite``) that holds files gift-quant did not write, all before anything is
+    created; then lock it for this process and, with ``overwrite``, remove gift-quant's files only."""
+    from .ownership import check_inputs, remove_owned
+
+    check_inputs(out, inputs or {})
+    _existing(out, overwrite)
+    if lock:
+        lock_output(out)
+    if _existing(out, overwrite) and overwrite:  # checked again holding the lock
         remove_owned(out)
 
 
