@@ -376,7 +376,8 @@ def reference_state(world):
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_random_byte_flips_are_refused_or_harmless(world, reference_state, tmp_path_factory, data):
-    """Flip 1-3 random bytes of one checkpoint file: `load` refuses it, or gives the very same tensors."""
+    """Flip 1-3 random bytes of one checkpoint file: `load` refuses it, or gives the very same tensors; and
+    `inspect` says "verified" exactly when `load` accepts (#22 req 2: one check for every reader)."""
     c = tmp_path_factory.mktemp("flip") / "ckpt"
     shutil.copytree(world["ckpt"], c, ignore=shutil.ignore_patterns("run"))
     name = data.draw(st.sampled_from([WEIGHTS_NAME, "config.json", CONFIG_NAME]))
@@ -385,11 +386,19 @@ def test_random_byte_flips_are_refused_or_harmless(world, reference_state, tmp_p
         pos = data.draw(st.integers(0, len(blob) - 1))
         blob[pos] ^= data.draw(st.integers(1, 255))
     (c / name).write_bytes(bytes(blob))
+    from gift_quant.export.inspection import inspect_checkpoint
+
+    try:
+        verified = inspect_checkpoint(c)["health"].startswith("verified")
+    except GiftQuantError:
+        verified = False
     try:
         model = load(c)
     except GiftQuantError as exc:
         assert "\n" not in str(exc)
+        assert not verified, f"inspect says verified where load refuses: {exc}"
         return
+    assert verified, "load accepts what inspect does not verify"
     state = model.state_dict()
     assert state.keys() == reference_state.keys()
     assert all(torch.equal(state[k], reference_state[k]) for k in state), f"a flip in {name} loaded a different model"

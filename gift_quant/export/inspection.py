@@ -56,7 +56,15 @@ def _salient_summary(counts: dict[str, int]) -> dict:
 
 
 def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    """A JSON object file, None when absent; a damaged one is refused in one line naming it."""
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise GiftQuantError(f"{path} is not valid JSON ({str(exc).splitlines()[0][:120]}): the folder is damaged "
+                             "(truncated or edited); re-create it") from None
+    return doc if isinstance(doc, dict) else None
 
 
 # ---------------------------------------------------------------------------- kinds
