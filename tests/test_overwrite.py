@@ -301,3 +301,47 @@ def test_no_input_and_no_user_file_is_ever_removed(base, tmp_path_factory, stop_
         assert rc == 2, f"--overwrite went ahead over files gift-quant did not write: {lay}\n{err}"
     if rc == 130 and lay["overwrite"] and lay["kind"] == "output":  # went ahead: the earlier run's files are gone
         assert out.is_dir() and owned_files(out) == ([], []), lay
+
+
+# ---------------------------------------------------------------- every command's output is all gift-quant's
+
+
+@pytest.fixture(scope="module")
+def train_file(base):
+    f = base["root"] / "train.jsonl"
+    f.write_text("".join(json.dumps({"prompt": corpus(10, seed=i), "response": corpus(10, seed=40 + i)}) + "\n"
+                         for i in range(30)), encoding="utf-8")
+    return f
+
+
+@pytest.mark.parametrize("command", ["recover post", "recover pre", "finetune"])
+def test_every_file_a_command_writes_is_recognised_as_its_own(base, train_file, tmp_path, capsys, command):
+    """A finished run kept whole (--keep-intermediate), and the same run stopped mid-training: nothing in --out
+    counts as foreign, so --overwrite can replace it; and it then does (the earlier files are gone)."""
+    out = tmp_path / "out"
+    name, _, variant = command.partition(" ")
+    argv = [name, str(base["src"]), "--out", str(out), "--calib-data", str(base["calib"]), "--train-data",
+            str(train_file), *SMALL, "--steps", "3", "--save-every", "1", "--batch-size", "2"]
+    if name == "recover":
+        argv += ["--variant", variant, "--ppl-data", str(base["calib"]), "--ppl-seq-len", "32", "--max-windows", "2",
+                 "--keep-intermediate"]
+    with pytest.MonkeyPatch.context() as mp:  # stopped at training step 2 (state saved at step 1)
+        from gift_quant.recover import loop
+
+        real = loop._Loop.step
+
+        def step(self, s, *a, **k):
+            if s == 2:
+                raise KeyboardInterrupt
+            return real(self, s, *a, **k)
+        mp.setattr(loop._Loop, "step", step)
+        assert main(argv) == 130
+    assert owned_files(out)[1] == [], owned_files(out)[1]
+    assert main(argv) == 0, capsys.readouterr().err
+    ours, foreign = owned_files(out)
+    assert foreign == [] and ours
+    if name == "recover":
+        assert (out / "run" / ("quantized" if variant == "post" else "trained")).is_dir()
+    started = json.loads((out / "run" / "run.json").read_text())["started"]  # a resume keeps it; a new run not
+    assert main([*argv, "--overwrite"]) == 0
+    assert json.loads((out / "run" / "run.json").read_text())["started"] > started

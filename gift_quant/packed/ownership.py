@@ -61,8 +61,9 @@ def _tokenizer_file(rel: str) -> bool:
 
 def _ours_in_run(rel: str) -> bool:
     """``rel``: a path under run/ (stage checkpoints nest their own run/: ``quantized/run/blocks/...``)."""
-    if rel.startswith("quantized/run/"):
-        return _ours_in_run(rel[len("quantized/run/"):])
+    for stage in ("quantized/run/", "recovered/run/"):
+        if rel.startswith(stage):
+            return _ours_in_run(rel[len(stage):])
     head, _, tail = rel.partition("/")
     if head in ("quantized", "recovered", "trained") and _tokenizer_file(tail):
         return True
