@@ -476,3 +476,20 @@ def test_real_sigint_at_any_moment_is_one_line_and_130(world, tmp_path):
         assert p.returncode == 130, (delay, err[-2000:])
         assert "Traceback" not in err, (delay, err[-2000:])
         assert len([ln for ln in err.splitlines() if ln.startswith("gift-quant: interrupted")]) == 1, err[-2000:]
+
+
+def test_an_unanticipated_library_error_is_one_line(world, capsys, tmp_path, monkeypatch):
+    """The safety net under every input check: an exception nothing anticipated is one line naming its type and
+    place (exit 1, not an input error's 2); GIFT_QUANT_TRACEBACK=1 shows the traceback for a bug report."""
+    def fails(*a, **k):
+        raise ZeroDivisionError("float division by zero")
+
+    monkeypatch.setattr("gift_quant.workflows.stages.calibration_set", fails)
+    args = quantize_args(world, world["llama"], tmp_path / "out")
+    rc, _, err = run_in_process(capsys, args)
+    line = _error_line(err)
+    assert rc == 1 and "unexpected ZeroDivisionError in test_cli_errors.py:" in line
+    assert "float division by zero" in line and "GIFT_QUANT_TRACEBACK=1" in line
+    monkeypatch.setenv("GIFT_QUANT_TRACEBACK", "1")
+    with pytest.raises(ZeroDivisionError):
+        main([str(a) for a in args])
