@@ -519,6 +519,12 @@ def _finetune(world, more, out: Path, *extra) -> list[str]:
             *SMALL, "--steps", "2", "--batch-size", "2", *extra]
 
 
+def _compare(world, more, out: Path, *extra) -> list[str]:
+    return ["compare", world["src"], "--out", out, "--calib-data", world["calib"], "--train-data", more["train"],
+            "--ppl-data", more["ppl"], *SMALL, "--methods", "gptq,gift-post", "--steps", "2", "--batch-size", "2",
+            "--max-windows", "2", "--ppl-seq-len", "32", *extra]
+
+
 def _eval(world, more, *extra) -> list[str]:
     return ["eval", world["ckpt"], "--ppl-data", more["ppl"], "--seq-len", "32", "--max-windows", "2", "--device",
             "cpu", "--no-progress", *extra]
@@ -613,6 +619,16 @@ SETTINGS_CASES = {
     "quantize --calib-data a record of the wrong type": (
         lambda w, m, o: _quantize(w, o, "--calib-data", m["data"] / "text-number.jsonl"),
         ["text-number.jsonl:1", "'text' must be a string"]),
+    "compare --train-data missing": (lambda w, m, o: _compare(w, m, o, "--train-data", o.parent / "nope.jsonl"),
+                                     ["nope.jsonl", "does not exist"]),
+    "compare --ppl-seq-len past the positions": (lambda w, m, o: _compare(w, m, o, "--ppl-seq-len", "4096"),
+                                                 ["--ppl-seq-len 4096", "256 positions"]),
+    "compare --limit 0": (lambda w, m, o: _compare(w, m, o, "--limit", "0"), ["--limit 0"]),
+    "compare --out holding the training data": (
+        lambda w, m, o: _compare(w, m, m["data"], "--train-data", m["data"] / "list.jsonl"),
+        ["contains the training data"]),
+    "eval --tasks with --limit 0": (lambda w, m, o: _eval(w, m, "--tasks", "arc_easy", "--limit", "0"),
+                                    ["--limit 0"]),
     "finetune --lr nan": (lambda w, m, o: _finetune(w, m, o, "--lr", "nan"), ["--lr nan"]),
     "finetune --steps -1": (lambda w, m, o: _finetune(w, m, o, "--steps", "-1"), ["--steps -1"]),
     "finetune --seq-len past the positions": (lambda w, m, o: _finetune(w, m, o, "--seq-len", "300"),

@@ -94,6 +94,7 @@ def cmd_eval(a) -> dict:
     if a.tasks:
         from ..eval.zeroshot import format_table, run_eval_tasks
 
+        _check_limit(a)
         res = run_eval_tasks(a.path, a.tasks, limit=a.limit, batch_size=a.batch_size,
                              device_name=a.device or "auto", trust_remote_code=a.trust_remote_code,
                              progress=not a.no_progress, seed=a.seed)
@@ -153,9 +154,16 @@ def parse_lr_grid(text: str, methods: list[str]) -> dict[str, tuple[float, ...]]
     return grid
 
 
+def _check_limit(a) -> None:
+    for flag, value in (("--limit", getattr(a, "limit", None)), ("--batch-size", getattr(a, "batch_size", None))):
+        if value is not None and value < 1:
+            raise GiftQuantError(f"{flag} {value} must be a whole number >= 1")
+
+
 def cmd_compare(a) -> dict:
     from ..compare.peft import run_compare_peft
     from ..compare.recovery import METHODS, run_compare
+    from ..workflows.stages import preflight
 
     recipe = read_recipe(a.recipe)
     qcfg = build(QuantizeConfig, recipe, "quantize", _quantize_overrides(a))
@@ -171,6 +179,8 @@ def cmd_compare(a) -> dict:
             raise GiftQuantError(f"unknown PEFT method(s) {unknown}; choose from {', '.join(PEFT_METHODS)}")
         tasks = [] if not a.tasks else _expand_tasks(a.tasks)
         grid = parse_lr_grid(a.lr_grid, methods) if a.lr_grid else None
+        _check_limit(a)
+        preflight(a.model_dir, qcfg, rcfg)
         run_compare_peft(a.model_dir, Path(a.out), methods, qcfg, rcfg, tasks, a.limit, progress=not a.no_progress,
                          lr_grid=grid)
         print((Path(a.out) / "report_peft.md").read_text())
@@ -184,6 +194,9 @@ def cmd_compare(a) -> dict:
     for b in a.bits or [qcfg.bits]:
         QuantizeConfig(bits=b)  # validates each width up front
     tasks = [] if not a.tasks else _expand_tasks(a.tasks)
+    _check_limit(a)
+    _check_run(a, qcfg, rcfg, ecfg)
+    preflight(a.model_dir, qcfg, rcfg, ecfg)
     doc = run_compare(a.model_dir, Path(a.out), a.bits or [qcfg.bits], methods, qcfg, rcfg, ecfg, tasks, a.limit,
                       progress=not a.no_progress)
     print((Path(a.out) / "report.md").read_text())

@@ -49,7 +49,7 @@ from ..recover.model import convert_to_quant, linear_weights, prepare_quantized
 from ..recover.training import train_stage
 from ..util.errors import writing
 
-__all__ = ["calibration_set", "check_data", "convert_recovered", "evaluate_perplexity", "load_source",
+__all__ = ["calibration_set", "check_data", "convert_recovered", "preflight", "evaluate_perplexity", "load_source",
            "prepare_recovery", "quantize_stage", "quantize_to_checkpoint", "run_inputs", "select_salient",
            "train_stage"]
 
@@ -83,6 +83,20 @@ def check_data(tokenizer, qcfg: QuantizeConfig | None = None, rcfg: RecoverConfi
     if ecfg is not None:
         eval_windows(tokenizer, load_documents(ecfg.ppl_data, default_split="test"), ecfg.seq_len, 1,
                      source=ecfg.ppl_data)
+
+
+def preflight(model_dir: str | None, qcfg: QuantizeConfig, rcfg: RecoverConfig | None = None,
+              ecfg: EvalConfig | None = None, trust_remote_code: bool = False) -> Path:
+    """What a command checks before its first expensive stage (compare runs its methods as subprocesses that
+    would each fail late): the model folder, every window against its positions, every data source."""
+    src = resolve_model_dir(model_dir)
+    lengths = {"--seq-len": qcfg.seq_len, **({"recover.seq_len": rcfg.seq_len} if rcfg else {}),
+               **({"--ppl-seq-len": ecfg.seq_len} if ecfg else {})}
+    check_lengths(src, lengths, trust_remote_code)
+    tokenizer = load_tokenizer(src, trust_remote_code)
+    calibration_set(tokenizer, qcfg)
+    check_data(tokenizer, qcfg, rcfg, ecfg)
+    return src
 
 
 def load_source(src: Path, cfg: QuantizeConfig, dtype: torch.dtype, trust_remote_code: bool = False):
