@@ -1,13 +1,14 @@
 """``inspect``: what a checkpoint folder holds, for the native format and for gift-quant's exports.
 
 ``inspect_checkpoint(path)`` returns a JSON-able dict; ``format_report(info)`` renders it for people.
-Only metadata, tensor headers and the (small) LoRA ``A`` matrices are read: inspecting a large model
-costs no more memory than its adapter.
+Metadata, tensor headers, the (small) LoRA ``A`` matrices and, for a native checkpoint, the files' sha256
+and its index and floating buffers (the integrity check) are read; no model weights are materialized.
 
 Kinds recognised:
 
-* ``gift-quant``: the native checkpoint (``gift_quant_config.json``): bits, group size, salient
-  columns per layer, effective bits per weight as recorded at quantization, provenance.
+* ``gift-quant``: the native checkpoint (``gift_quant_config.json``): its health is the integrity check
+  that load, eval and export run (packed/integrity.py: never "verified" where they refuse); bits, groups,
+  salient columns and effective bits per layer as measured from the packed tensors, provenance.
 * ``gptq-lora`` / ``gptq``: a GPTQ folder (``quantize_config.json`` or ``config.json``'s
   ``quantization_config``) with or without a PEFT adapter in ``adapter/``; the salient count of a layer
   is the number of non-zero rows of its ``lora_A``; effective bits are what the files store (padded
