@@ -174,6 +174,19 @@ def test_overwrite_refuses_a_folder_with_user_files_and_removes_nothing(base, tm
     assert tree(out) == before
 
 
+@pytest.mark.parametrize("name", ["tokenizer_backup.json", "vocab.old", "chat_template.mine.jinja"])
+def test_a_user_file_named_like_a_tokenizer_file_is_not_taken_for_one(base, tmp_path, capsys, stop_after_prepare,
+                                                                     name):
+    """The checkpoint names the tokenizer files it copied, so a look-alike the user added is theirs."""
+    out = tmp_path / "out"
+    shutil.copytree(base["q"], out)
+    (out / name).write_text("mine")
+    before = tree(out)
+    line = one_error(capsys, main(quantize(base["src"], out, base["calib"], "--overwrite")))
+    assert f"1 file(s) gift-quant did not write ({name})" in line
+    assert tree(out) == before
+
+
 def test_overwrite_of_a_clean_earlier_output_replaces_it(base, tmp_path, capsys):
     """The positive control: an earlier output of gift-quant's alone is replaced by the new run (bits 4)."""
     out = tmp_path / "out"

@@ -45,11 +45,15 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
     return (Path(path) / CONFIG_NAME).is_file()
 
 
-def copy_tokenizer_files(src: Path, dst: Path) -> None:
+def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+    """Copy the tokenizer and generation files of ``src`` into ``dst``; returns their names (sorted)."""
+    names = set()
     for pattern in _COPY_PATTERNS:
         for f in src.glob(pattern):
             if f.is_file():
                 shutil.copy2(f, dst / f.name)
+                names.add(f.name)
+    return sorted(names)
 
 
 def save_checkpoint(model: nn.Module, out_dir: Path, source_dir: Path, gift_config: dict) -> None:
@@ -69,11 +73,12 @@ def save_checkpoint(model: nn.Module, out_dir: Path, source_dir: Path, gift_conf
     cfg.pop("quantization_config", None)
     atomic_write_text(out_dir / "config.json", json.dumps(cfg, indent=2, default=str))
     with writing(out_dir):
-        copy_tokenizer_files(source_dir, out_dir)
+        copied = copy_tokenizer_files(source_dir, out_dir)
     # the format and manifest are this writer's, never those of a config ``gift_config`` was copied from
     doc = {"format": FORMAT, "format_version": FORMAT_VERSION,
-           **{k: v for k, v in gift_config.items() if k not in ("format", "format_version", "files")}}
+           **{k: v for k, v in gift_config.items() if k not in ("format", "format_version", "files", "copied_files")}}
     doc["files"] = {name: sha256_file(out_dir / name) for name in (WEIGHTS_NAME, "config.json")}
+    doc["copied_files"] = copied  # not verified (users edit chat templates); named so --overwrite knows them
     atomic_write_text(out_dir / CONFIG_NAME, json.dumps(doc, indent=1))
 
 

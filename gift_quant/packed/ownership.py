@@ -70,6 +70,19 @@ def _ours_in_run(rel: str) -> bool:
     return _matches(rel, RUN_LAYOUT)
 
 
+def _copied_record(out: Path) -> set[str] | None:
+    """The tokenizer files a finished output names as copied (its checkpoint config or finetune summary);
+    None when it names none (unfinished, or written by an older gift-quant): then their patterns decide."""
+    for name in ("gift_quant_config.json", "finetune_summary.json"):
+        try:
+            copied = json.loads((out / name).read_text(encoding="utf-8")).get("copied_files")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(copied, list):
+            return {c for c in copied if isinstance(c, str)}
+    return None
+
+
 def _export_record(out: Path) -> list[str] | None:
     try:
         files = json.loads((out / EXPORT_INFO).read_text(encoding="utf-8")).get("files_written")
@@ -84,6 +97,7 @@ def owned_files(out: Path) -> tuple[list[Path], list[Path]]:
     out = Path(out)
     export = (out / EXPORT_INFO).is_file()
     record = set(_export_record(out) or ()) | {EXPORT_INFO} if export else None
+    copied = None if export else _copied_record(out)
     ours, other = [], []
     for root, dirs, files in os.walk(out, followlinks=False):
         here = Path(root)
@@ -108,7 +122,8 @@ def owned_files(out: Path) -> tuple[list[Path], list[Path]]:
             elif rel.startswith("run/"):
                 (ours if _ours_in_run(rel[4:]) else other).append(p)
             else:
-                (ours if _matches(rel, OUTPUT_LAYOUT) or _tokenizer_file(rel) else other).append(p)
+                tokenizer = _tokenizer_file(rel) and (copied is None or rel in copied)
+                (ours if _matches(rel, OUTPUT_LAYOUT) or tokenizer else other).append(p)
     return ours, other
 
 

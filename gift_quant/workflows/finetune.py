@@ -93,10 +93,10 @@ def run_finetune(model_dir: str | None, out: str | Path, qcfg: QuantizeConfig, r
                   base_model=str(src.resolve()))
     with writing(out):
         model.save_pretrained(out)
-        copy_tokenizer_files(src, out)
+        copied = copy_tokenizer_files(src, out)
     trainable = sum(v[1].numel() for v in deltas.values())
     result = {"out": str(out), "adapter": str(out / "adapter"), "lora_rank": r, "trainable_params": trainable,
               "noise": rcfg.noise, "noise_bits": noise_bits, "dtype": str(in_dtype).replace("torch.", ""),
-              "final_loss": stages.done["train"].get("final_loss")}
+              "final_loss": stages.done["train"].get("final_loss"), "copied_files": copied}
     atomic_write_text(out / "finetune_summary.json", json.dumps(result, indent=1))
     return result
