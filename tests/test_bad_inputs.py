@@ -197,6 +197,9 @@ NEW_CHECKPOINT_CASES = {
     "infinite salient column, manifest rewritten": (
         _retensor(lambda t, d: t[f"{_first_name(d)}.salient_weight"].view(-1)[0:1].fill_(float("inf"))),
         ["non-finite salient_weight"]),
+    "zero points stored for a symmetric layer, manifest rewritten": (
+        _retensor(lambda t, d: t.update({f"{_first_name(d)}.qzeros": torch.zeros(1, 24, dtype=torch.int32)})),
+        ["qzeros", "symmetric"]),
     "a packed layer the config does not name": (
         _retensor(lambda t, d: t.update({"model.extra.qweight": torch.zeros(2, 2, dtype=torch.int32)})),
         ["packed layer model.extra"]),

@@ -94,6 +94,8 @@ def _check_layer(f: Path, h, headers: dict, doc: dict, name: str) -> dict:
     for s in need:
         if f"{name}.{s}" not in headers:
             raise _damaged(f, f"lacks {name}.{s}, which {CONFIG_NAME} implies (layer {name})")
+    if sym and f"{name}.qzeros" in headers:  # load would refuse it as unexpected: so must every reader
+        raise _damaged(f, f"stores {name}.qzeros, which a symmetric layer ({CONFIG_NAME}: sym true) does not have")
     kinds = {"qweight": _INT, "g_idx": _INT, "salient_idx": _INT, "qzeros": _INT, "scales": _FLOAT,
              "salient_weight": _FLOAT, "bias": _FLOAT}
     for s, allowed in kinds.items():
