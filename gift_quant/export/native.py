@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 
 from ..model.loading import parse_dtype
-from ..packed.checkpoint import WEIGHTS_NAME, read_gift_config, read_spec, verify_files
+from ..packed.checkpoint import WEIGHTS_NAME, read_spec, verify_checkpoint
 from ..packed.qlinear import QuantLinear
 from ..util.errors import GiftQuantError
 
@@ -40,8 +40,8 @@ class NativeCheckpoint:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.doc = read_gift_config(self.path)
-        verify_files(self.path, self.doc)  # the sha256 recorded when the checkpoint was written
+        self.verified = verify_checkpoint(self.path)  # the one integrity check every reader runs
+        self.doc = self.verified.doc
         try:
             self.config = json.loads((self.path / "config.json").read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
