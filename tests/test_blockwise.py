@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from tiny import corpus, make_model_dir
+from tiny import QUIET_CPU, corpus, make_model_dir
 
 from gift_quant.config.settings import EvalConfig, QuantizeConfig, RecoverConfig
 from gift_quant.model.loading import load_model, load_tokenizer
@@ -23,7 +23,7 @@ def setup(tmp_path_factory):
     (root / "train.txt").write_text(corpus(3000, seed=2))
     (root / "eval.txt").write_text(corpus(2000, seed=3))
     qcfg = QuantizeConfig(bits=2, salient=8, calib_data=str(root / "calib.txt"), calib_samples=8, seq_len=32,
-                          calib_batch_size=4, device="cpu", salient_dtype="float32")
+                          calib_batch_size=4, salient_dtype="float32")
     return root, src, qcfg
 
 
@@ -71,7 +71,7 @@ def test_recover_with_kd_on_plain_text_and_blockwise_end_to_end(setup, tmp_path)
                          blockwise_steps=2)
     ecfg = EvalConfig(ppl_data=str(root / "eval.txt"), seq_len=32, max_windows=4)
     out = tmp_path / "out"
-    summary = run_recover(str(src), out, qcfg, rcfg, ecfg, progress=False)
+    summary = run_recover(str(src), out, qcfg, rcfg, ecfg, runtime=QUIET_CPU)
     assert summary["ppl_after"] > 0 and summary["ppl_before"] > 0
     metrics = [json.loads(x) for x in (out / "run" / "recover" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3] and all(m["loss"] >= 0 for m in metrics)
@@ -86,7 +86,7 @@ def test_recover_with_kd_on_plain_text_and_blockwise_end_to_end(setup, tmp_path)
     # lean output: run/ keeps its record and training curve only; a rerun still finds everything finished
     kept = sorted(str(p.relative_to(out / "run")) for p in (out / "run").rglob("*") if p.is_file())
     assert kept == ["recover/metrics.jsonl", "run.json", "stages.json"], kept
-    assert run_recover(str(src), out, qcfg, rcfg, ecfg, progress=False)["ppl_after"] == summary["ppl_after"]
+    assert run_recover(str(src), out, qcfg, rcfg, ecfg, runtime=QUIET_CPU)["ppl_after"] == summary["ppl_after"]
 
 
 def test_clean_command_removes_resumable_state(setup, tmp_path, capsys):
@@ -96,7 +96,7 @@ def test_clean_command_removes_resumable_state(setup, tmp_path, capsys):
     rcfg = RecoverConfig(steps=1, batch_size=2, seq_len=32, train_data=str(root / "train.txt"), loss="ce")
     ecfg = EvalConfig(ppl_data=str(root / "eval.txt"), seq_len=32, max_windows=2)
     out = tmp_path / "out"
-    run_recover(str(src), out, qcfg, rcfg, ecfg, progress=False, keep_intermediate=True)
+    run_recover(str(src), out, qcfg, rcfg, ecfg, runtime=QUIET_CPU, keep_intermediate=True)
     assert (out / "run" / "quantized" / "model.safetensors").is_file()
     assert main(["clean", str(out)]) == 0
     assert not (out / "run" / "quantized").exists() and (out / "run" / "stages.json").is_file()
@@ -108,7 +108,7 @@ def test_blockwise_only_recover_skips_end_to_end_training(setup, tmp_path):
     root, src, qcfg = setup
     rcfg = RecoverConfig(steps=0, blockwise_steps=3, train_data=str(root / "train.txt"))
     ecfg = EvalConfig(ppl_data=str(root / "eval.txt"), seq_len=32, max_windows=4)
-    summary = run_recover(str(src), tmp_path / "out", qcfg, rcfg, ecfg, progress=False)
+    summary = run_recover(str(src), tmp_path / "out", qcfg, rcfg, ecfg, runtime=QUIET_CPU)
     assert not (tmp_path / "out" / "run" / "recover" / "metrics.jsonl").exists()
     assert summary["ppl_after"] == pytest.approx(summary["ppl_before"], rel=1e-5)  # same model, evaluated twice
 

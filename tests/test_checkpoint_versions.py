@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import cli_world
+from tiny import QUIET_CPU, cli_world
 
 from gift_quant.config.settings import QuantizeConfig, QuantSpec
 from gift_quant.packed.checkpoint import CONFIG_NAME, FORMAT_VERSION, load, read_gift_config, read_spec
@@ -24,8 +24,8 @@ def today(tmp_path_factory):
     root = tmp_path_factory.mktemp("versions")
     world = cli_world(root)
     q = read_gift_config(V1)["quantize"]
-    cfg = QuantizeConfig(**{**q, "calib_data": str(world["calib"]), "device": "cpu"})
-    quantize_to_checkpoint(str(world["src"]), root / "q", cfg, progress=False)
+    cfg = QuantizeConfig(**{**q, "calib_data": str(world["calib"])})
+    quantize_to_checkpoint(str(world["src"]), root / "q", cfg, runtime=QUIET_CPU)
     return root / "q"
 
 

@@ -137,7 +137,7 @@ def test_gift_pre_injects_noise_at_the_target_bits_whatever_the_post_setting(tmp
     monkeypatch.setattr(pipeline, "run_recover", fake_recover)
     src = make_model_dir("llama", tmp_path / "src")
     with pytest.raises(RuntimeError, match="stop here"):
-        run_method("gift-pre", str(src), tmp_path / "root", QuantizeConfig(bits=3, device="cpu"),
+        run_method("gift-pre", str(src), tmp_path / "root", QuantizeConfig(bits=3),
                    RecoverConfig(noise_bits=4), EvalConfig(), [], None)
     assert seen == {"variant": "pre", "noise_bits": 3}
 

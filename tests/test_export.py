@@ -19,7 +19,7 @@ import textwrap
 
 import pytest
 import torch
-from tiny import ARCHS, corpus, make_model_dir, make_tokenizer, tiny_config
+from tiny import ARCHS, QUIET_CPU, corpus, make_model_dir, make_tokenizer, tiny_config
 
 from gift_quant.config.settings import QuantizeConfig
 from gift_quant.export import (
@@ -92,8 +92,8 @@ def quantized_checkpoints(root, src, calib, cases: dict):
 
     def get(name):
         if name not in made:
-            cfg = QuantizeConfig(calib_data=str(calib), calib_samples=4, seq_len=32, device="cpu", **cases[name])
-            quantize_to_checkpoint(str(src), root / name, cfg, progress=False)
+            cfg = QuantizeConfig(calib_data=str(calib), calib_samples=4, seq_len=32, **cases[name])
+            quantize_to_checkpoint(str(src), root / name, cfg, runtime=QUIET_CPU)
             made[name] = root / name
         return made[name]
 
@@ -286,9 +286,9 @@ def test_recovered_checkpoint_exports(src, calib, ids, tmp_path, no_compile):
     from gift_quant.packed.checkpoint import read_gift_config, save_checkpoint
     from gift_quant.recover.model import convert_to_quant, prepare_quantized, salient_layers
 
-    cfg = QuantizeConfig(calib_data=str(calib), calib_samples=4, seq_len=32, device="cpu", bits=3, group_size=32,
+    cfg = QuantizeConfig(calib_data=str(calib), calib_samples=4, seq_len=32, bits=3, group_size=32,
                          salient=5, salient_dtype="float32")
-    quantize_to_checkpoint(str(src), tmp_path / "q", cfg, progress=False)
+    quantize_to_checkpoint(str(src), tmp_path / "q", cfg, runtime=QUIET_CPU)
     model = prepare_quantized(load(tmp_path / "q"), noise="none")
     with torch.no_grad():
         for layer in salient_layers(model).values():
@@ -321,9 +321,9 @@ def test_gptq_lora_and_dense_other_archs(arch, calib, ids, tmp_path, no_compile)
     from transformers import AutoModelForCausalLM, GPTQConfig
 
     src = make_model_dir(arch, tmp_path / "src")
-    cfg = QuantizeConfig(calib_data=str(calib), calib_samples=4, seq_len=32, device="cpu", bits=4, group_size=32,
+    cfg = QuantizeConfig(calib_data=str(calib), calib_samples=4, seq_len=32, bits=4, group_size=32,
                          salient=4)
-    quantize_to_checkpoint(str(src), tmp_path / "q", cfg, progress=False)
+    quantize_to_checkpoint(str(src), tmp_path / "q", cfg, runtime=QUIET_CPU)
     ref = reference_logits(tmp_path / "q", ids)
     export_gptq_lora(tmp_path / "q", tmp_path / "g")
     export_dense(tmp_path / "q", tmp_path / "d")
@@ -445,8 +445,8 @@ def tied(calib, ids, tmp_path_factory):
     """(native checkpoint of a tied-embedding model, logits of the in-memory quantized model)."""
     root = tmp_path_factory.mktemp("tied")
     src = make_src(root / "src", tied=True)
-    cfg = QuantizeConfig(calib_data=str(calib), calib_samples=4, seq_len=32, device="cpu", **CASES["w4g32"])
-    qmodel, _ = quantize_to_checkpoint(str(src), root / "q", cfg, progress=False)
+    cfg = QuantizeConfig(calib_data=str(calib), calib_samples=4, seq_len=32, **CASES["w4g32"])
+    qmodel, _ = quantize_to_checkpoint(str(src), root / "q", cfg, runtime=QUIET_CPU)
     with torch.no_grad():
         return root / "q", qmodel(ids).logits
 

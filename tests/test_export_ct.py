@@ -22,7 +22,7 @@ import warnings
 import pytest
 import torch
 from test_export import make_src, quantized_checkpoints, rel_err
-from tiny import corpus, make_model_dir
+from tiny import QUIET_CPU, corpus, make_model_dir
 
 from gift_quant.cli.app import main
 from gift_quant.config.settings import QuantizeConfig
@@ -206,8 +206,8 @@ def test_tied_embeddings(calib, ids, tmp_path):
     from peft import PeftModel
 
     src = make_src(tmp_path / "src", tied=True)
-    cfg = QuantizeConfig(calib_data=str(calib), calib_samples=4, seq_len=32, device="cpu", bits=3, salient=4)
-    quantize_to_checkpoint(str(src), tmp_path / "q", cfg, progress=False)
+    cfg = QuantizeConfig(calib_data=str(calib), calib_samples=4, seq_len=32, bits=3, salient=4)
+    quantize_to_checkpoint(str(src), tmp_path / "q", cfg, runtime=QUIET_CPU)
     export_compressed_tensors(tmp_path / "q", tmp_path / "ct")
     base = load_export(tmp_path / "ct")
     assert base.lm_head.weight.data_ptr() == base.model.embed_tokens.weight.data_ptr()
@@ -232,8 +232,8 @@ def test_other_archs(arch, calib, ids, tmp_path):
                 if n.endswith(".bias"):
                     prm.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
         m.save_pretrained(src)
-    cfg = QuantizeConfig(calib_data=str(calib), calib_samples=4, seq_len=32, device="cpu", bits=4, salient=4)
-    quantize_to_checkpoint(str(src), tmp_path / "q", cfg, progress=False)
+    cfg = QuantizeConfig(calib_data=str(calib), calib_samples=4, seq_len=32, bits=4, salient=4)
+    quantize_to_checkpoint(str(src), tmp_path / "q", cfg, runtime=QUIET_CPU)
     export_compressed_tensors(tmp_path / "q", tmp_path / "ct")
     base = load_export(tmp_path / "ct")
     if arch == "qwen2":

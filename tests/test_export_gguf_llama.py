@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from test_export import make_src, quantized_checkpoints
-from tiny import corpus
+from tiny import QUIET_CPU, corpus
 
 from gift_quant.export import export_gguf
 from gift_quant.export.gguf import LORA_FILE, MODEL_FILE
@@ -162,8 +162,8 @@ def test_llama_cpp_runs_the_default_model_at_4_bits(tmp_path):
     passage = load_named_text("sotu", "test", limit=1)[0][:4000]
     ids = tok(passage)["input_ids"]
     windows = [ids[i * 128:(i + 1) * 128] for i in range(2)]
-    cfg = QuantizeConfig(bits=4, group_size=32, algorithm="rtn", calib_samples=8, seq_len=128, device="cpu")
-    quantize_to_checkpoint(str(src), tmp_path / "ckpt", cfg, progress=False)
+    cfg = QuantizeConfig(bits=4, group_size=32, algorithm="rtn", calib_samples=8, seq_len=128)
+    quantize_to_checkpoint(str(src), tmp_path / "ckpt", cfg, runtime=QUIET_CPU)
     r = measure(tmp_path / "ckpt", tmp_path, windows, ids[:16])
     print({k: d for k, d in r.items() if k != "llm"})
     assert r["f32"]["rel"] < 1e-5

@@ -20,7 +20,7 @@ import warnings
 
 import pytest
 import torch
-from tiny import corpus, make_tokenizer, tiny_config
+from tiny import QUIET_CPU, corpus, make_tokenizer, tiny_config
 
 from gift_quant.config.settings import QuantizeConfig
 from gift_quant.export import ADAPTER_DIR, NativeCheckpoint, export
@@ -79,9 +79,9 @@ def test_default_export_is_exact_in_compressed_tensors_and_transformers(case, sr
 
     bits, gs, sym, act = case
     cfg = QuantizeConfig(bits=bits, group_size=gs, sym=sym, act_order=act, salient=12, calib_data=str(calib),
-                         calib_samples=4, seq_len=32, device="cpu")
+                         calib_samples=4, seq_len=32)
     native = tmp_path / "native"
-    quantize_to_checkpoint(str(src), native, cfg, progress=False)
+    quantize_to_checkpoint(str(src), native, cfg, runtime=QUIET_CPU)
     nat = NativeCheckpoint(native)
     summary = export(native, tmp_path / "ct")  # the default format choice
     assert summary["format"] == "compressed-tensors", summary.get("chosen_because")

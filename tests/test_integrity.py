@@ -4,7 +4,7 @@ import json
 
 import pytest
 from safetensors.torch import load_file, save_file
-from tiny import corpus, make_model_dir
+from tiny import QUIET_CPU, corpus, make_model_dir
 
 from gift_quant.config.settings import QuantizeConfig
 from gift_quant.packed.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load
@@ -18,9 +18,8 @@ def ckpt(tmp_path_factory):
     root = tmp_path_factory.mktemp("integrity")
     src = make_model_dir("llama", root / "src")
     (root / "calib.txt").write_text(corpus(2000, seed=4))
-    cfg = QuantizeConfig(bits=3, salient=4, calib_data=str(root / "calib.txt"), calib_samples=4, seq_len=32,
-                         device="cpu")
-    quantize_to_checkpoint(str(src), root / "q", cfg, progress=False)
+    cfg = QuantizeConfig(bits=3, salient=4, calib_data=str(root / "calib.txt"), calib_samples=4, seq_len=32)
+    quantize_to_checkpoint(str(src), root / "q", cfg, runtime=QUIET_CPU)
     return root / "q"
 
 

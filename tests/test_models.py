@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from tiny import ARCHS, corpus, make_model_dir
+from tiny import ARCHS, QUIET_CPU, corpus, make_model_dir
 
 from gift_quant.config.settings import QuantizeConfig
 from gift_quant.model import capture
@@ -25,7 +25,7 @@ def calib_file(tmp_path_factory):
 
 
 def _cfg(calib, **kw):
-    base = dict(bits=3, salient=4, calib_data=str(calib), calib_samples=6, seq_len=32, device="cpu")
+    base = dict(bits=3, salient=4, calib_data=str(calib), calib_samples=6, seq_len=32)
     base.update(kw)
     return QuantizeConfig(**base)
 
@@ -41,7 +41,7 @@ VARIANTS = {
 def test_quantize_roundtrip(arch, tmp_path, calib_file):
     src = make_model_dir(arch, tmp_path / "src")
     cfg = _cfg(calib_file, **VARIANTS[arch])
-    model, _ = quantize_to_checkpoint(str(src), tmp_path / "out", cfg, progress=False)
+    model, _ = quantize_to_checkpoint(str(src), tmp_path / "out", cfg, runtime=QUIET_CPU)
     out = tmp_path / "out"
     # every linear inside the blocks is quantized; nothing else is
     _, blocks = find_blocks(model)
@@ -83,7 +83,7 @@ def test_blocks_calibrated_sequentially_and_true_sequential(tmp_path, calib_file
         return real(block, names, inputs, kwargs, on_input)
 
     monkeypatch.setattr(engine, "collect_inputs", spy)
-    model, _ = quantize_to_checkpoint(str(src), tmp_path / "out", _cfg(calib_file), progress=False)
+    model, _ = quantize_to_checkpoint(str(src), tmp_path / "out", _cfg(calib_file), runtime=QUIET_CPU)
     groups = [names for _, names, _, _ in seen]
     assert groups[:4] == [["self_attn.q_proj"], ["self_attn.o_proj"], ["mlp.gate_proj"], ["mlp.down_proj"]]
     kinds_at_down = seen[3][3]

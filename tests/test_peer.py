@@ -16,8 +16,7 @@ def test_peer_checkpoint_decodes_like_gptqmodel_loads_it(tmp_path, no_compile):
     src = make_src(tmp_path / "src", tied=False)
     calib = tmp_path / "calib.txt"
     calib.write_text(corpus(2000, seed=1))
-    cfg = QuantizeConfig(bits=4, group_size=-1, salient=0, calib_data=str(calib), calib_samples=4, seq_len=32,
-                         device="cpu")
+    cfg = QuantizeConfig(bits=4, group_size=-1, salient=0, calib_data=str(calib), calib_samples=4, seq_len=32)
     plain, bits = quantize_with_gptqmodel(src, tmp_path / "peer", cfg)
     # effective bits = every stored bit of the quantized layers (qweight, qzeros, scales, g_idx) / weights
     from safetensors.torch import load_file

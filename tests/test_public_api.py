@@ -4,7 +4,7 @@ import re
 from pathlib import Path
 
 import torch
-from tiny import corpus, make_model_dir
+from tiny import QUIET_CPU, corpus, make_model_dir
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 TEMPLATE = ("{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
@@ -30,7 +30,7 @@ def test_readme_python_block_runs_and_generates_with_the_kv_cache(tmp_path, caps
     (tmp_path / "text.txt").write_text(corpus(3000, seed=3))
     out = tmp_path / "ckpt"
     quantize_to_checkpoint(str(src), out, QuantizeConfig(bits=4, salient=4, calib_data=str(tmp_path / "text.txt"),
-                                                         calib_samples=4, seq_len=32, device="cpu"), progress=False)
+                                                         calib_samples=4, seq_len=32), runtime=QUIET_CPU)
     code = _python_block().replace("runs/smollm2-w3", str(out))
     code = code.replace("EvalConfig(max_windows=8)", f"EvalConfig(ppl_data={str(tmp_path / 'text.txt')!r}, "
                                                       "seq_len=32, max_windows=4)")

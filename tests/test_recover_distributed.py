@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import QUIET_CPU
 
 HERE = Path(__file__).resolve()
 # name -> (noise, loss): the KD run distils from the tiny source model on every rank's micro-batch
@@ -89,7 +90,7 @@ def runs(tmp_path_factory):
     torch.set_num_threads(1)
     try:
         quantize_to_checkpoint(str(src), root / "ckpt", QuantizeConfig(
-            bits=3, salient=4, calib_data=str(calib), calib_samples=4, seq_len=32, device="cpu"), progress=False)
+            bits=3, salient=4, calib_data=str(calib), calib_samples=4, seq_len=32), runtime=QUIET_CPU)
     finally:
         torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from tiny import corpus, make_model_dir
+from tiny import QUIET_CPU, corpus, make_model_dir
 
 from gift_quant.config.settings import QuantizeConfig, RecoverConfig, read_recipe
 from gift_quant.packed.checkpoint import load, read_gift_config, read_spec, save_checkpoint
@@ -20,9 +20,9 @@ def quantized(tmp_path_factory):
     src = make_model_dir("llama", root / "src")
     calib = root / "calib.txt"
     calib.write_text(corpus(3000, seed=1))
-    cfg = QuantizeConfig(bits=3, salient=8, calib_data=str(calib), calib_samples=6, seq_len=32, device="cpu",
+    cfg = QuantizeConfig(bits=3, salient=8, calib_data=str(calib), calib_samples=6, seq_len=32,
                          salient_dtype="float32")
-    quantize_to_checkpoint(str(src), root / "q", cfg, progress=False)
+    quantize_to_checkpoint(str(src), root / "q", cfg, runtime=QUIET_CPU)
     return root, src
 
 

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny import corpus, make_model_dir
+from tiny import QUIET_CPU, corpus, make_model_dir
 
 from gift_quant.config.settings import QuantizeConfig
 from gift_quant.model.loading import load_model
@@ -33,7 +33,7 @@ def ckpt(src, tmp_path_factory):
     calib.write_text(corpus(2000, seed=1))
     out = tmp_path_factory.mktemp("ckpt") / "q"
     quantize_to_checkpoint(str(src), out, QuantizeConfig(calib_data=str(calib), calib_samples=4, seq_len=32,
-                                                         salient=4, device="cpu"), progress=False)
+                                                         salient=4), runtime=QUIET_CPU)
     return out
 
 

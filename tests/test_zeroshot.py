@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tiny import make_model_dir
+from tiny import QUIET_CPU, make_model_dir
 
 pytest.importorskip("lm_eval")
 
@@ -325,11 +325,10 @@ def test_gift_quant_checkpoint_is_evaluated_as_a_module(tmp_path, torch_single_t
     src = make_model_dir("llama", tmp_path / "src")
     calib = tmp_path / "calib.txt"
     calib.write_text(corpus(2000, seed=1))
-    cfg = QuantizeConfig(bits=4, salient=4, calib_data=str(calib), calib_samples=4, seq_len=32, device="cpu",
+    cfg = QuantizeConfig(bits=4, salient=4, calib_data=str(calib), calib_samples=4, seq_len=32,
                          salient_dtype="float32")
-    quantize_to_checkpoint(str(src), tmp_path / "q", cfg, progress=False)
-    res = run_eval_tasks(str(tmp_path / "q"), "winogrande,piqa", limit=4, batch_size=4, device_name="cpu",
-                         progress=False)
+    quantize_to_checkpoint(str(src), tmp_path / "q", cfg, runtime=QUIET_CPU)
+    res = run_eval_tasks(str(tmp_path / "q"), "winogrande,piqa", limit=4, batch_size=4, runtime=QUIET_CPU)
     assert res["kind"] == "gift-quant checkpoint" and res["effective_bits"] < 16
     assert [res["tasks"][t]["n"] for t in ("winogrande", "piqa")] == [4, 4]
     assert not res["mean_is_gift6"] and res["mean_tasks"] == ["piqa", "winogrande"]

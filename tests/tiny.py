@@ -7,6 +7,11 @@ from pathlib import Path
 
 import torch
 
+from gift_quant.config.settings import Runtime
+
+# how tests run the commands: on the CPU, without progress bars
+QUIET_CPU = Runtime(device="cpu", progress=False)
+
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt_neox"]
 
 WORDS = [

@@ -92,7 +92,7 @@ def _unpack_gptq(qweight, qzeros, scales, g_idx, bits: int, in_f: int, out_f: in
 
 
 def worker_gift(a) -> None:
-    from gift_quant.config.settings import QuantizeConfig
+    from gift_quant.config.settings import QuantizeConfig, Runtime
     from gift_quant.data.windows import fingerprint_tokens
     from gift_quant.eval.perplexity import perplexity
     from gift_quant.packed.checkpoint import read_gift_config
@@ -116,7 +116,7 @@ def worker_gift(a) -> None:
     windows = torch.load(a.calib, weights_only=True)
     cfg = QuantizeConfig(bits=a.bits, group_size=a.group_size, sym=True, act_order=False, static_groups=False,
                          clip=a.clip, damp=a.damp, block_size=a.block_size, salient=0, calib_samples=windows.shape[0],
-                         seq_len=windows.shape[1], seed=a.seed, dtype="float32", device="cpu")
+                         seq_len=windows.shape[1], seed=a.seed, dtype="float32")
     out = Path(a.ckpt)
     if out.exists():
         shutil.rmtree(out)
@@ -135,7 +135,8 @@ def worker_gift(a) -> None:
 
     pipeline.quantize_model = timed_quantize_model
     c0, t0 = time.process_time(), time.perf_counter()
-    model, summary = quantize_to_checkpoint(a.model_dir, out, cfg, overwrite=True, progress=True)
+    model, summary = quantize_to_checkpoint(a.model_dir, out, cfg, overwrite=True,
+                                            runtime=Runtime(device="cpu"))
     call_s, call_cpu = time.perf_counter() - t0, time.process_time() - c0
     pipeline.quantize_model = inner
     fp = read_gift_config(out)["provenance"]["calibration_fingerprint"]

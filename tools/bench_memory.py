@@ -105,8 +105,7 @@ def worker_quantize(args) -> dict:
     shape = shape_of(args.hidden, args.layers)
     model = build(shape)
     windows = torch.randint(0, VOCAB, (args.samples, args.seq), generator=torch.Generator().manual_seed(1))
-    cfg = QuantizeConfig(bits=3, calib_samples=args.samples, seq_len=args.seq, calib_batch_size=args.calib_batch,
-                         device="cpu")
+    cfg = QuantizeConfig(bits=3, calib_samples=args.samples, seq_len=args.seq, calib_batch_size=args.calib_batch)
     weights = tensor_bytes(model)
     rss0 = _status("VmRSS")
     exact = reset_peak()
@@ -139,7 +138,7 @@ def worker_step(args) -> dict:
     teacher = Teacher(copy.deepcopy(model), torch.device("cpu")) if args.loss == "kd" else None
     reference = linear_weights(model)
     calib = torch.randint(0, VOCAB, (4, 64), generator=torch.Generator().manual_seed(1))
-    cfg = QuantizeConfig(bits=3, algorithm="rtn", salient=args.k, calib_samples=4, seq_len=64, device="cpu")
+    cfg = QuantizeConfig(bits=3, algorithm="rtn", salient=args.k, calib_samples=4, seq_len=64)
     quantize_model(model, calib, cfg, torch.device("cpu"), None, progress=False)
     prepare_quantized(model, noise="normal", noise_bits=4, seed=0, reference=reference)
     del reference

@@ -142,14 +142,14 @@ def worker(args) -> dict:
 
 
 def ensure_checkpoint(path: Path, calib_samples: int) -> Path:
-    from gift_quant.config.settings import QuantizeConfig
+    from gift_quant.config.settings import QuantizeConfig, Runtime
     from gift_quant.packed.checkpoint import is_checkpoint
     from gift_quant.workflows.commands import quantize_to_checkpoint
 
     if not is_checkpoint(path):
         # calibration quality does not matter for step speed: a small calibration set keeps this quick
-        quantize_to_checkpoint(None, path, QuantizeConfig(bits=3, calib_samples=calib_samples, seq_len=128,
-                                                          device="cpu"), progress=True)
+        quantize_to_checkpoint(None, path, QuantizeConfig(bits=3, calib_samples=calib_samples, seq_len=128),
+                               runtime=Runtime(device="cpu"))
     return path
 
 

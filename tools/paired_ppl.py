@@ -35,11 +35,11 @@ def paired_summary(ref: list[float], other: list[float]) -> dict:
 
 
 def score(path: str, ppl_data: str, seq_len: int, max_windows: int) -> dict:
-    from gift_quant.config.settings import EvalConfig
+    from gift_quant.config.settings import EvalConfig, Runtime
     from gift_quant.workflows.commands import run_eval_ppl
 
     cfg = EvalConfig(ppl_data=ppl_data, seq_len=seq_len, max_windows=max_windows)
-    return run_eval_ppl(None if path == "default" else path, cfg, "cpu", progress=True)
+    return run_eval_ppl(None if path == "default" else path, cfg, "cpu", runtime=Runtime(device="cpu", progress=True))
 
 
 def main() -> None:

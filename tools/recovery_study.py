@@ -68,7 +68,7 @@ def _settings(config: str, bits: int, seed: int, steps: int):
     recipe = read_recipe(RECIPE)
     spec = {**BASE, "steps": steps, **CONFIGS[config]}
     spec.pop("method")
-    qcfg = build(QuantizeConfig, recipe, "quantize", {"bits": bits, "seed": seed, "device": "cpu"})
+    qcfg = build(QuantizeConfig, recipe, "quantize", {"bits": bits, "seed": seed})
     fields = {f.name for f in dataclasses.fields(RecoverConfig)}
     rcfg = RecoverConfig(**{k: v for k, v in spec.items() if k in fields}, seed=seed)
     ecfg = build(EvalConfig, recipe, "eval", {})
@@ -77,7 +77,10 @@ def _settings(config: str, bits: int, seed: int, steps: int):
 
 def run_job(config: str, bits: int, seed: int, start: Path, out: Path, steps: int) -> dict:
     from gift_quant.compare.recovery import evaluate_model, run_method
+    from gift_quant.config.settings import Runtime
     from gift_quant.model.loading import load_tokenizer, resolve_model_dir
+
+    cpu = Runtime(device="cpu", progress=False)
 
     out = Path(out)
     name = f"{config}-w{bits}-s{seed}"
@@ -95,15 +98,15 @@ def run_job(config: str, bits: int, seed: int, start: Path, out: Path, steps: in
         from gift_quant.model.loading import load_model
 
         src = resolve_model_dir(None)
-        row.update(evaluate_model(load_model(src).eval(), load_tokenizer(src), ecfg, [], None, "cpu"))
+        row.update(evaluate_model(load_model(src).eval(), load_tokenizer(src), ecfg, [], None, cpu))
     elif method == "start":
         from gift_quant.packed.checkpoint import load
 
-        row.update(evaluate_model(load(start).eval(), load_tokenizer(Path(start)), ecfg, [], None, "cpu"))
+        row.update(evaluate_model(load(start).eval(), load_tokenizer(Path(start)), ecfg, [], None, cpu))
     elif method == "recover":
         from gift_quant.workflows.commands import run_recover
 
-        summary = run_recover(None, work / "out", qcfg, rcfg, ecfg, progress=False)
+        summary = run_recover(None, work / "out", qcfg, rcfg, ecfg, runtime=cpu)
         stages = json.loads((work / "out" / "run" / "stages.json").read_text())
         metrics = json.loads((work / "out" / "gift_quant_config.json").read_text())["layers"]
         per_block = {json.dumps(m.get("blockwise"), sort_keys=True): m.get("blockwise") for m in metrics.values()}
@@ -115,7 +118,7 @@ def run_job(config: str, bits: int, seed: int, start: Path, out: Path, steps: in
         from gift_quant.packed.checkpoint import load
 
         row["window_nll"] = evaluate_model(load(work / "out").eval(), load_tokenizer(work / "out"), ecfg, [], None,
-                                  "cpu")["window_nll"]
+                                           cpu)["window_nll"]
         row["recovery_seconds"] = row["blockwise_seconds"] + row["train_seconds"]
     else:
         root = work / "root"

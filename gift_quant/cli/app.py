@@ -15,7 +15,15 @@ from ..util.cpu_policy import apply_at_launch
 
 apply_at_launch()  # thread settings of the gift-quant command: before torch loads (cli/flags -> config -> torch)
 
-from ..config.settings import DEFAULT_PEFT_TRAIN_DATA, EvalConfig, QuantizeConfig, RecoverConfig, build, read_recipe  # noqa: E402
+from ..config.settings import (  # noqa: E402
+    DEFAULT_PEFT_TRAIN_DATA,
+    EvalConfig,
+    QuantizeConfig,
+    RecoverConfig,
+    Runtime,
+    build,
+    read_recipe,
+)
 from ..util.console import quiet_import_noise, silence_library_bars  # noqa: E402
 from ..util.errors import GiftQuantError  # noqa: E402
 from ..util.files import atomic_write_text  # noqa: E402
@@ -29,8 +37,19 @@ def _quantize_overrides(a) -> dict:
             "salient": a.salient,
             "salient_fraction": a.salient_fraction, "metric": a.metric, "calib_data": a.calib_data,
             "calib_samples": a.calib_samples, "seq_len": a.seq_len, "calib_batch_size": a.calib_batch_size,
-            "seed": a.seed, "dtype": a.dtype,
-            "device": a.device}
+            "seed": a.seed, "dtype": a.dtype}
+
+
+def _runtime(a, recipe: dict | None = None) -> Runtime:
+    """How this command runs: the recipe's ``runtime`` section, then --device / --no-progress /
+    --trust-remote-code. Remote code is enabled by the flag alone, never by a recipe file."""
+    recipe = recipe or {}
+    if "trust_remote_code" in recipe.get("runtime", {}):
+        raise GiftQuantError("recipe runtime.trust_remote_code: only the --trust-remote-code flag runs a model "
+                             "folder's own code; remove the key from the recipe")
+    flags = {"device": getattr(a, "device", None), "progress": False if getattr(a, "no_progress", False) else None,
+             "trust_remote_code": True if getattr(a, "trust_remote_code", False) else None}
+    return build(Runtime, recipe, "runtime", flags)
 
 
 _DATA_LABELS = {"calib_data": "calibration data", "train_data": "training data", "eval_data": "evaluation data",
@@ -81,8 +100,7 @@ def cmd_quantize(a) -> dict:
     recipe = read_recipe(a.recipe)
     cfg = build(QuantizeConfig, recipe, "quantize", _quantize_overrides(a))
     _check_run(a, cfg)
-    res = run_quantize(a.model_dir, a.out, cfg, overwrite=a.overwrite, trust_remote_code=a.trust_remote_code,
-                       progress=not a.no_progress)
+    res = run_quantize(a.model_dir, a.out, cfg, overwrite=a.overwrite, runtime=_runtime(a, recipe))
     print(f"wrote {res['out']}: {cfg.bits}-bit, {res['effective_bits']:.3f} effective bits/weight, "
           f"mean relative layer error {res['mean_relative_error']:.4f}, {res['total_seconds']:.0f} s")
     return res
@@ -95,9 +113,8 @@ def cmd_eval(a) -> dict:
         from ..eval.zeroshot import format_table, run_eval_tasks
 
         _check_limit(a)
-        res = run_eval_tasks(a.path, a.tasks, limit=a.limit, batch_size=a.batch_size,
-                             device_name=a.device or "auto", trust_remote_code=a.trust_remote_code,
-                             progress=not a.no_progress, seed=a.seed)
+        res = run_eval_tasks(a.path, a.tasks, limit=a.limit, batch_size=a.batch_size, runtime=_runtime(a),
+                             seed=a.seed)
         print(format_table(res))
         print(f"{res['effective_bits']:.3f} effective bits/weight ({res['kind']})")
         return res
@@ -106,7 +123,7 @@ def cmd_eval(a) -> dict:
     cfg = build(EvalConfig, recipe, "eval", {"ppl_data": a.ppl_data, "seq_len": a.seq_len,
                                              "max_windows": a.max_windows})
     _check_json_out(a, {**_inputs(a, cfg), "model folder": a.path})
-    res = run_eval_ppl(a.path, cfg, a.device or "auto", a.trust_remote_code, progress=not a.no_progress)
+    res = run_eval_ppl(a.path, cfg, _runtime(a, recipe))
     print(f"perplexity {res['perplexity']:.3f} on {res['ppl_data']} ({res['windows']} x {res['seq_len']} tokens), "
           f"{res['effective_bits']:.3f} effective bits/weight ({res['kind']})")
     return res
@@ -121,8 +138,7 @@ def cmd_recover(a) -> dict:
     ecfg = build(EvalConfig, recipe, "eval", {"ppl_data": a.ppl_data, "seq_len": a.ppl_seq_len,
                                               "max_windows": a.max_windows})
     _check_run(a, qcfg, rcfg, ecfg)
-    res = run_recover(a.model_dir, a.out, qcfg, rcfg, ecfg, overwrite=a.overwrite,
-                      trust_remote_code=a.trust_remote_code, progress=not a.no_progress,
+    res = run_recover(a.model_dir, a.out, qcfg, rcfg, ecfg, overwrite=a.overwrite, runtime=_runtime(a, recipe),
                       keep_intermediate=a.keep_intermediate)
     before = "after block-wise reconstruction" if rcfg.blockwise_steps else "before recovery"
     gap = "" if res.get("gap_closed") is None else f", {100 * res['gap_closed']:.1f} % of the gap closed"
@@ -181,9 +197,9 @@ def cmd_compare(a) -> dict:
         tasks = [] if not a.tasks else _expand_tasks(a.tasks)
         grid = parse_lr_grid(a.lr_grid, methods) if a.lr_grid else None
         _check_limit(a)
-        preflight(a.model_dir, qcfg, rcfg)
-        run_compare_peft(a.model_dir, Path(a.out), methods, qcfg, rcfg, tasks, a.limit, progress=not a.no_progress,
-                         lr_grid=grid)
+        runtime = _runtime(a, recipe)
+        preflight(a.model_dir, qcfg, rcfg, runtime=runtime)
+        run_compare_peft(a.model_dir, Path(a.out), methods, qcfg, rcfg, tasks, a.limit, runtime=runtime, lr_grid=grid)
         print((Path(a.out) / "report_peft.md").read_text())
         return {"report": str(Path(a.out) / "report_peft.md")}
     ecfg = build(EvalConfig, recipe, "eval", {"ppl_data": a.ppl_data, "seq_len": a.ppl_seq_len,
@@ -197,9 +213,10 @@ def cmd_compare(a) -> dict:
     tasks = [] if not a.tasks else _expand_tasks(a.tasks)
     _check_limit(a)
     _check_run(a, qcfg, rcfg, ecfg)
-    preflight(a.model_dir, qcfg, rcfg, ecfg)
+    runtime = _runtime(a, recipe)
+    preflight(a.model_dir, qcfg, rcfg, ecfg, runtime)
     doc = run_compare(a.model_dir, Path(a.out), a.bits or [qcfg.bits], methods, qcfg, rcfg, ecfg, tasks, a.limit,
-                      progress=not a.no_progress)
+                      runtime)
     print((Path(a.out) / "report.md").read_text())
     failed = [f"w{r['bits']} {r['method']}" for r in doc["rows"] if "failed" in r]
     if failed:
@@ -275,8 +292,7 @@ def cmd_finetune(a) -> dict:
     qcfg = build(QuantizeConfig, recipe, "quantize", _quantize_overrides(a))
     rcfg = build(RecoverConfig, recipe, "recover", _peft_overrides(a, recipe))
     _check_run(a, qcfg, rcfg)
-    res = run_finetune(a.model_dir, a.out, qcfg, rcfg, overwrite=a.overwrite, trust_remote_code=a.trust_remote_code,
-                       progress=not a.no_progress)
+    res = run_finetune(a.model_dir, a.out, qcfg, rcfg, overwrite=a.overwrite, runtime=_runtime(a, recipe))
     print(f"wrote {res['out']} (merged, {res['dtype']}) and {res['adapter']} (LoRA rank {res['lora_rank']}, "
           f"{res['trainable_params']:,} trained weights, noise {res['noise']})")
     return res

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..config.settings import QuantizeConfig
+from ..config.settings import QuantizeConfig, Runtime
 from ..packed.bits import dequantize_packed, unpack_cols
 from ..util.errors import GiftQuantError
 
@@ -33,7 +33,7 @@ def gptq_stored_bits(in_features: int, out_features: int, bits: int, n_groups: i
     return effective_bits(in_features, out_features, bits, n_groups, 0, sym=False)
 
 
-def quantize_with_gptqmodel(src: Path, out: Path, qcfg: QuantizeConfig):
+def quantize_with_gptqmodel(src: Path, out: Path, qcfg: QuantizeConfig, runtime: Runtime = Runtime()):
     """(plain fp32 model holding GPTQModel's dequantized weights, effective bits); checkpoint saved in ``out``."""
     # GPTQModel's thread pool asks for 2 loader workers but grants (cores + 1) // 2 CPU workers, so it
     # refuses to start on a 2-core machine unless told; its pack extension is a 30 s C++ build we skip
@@ -52,7 +52,7 @@ def quantize_with_gptqmodel(src: Path, out: Path, qcfg: QuantizeConfig):
     if qcfg.salient not in (None, 0) or (qcfg.salient is None and qcfg.salient_fraction):
         raise GiftQuantError("gptq-peer is plain GPTQ: call it with K = 0 salient columns")
     windows = calibration_set(load_tokenizer(src), qcfg)
-    device = resolve_device(qcfg.device)
+    device = resolve_device(runtime.device)
     # act_group_aware (GPTQModel's default group-aware reordering) off: gift-quant's GPTQ has no such step,
     # and it refuses per-row grids; the settings otherwise match tools/bench_gptq.py's like-for-like pairing
     peer_cfg = PeerConfig(bits=qcfg.bits, group_size=qcfg.group_size, sym=qcfg.sym, desc_act=qcfg.act_order,

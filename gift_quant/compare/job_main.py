@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..config.settings import EvalConfig, QuantizeConfig, RecoverConfig
+from ..config.settings import EvalConfig, QuantizeConfig, RecoverConfig, Runtime
 from ..util.files import atomic_write_text
 
 __all__ = ["run_job_file"]
@@ -19,19 +19,19 @@ __all__ = ["run_job_file"]
 def run_job_file(job_file: Path) -> int:
     """The subprocess side: run the job described in ``job_file`` and write ``result.json`` beside it."""
     job = json.loads(job_file.read_text())
-    qcfg, rcfg = QuantizeConfig(**job["quantize"]), RecoverConfig(**job["recover"])
+    qcfg, rcfg, runtime = QuantizeConfig(**job["quantize"]), RecoverConfig(**job["recover"]), Runtime(**job["runtime"])
     t0 = time.perf_counter()
     if job["mode"] == "peft":
         from .peft import run_peft_method
 
         row = run_peft_method(job["method"], job["lr"], job["model_dir"], Path(job["root"]), qcfg, rcfg,
-                              job["tasks"], job["limit"], final=job["final"])
+                              job["tasks"], job["limit"], final=job["final"], runtime=runtime)
         row["total_seconds"] = time.perf_counter() - t0
     else:
         from .recovery import run_method
 
         row = run_method(job["method"], job["model_dir"], Path(job["root"]), qcfg, rcfg, EvalConfig(**job["eval"]),
-                         job["tasks"], job["limit"])
+                         job["tasks"], job["limit"], runtime)
     atomic_write_text(job_file.parent / "result.json", json.dumps(row, indent=1, default=str))
     return 0
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from ..config.settings import EvalConfig, QuantizeConfig, RecoverConfig
-from ..model.loading import load_model
+from ..config.settings import EvalConfig, QuantizeConfig, RecoverConfig, Runtime
+from ..model.loading import load_model, resolve_device
 from ..packed.checkpoint import load, read_gift_config, save_checkpoint
 from ..workflows.stages import convert_recovered, prepare_recovery, quantize_to_checkpoint, train_stage
 
@@ -65,13 +65,17 @@ class Job:
     rcfg: RecoverConfig
     ecfg: EvalConfig
     tokenizer: object
-    device: torch.device
+    runtime: Runtime
     row: dict
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def work(self) -> Path:
         return self.root / self.method
+
+    @property
+    def device(self) -> torch.device:
+        return resolve_device(self.runtime.device)
 
     @property
     def salient_base(self) -> Path:
@@ -88,8 +92,8 @@ class Job:
         return r
 
     def train(self, model) -> dict:
-        return self.timed("train", train_stage, model, self.tokenizer, self.rcfg, self.work / "train", self.device,
-                          progress=False, teacher_src=self.src, qcfg=self.qcfg)
+        return self.timed("train", train_stage, model, self.tokenizer, self.rcfg, self.work / "train", self.runtime,
+                          teacher_src=self.src, qcfg=self.qcfg)
 
     def save(self, model, extra: dict) -> tuple[float, Path]:
         ckpt = self.work / "ckpt"
@@ -100,7 +104,7 @@ class Job:
 def quantized(job: Job, out: Path, qcfg: QuantizeConfig) -> float:
     """Quantize into ``out`` unless a checkpoint is there; its effective bits."""
     if not (out / "gift_quant_config.json").is_file():
-        job.timed("quantize", quantize_to_checkpoint, job.model_dir, out, qcfg, progress=False)
+        job.timed("quantize", quantize_to_checkpoint, job.model_dir, out, qcfg, runtime=job.runtime)
     return read_gift_config(out)["effective_bits"]
 
 
@@ -129,7 +133,7 @@ def gptq_peer(job: Job):
     from .gptqmodel_peer import quantize_with_gptqmodel
 
     ckpt = job.work / "ckpt"
-    model, bits = job.timed("quantize", quantize_with_gptqmodel, job.src, ckpt, job.k0)
+    model, bits = job.timed("quantize", quantize_with_gptqmodel, job.src, ckpt, job.k0, job.runtime)
     return model, bits, ckpt
 
 
@@ -173,7 +177,7 @@ def gift_pre(job: Job):
     pre = dataclasses.replace(job.rcfg, variant="pre")
     job.row["noise_bits"] = pre.noise_spec(job.qcfg.bits).bits
     ckpt = job.work / "ckpt"
-    summary = job.timed("recover", run_recover, job.model_dir, ckpt, job.qcfg, pre, job.ecfg, progress=False)
+    summary = job.timed("recover", run_recover, job.model_dir, ckpt, job.qcfg, pre, job.ecfg, runtime=job.runtime)
     return load(ckpt), summary["effective_bits"], ckpt
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..config.settings import QuantizeConfig, RecoverConfig
+from ..config.settings import QuantizeConfig, RecoverConfig, Runtime
 from ..util.files import atomic_save_tensors
 from .jobs import run_cached_job
 from .report import claim_settings, plot_loss_curves
@@ -68,11 +68,12 @@ PEFT_METHODS: dict[str, PeftMethod] = {m.name: m for m in (
 BASE = "base"  # the untrained model: evaluated only, the reference every method should beat
 
 
-def salient_sets(model_dir, root: Path, qcfg: QuantizeConfig) -> dict[str, torch.Tensor]:
+def salient_sets(model_dir, root: Path, qcfg: QuantizeConfig, runtime: Runtime = Runtime(progress=False)
+                 ) -> dict[str, torch.Tensor]:
     """GIFT-SW's salient columns, selected once on calibration data and cached in ``root``."""
     from safetensors.torch import load_file
 
-    from ..model.loading import load_model, load_tokenizer, resolve_device, resolve_model_dir
+    from ..model.loading import load_model, load_tokenizer, resolve_model_dir
     from ..workflows.stages import calibration_set, select_salient
 
     path = root / "salient.safetensors"
@@ -80,7 +81,7 @@ def salient_sets(model_dir, root: Path, qcfg: QuantizeConfig) -> dict[str, torch
         src = resolve_model_dir(model_dir)
         model = load_model(src)
         windows = calibration_set(load_tokenizer(src), qcfg)
-        atomic_save_tensors(path, select_salient(model, windows, qcfg, resolve_device(qcfg.device), progress=False))
+        atomic_save_tensors(path, select_salient(model, windows, qcfg, runtime))
     return load_file(str(path))
 
 
@@ -120,17 +121,18 @@ def peft_baseline(model, rank: int, targets: list[str], dora: bool, seed: int):
 
 
 def run_peft_method(method: str, lr: float, model_dir, root: Path, qcfg: QuantizeConfig, rcfg: RecoverConfig,
-                    tasks: list[str], limit: int | None, final: bool) -> dict:
+                    tasks: list[str], limit: int | None, final: bool,
+                    runtime: Runtime = Runtime(progress=False)) -> dict:
 
     from ..model.loading import load_model, load_tokenizer, resolve_device, resolve_model_dir
     from ..recover.loop import eval_loss
     from ..recover.training import train_stage
 
     src = resolve_model_dir(model_dir)
-    device = resolve_device(qcfg.device)
+    device = resolve_device(runtime.device)
     tok = load_tokenizer(src)
     model = load_model(src)
-    salient = salient_sets(model_dir, root, qcfg)
+    salient = salient_sets(model_dir, root, qcfg, runtime)
     targets = sorted({n.rsplit(".", 1)[-1] for n in salient})
     rank = matched_lora_rank(model, salient)
     if method == BASE:
@@ -145,8 +147,8 @@ def run_peft_method(method: str, lr: float, model_dir, root: Path, qcfg: Quantiz
     work = root / f"{method}-lr{lr:g}"
     summary = {"history": []}
     if method != BASE:
-        summary = train_stage(model, tok, dataclasses.replace(rcfg, lr=lr), work / "train", device,
-                              progress=False, teacher_src=src, qcfg=qcfg)
+        summary = train_stage(model, tok, dataclasses.replace(rcfg, lr=lr), work / "train", runtime,
+                              teacher_src=src, qcfg=qcfg)
     model.eval()
     split = "test" if final else "validation"
     ids, labels = _windows(tok, rcfg, split, rcfg.eval_windows * (4 if final else 1), rcfg.seed + 7)
@@ -258,7 +260,7 @@ def _plot_results(path: Path, final: list[dict]) -> None:
 
 
 def run_compare_peft(model_dir: str | None, report_dir: Path, methods: list[str], qcfg: QuantizeConfig,
-                     rcfg: RecoverConfig, tasks: list[str], limit: int | None, progress: bool = True,
+                     rcfg: RecoverConfig, tasks: list[str], limit: int | None, runtime: Runtime = Runtime(),
                      lr_grid: list[float] | dict[str, tuple[float, ...]] | None = None) -> dict:
     """PEFT comparison: learning-rate grid on validation, then the best run of each method on test."""
     from tqdm.auto import tqdm
@@ -275,12 +277,13 @@ def run_compare_peft(model_dir: str | None, report_dir: Path, methods: list[str]
     claim_settings(report_dir / "settings_peft.json", settings, report_dir)
     def job(method: str, lr: float, final: bool) -> dict:
         spec = {"mode": "peft", "method": method, "lr": lr, "final": final, "root": str(root), "model_dir": model_dir,
-                **peft_settings_doc(qcfg, rcfg), "tasks": tasks, "limit": limit}
+                **peft_settings_doc(qcfg, rcfg), "tasks": tasks, "limit": limit,
+                "runtime": dataclasses.asdict(dataclasses.replace(runtime, progress=False))}
         return run_cached_job(spec, root / f"peft_{method}_{lr:g}_{'final' if final else 'search'}")
 
     # the untrained model on the same test split and tasks: the reference every method should beat
     rows = [{**job(BASE, 0.0, final=True), "final": True}]
-    bar = tqdm(total=sum(len(grid[m]) + 1 for m in methods), desc="compare peft", disable=not progress)
+    bar = tqdm(total=sum(len(grid[m]) + 1 for m in methods), desc="compare peft", disable=not runtime.progress)
     for method in methods:
         grid_rows = []
         for lr in grid[method]:

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from ..config.settings import EvalConfig, QuantizeConfig, RecoverConfig
+from ..config.settings import EvalConfig, QuantizeConfig, RecoverConfig, Runtime
+from ..model.loading import resolve_device
 from ..util.files import atomic_write_text
 from .jobs import run_cached_job
 from .methods import METHODS, REFERENCE, SALIENT_START, Job, run_order
@@ -34,15 +35,17 @@ __all__ = ["evaluate_model", "gap_closed", "run_compare", "run_method", "write_r
 # ------------------------------------------------------------------ one method (runs in a subprocess)
 
 
-def evaluate_model(model, tokenizer, ecfg: EvalConfig, tasks: list[str], limit: int | None, device) -> dict:
+def evaluate_model(model, tokenizer, ecfg: EvalConfig, tasks: list[str], limit: int | None,
+                   runtime: Runtime = Runtime(progress=False)) -> dict:
     from ..workflows.stages import evaluate_perplexity
 
-    ppl = evaluate_perplexity(model, tokenizer, ecfg, device, progress=False)
+    ppl = evaluate_perplexity(model, tokenizer, ecfg, runtime)
     out = {"ppl": ppl["perplexity"], "window_nll": ppl["window_nll"]}  # per window: paired comparisons
     if tasks:
         from ..eval.zeroshot import evaluate_tasks
 
-        zs = evaluate_tasks(model, tokenizer, tasks, limit=limit, batch_size=8, device=device, seed=0)
+        zs = evaluate_tasks(model, tokenizer, tasks, limit=limit, batch_size=8, device=resolve_device(runtime.device),
+                            seed=0)
         out["zeroshot"] = zs
     return out
 
@@ -56,21 +59,22 @@ def _dir_size(path: Path) -> int:
 
 
 def run_method(method: str, model_dir: str | None, root: Path, qcfg: QuantizeConfig, rcfg: RecoverConfig,
-               ecfg: EvalConfig, tasks: list[str], limit: int | None) -> dict:
+               ecfg: EvalConfig, tasks: list[str], limit: int | None,
+               runtime: Runtime = Runtime(progress=False)) -> dict:
     """Run one registered method end to end in this process; returns its result row."""
-    from ..model.loading import load_tokenizer, resolve_device, resolve_model_dir
+    from ..model.loading import load_tokenizer, resolve_model_dir
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     src = resolve_model_dir(model_dir)
-    job = Job(method, model_dir, src, Path(root), qcfg, rcfg, ecfg, load_tokenizer(src), resolve_device(qcfg.device),
+    job = Job(method, model_dir, src, Path(root), qcfg, rcfg, ecfg, load_tokenizer(src), runtime,
               {"method": method, "bits": qcfg.bits})
     job.work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     model, bits, ckpt = METHODS[method].build(job)
     model.eval()
     row = job.row
-    row.update(job.timed("eval", evaluate_model, model.to(job.device), job.tokenizer, ecfg, tasks, limit, job.device))
+    row.update(job.timed("eval", evaluate_model, model.to(job.device), job.tokenizer, ecfg, tasks, limit, runtime))
     size = _dir_size(ckpt) + sum(_dir_size(job.root / m / "ckpt") for m in METHODS[method].size_includes)
     row.update({"effective_bits": bits, "size_mb": size / 2**20, "seconds": job.timings,
                 "total_seconds": time.perf_counter() - t0,
@@ -88,7 +92,7 @@ def run_method(method: str, model_dir: str | None, root: Path, qcfg: QuantizeCon
 
 def run_compare(model_dir: str | None, report_dir: Path, bits_list: list[int], methods: list[str],
                 qcfg: QuantizeConfig, rcfg: RecoverConfig, ecfg: EvalConfig, tasks: list[str],
-                limit: int | None, progress: bool = True) -> dict:
+                limit: int | None, runtime: Runtime = Runtime()) -> dict:
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     # a report covers several bit widths (--bits 2 3 4, or more added later): the shared settings are the
@@ -100,11 +104,14 @@ def run_compare(model_dir: str | None, report_dir: Path, bits_list: list[int], m
     jobs = [(b, m) for b in bits_list for m in ordered if METHODS[m].per_bit_width or b == bits_list[0]]
     from tqdm.auto import tqdm
 
-    for bits, method in tqdm(jobs, desc="compare", unit="method", disable=not progress):
+    # each job runs without bars of its own (it is a subprocess); this loop shows the comparison's progress
+    job_runtime = dataclasses.replace(runtime, progress=False)
+    for bits, method in tqdm(jobs, desc="compare", unit="method", disable=not runtime.progress):
         root = report_dir / "runs" / (f"w{bits}" if METHODS[method].per_bit_width else method)
         job = {"mode": "recovery", "method": method, "bits": bits, "root": str(root), "model_dir": model_dir,
                "quantize": dataclasses.asdict(dataclasses.replace(qcfg, bits=bits)),
-               "recover": dataclasses.asdict(rcfg), "eval": dataclasses.asdict(ecfg), "tasks": tasks, "limit": limit}
+               "recover": dataclasses.asdict(rcfg), "eval": dataclasses.asdict(ecfg), "tasks": tasks, "limit": limit,
+               "runtime": dataclasses.asdict(job_runtime)}
         run_cached_job(job, root / method)
     return write_report(report_dir, " ".join(sys.argv))
 

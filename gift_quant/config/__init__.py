@@ -16,10 +16,11 @@ from .settings import (
     QuantizeConfig,
     QuantSpec,
     RecoverConfig,
+    Runtime,
     build,
     read_recipe,
 )
 
 __all__ = ["DEFAULT_CALIB_DATA", "DEFAULT_PEFT_TRAIN_DATA", "DEFAULT_PPL_DATA", "DEFAULT_TRAIN_DATA", "GRID_BITS",
            "GROUP_LAYOUTS", "NOISE_KINDS", "SALIENT_DTYPES", "SPEC_FIELDS", "SUPPORTED_BITS", "EvalConfig", "NoiseSpec",
-           "QuantSpec", "QuantizeConfig", "RecoverConfig", "build", "read_recipe"]
+           "QuantSpec", "QuantizeConfig", "RecoverConfig", "Runtime", "build", "read_recipe"]

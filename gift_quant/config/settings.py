@@ -129,7 +129,6 @@ class QuantizeConfig:
     calib_batch_size: int = 8  # windows per forward pass while calibrating (memory vs. speed)
     seed: int = 0
     dtype: str = "float32"
-    device: str = "auto"
 
     def __post_init__(self):
         self.spec  # noqa: B018  (validates bits, sym, groups, layout and salient dtype, once)
@@ -155,8 +154,6 @@ class QuantizeConfig:
                                  f"{GRID_BITS.stop - 1} or null (the target bits)")
         if self.dtype not in DTYPE_NAMES:
             raise GiftQuantError(f"--dtype {self.dtype!r} is not supported: use float32 (default) or bfloat16")
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
-            raise GiftQuantError(f"--device {self.device!r} is not a device: use cpu, cuda, cuda:N or auto")
         _text("--calib-data", self.calib_data)
 
     @property
@@ -207,6 +204,26 @@ class EvalConfig:
         if self.max_windows is not None:
             _count("--max-windows", self.max_windows, 1, "omit it to score every window")
         _text("--ppl-data", self.ppl_data)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How a command runs, not what it computes: never part of a run's identity or of a checkpoint.
+
+    One object from the command line (or a recipe's ``runtime`` section) to every stage, instead of
+    device, progress and remote-code flags threaded through each signature.
+    """
+
+    device: str = "auto"  # auto: cuda when available, else cpu
+    progress: bool = True  # progress bars (tqdm) on the terminal
+    trust_remote_code: bool = False  # run a model folder's own Python code (only when asked)
+
+    def __post_init__(self):
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
+            raise GiftQuantError(f"--device {self.device!r} is not a device: use cpu, cuda, cuda:N or auto")
+        for name in ("progress", "trust_remote_code"):
+            if not isinstance(getattr(self, name), bool):
+                raise GiftQuantError(f"runtime.{name} must be true or false (got {getattr(self, name)!r})")
 
 
 @dataclass(frozen=True)
@@ -290,7 +307,7 @@ class RecoverConfig:
         return 4 if self.noise_bits is None else self.noise_bits
 
 
-SECTIONS = {"quantize": QuantizeConfig, "eval": EvalConfig, "recover": RecoverConfig}
+SECTIONS = {"quantize": QuantizeConfig, "eval": EvalConfig, "recover": RecoverConfig, "runtime": Runtime}
 
 
 def read_recipe(path: str | Path | None) -> dict[str, dict[str, Any]]:
@@ -362,5 +379,5 @@ def build(cls: type, recipe: dict[str, dict[str, Any]], section: str, overrides:
 
 __all__ = ["DEFAULT_CALIB_DATA", "DEFAULT_PEFT_TRAIN_DATA", "DEFAULT_PPL_DATA", "DEFAULT_TRAIN_DATA", "DTYPE_NAMES",
            "GRID_BITS", "GROUP_LAYOUTS", "NOISE_KINDS", "SALIENT_DTYPES", "SECTIONS", "SPEC_FIELDS", "SUPPORTED_BITS",
-           "EvalConfig", "NoiseSpec", "QuantSpec", "QuantizeConfig", "RecoverConfig", "build", "check_type",
+           "EvalConfig", "NoiseSpec", "QuantSpec", "QuantizeConfig", "RecoverConfig", "Runtime", "build", "check_type",
            "read_recipe"]

@@ -31,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..config.settings import Runtime
 from ..util.errors import GiftQuantError
 
 GIFT6 = ("arc_easy", "arc_challenge", "boolq", "hellaswag", "piqa", "winogrande")
@@ -319,18 +320,17 @@ def _lm_eval_version() -> str:
 
 
 def run_eval_tasks(path: str | None, tasks="gift6", limit: int | None = None, batch_size: int = 8,
-                   device_name: str = "auto", trust_remote_code: bool = False, progress: bool = True,
-                   seed: int = 0) -> dict:
+                   runtime: Runtime = Runtime(), seed: int = 0) -> dict:
     """`evaluate_tasks` on a model folder, a gift-quant checkpoint, or the embedded default (None).
 
-    `progress` is accepted for symmetry with `run_eval_ppl`; lm-eval draws its own progress bars."""
+    lm-eval draws its own progress bars (``runtime.progress`` does not reach them)."""
     from ..model.loading import resolve_device
     from ..packed.any_model import load_any
 
     names = resolve_tasks(tasks)  # fail on a bad name before loading a model
     _require_lm_eval()
-    device = resolve_device(device_name)
-    model, tokenizer, bits, kind = load_any(path, device=device, trust_remote_code=trust_remote_code)
+    device = resolve_device(runtime.device)
+    model, tokenizer, bits, kind = load_any(path, device=device, trust_remote_code=runtime.trust_remote_code)
     result = evaluate_tasks(model, tokenizer, names, limit=limit, batch_size=batch_size, device=device,
                             seed=seed)
     return {"model": str(path) if path else "default", "kind": kind, "effective_bits": bits,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..config.settings import QuantizeConfig, RecoverConfig
+from ..config.settings import QuantizeConfig, RecoverConfig, Runtime
 from ..data.examples import pack_examples
 from ..data.sources import load_documents, load_records
 from ..data.windows import calibration_documents
@@ -71,23 +71,25 @@ def load_teacher(src: Path | None, rcfg: RecoverConfig, device: torch.device,
     return Teacher(load_model(Path(src), dtype, trust_remote_code), where)
 
 
-def train_stage(model, tokenizer, rcfg: RecoverConfig, run_dir: Path, device, progress: bool = True, *,
-                teacher_src: Path | None = None, qcfg: QuantizeConfig | None = None,
-                trust_remote_code: bool = False) -> dict:
+def train_stage(model, tokenizer, rcfg: RecoverConfig, run_dir: Path, runtime: Runtime = Runtime(), *,
+                teacher_src: Path | None = None, qcfg: QuantizeConfig | None = None) -> dict:
     """Train ``model``'s trainable parameters per ``rcfg`` (resumable in ``run_dir``); returns the summary."""
     from accelerate import PartialState
 
+    from ..model.loading import resolve_device
+
+    device = resolve_device(runtime.device)
     # every process takes batch_size * grad_accum windows a step: the global batch is that times the processes
     n_windows = rcfg.steps * rcfg.batch_size * rcfg.grad_accum * PartialState().num_processes
     (ids, labels), held = training_windows(tokenizer, rcfg, n_windows, qcfg)
-    teacher = load_teacher(teacher_src, rcfg, device, trust_remote_code)
+    teacher = load_teacher(teacher_src, rcfg, device, runtime.trust_remote_code)
     if teacher is not None and PartialState().is_main_process:
         import sys
 
         print(f"gift-quant: teacher (the full-precision source model) on {teacher.device}: "
               f"{teacher.bytes() / 2**20:.0f} MB", file=sys.stderr, flush=True)
     summary = train(model, ids, labels, rcfg, run_dir, held[0] if held else None, held[1] if held else None,
-                    device=device, progress=progress, teacher=teacher)
+                    device=device, progress=runtime.progress, teacher=teacher)
     summary["train_tokens"] = int(ids.numel())
     if teacher is not None:
         summary["teacher_mb"] = teacher.bytes() / 2**20

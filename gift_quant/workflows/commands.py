@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..config.settings import EvalConfig, QuantizeConfig, RecoverConfig
+from ..config.settings import EvalConfig, QuantizeConfig, RecoverConfig, Runtime
 from ..model.loading import check_lengths, load_model, load_tokenizer, parse_dtype, resolve_device, resolve_model_dir
 from ..packed.any_model import evaluable, load_any
 from ..packed.checkpoint import load, read_gift_config, save_checkpoint, verify_checkpoint
@@ -46,29 +46,27 @@ from .stages import (
 
 
 def run_quantize(model_dir: str | None, out: str | Path, cfg: QuantizeConfig, overwrite: bool = False,
-                 trust_remote_code: bool = False, progress: bool = True) -> dict:
+                 runtime: Runtime = Runtime()) -> dict:
     """quantize: calibrate -> sensitivity -> salient-aware GPTQ -> native checkpoint in ``out``."""
-    return quantize_to_checkpoint(model_dir, out, cfg, overwrite, trust_remote_code, progress)[1]
+    return quantize_to_checkpoint(model_dir, out, cfg, overwrite, runtime)[1]
 
 
-def run_eval_ppl(path: str | None, cfg: EvalConfig, device_name: str = "auto", trust_remote_code: bool = False,
-                 progress: bool = True) -> dict:
+def run_eval_ppl(path: str | None, cfg: EvalConfig, runtime: Runtime = Runtime()) -> dict:
     """Perplexity of what ``path`` serves; the target, window length and text are checked before any model loads."""
-    device = resolve_device(device_name)
+    device, trust = resolve_device(runtime.device), runtime.trust_remote_code
     folder, kind = evaluable(path)
-    verified = verify_checkpoint(folder, trust_remote_code) if kind == "gift-quant checkpoint" else None
-    check_lengths(folder, {"--seq-len": cfg.seq_len}, trust_remote_code)
-    check_data(load_tokenizer(folder, trust_remote_code), ecfg=cfg)
-    model, tokenizer, bits, kind = load_any(path, device=device, trust_remote_code=trust_remote_code,
-                                            verified=verified)
-    result = evaluate_perplexity(model, tokenizer, cfg, device, progress=progress)
+    verified = verify_checkpoint(folder, trust) if kind == "gift-quant checkpoint" else None
+    check_lengths(folder, {"--seq-len": cfg.seq_len}, trust)
+    check_data(load_tokenizer(folder, trust), ecfg=cfg)
+    model, tokenizer, bits, kind = load_any(path, device=device, trust_remote_code=trust, verified=verified)
+    result = evaluate_perplexity(model, tokenizer, cfg, runtime)
     return {"model": str(path) if path else "default", "kind": kind, "effective_bits": bits,
             "ppl_data": cfg.ppl_data, **result}
 
 
 def run_recover(model_dir: str | None, out: str | Path, qcfg: QuantizeConfig, rcfg: RecoverConfig,
-                ecfg: EvalConfig, overwrite: bool = False, trust_remote_code: bool = False,
-                progress: bool = True, keep_intermediate: bool = False) -> dict:
+                ecfg: EvalConfig, overwrite: bool = False, runtime: Runtime = Runtime(),
+                keep_intermediate: bool = False) -> dict:
     """recover: calibrate -> sensitivity -> quantize -> recover -> pack -> eval, resumable by stage.
 
     post: GPTQ with salient columns, then noise-injected training of those columns (noise at
@@ -76,7 +74,7 @@ def run_recover(model_dir: str | None, out: str | Path, qcfg: QuantizeConfig, rc
     noise at the target bits, then quantize with the same columns. After success, ``run/`` keeps only its
     record and training curve (run_folder.KEPT_AFTER_SUCCESS) unless ``keep_intermediate``.
     """
-    summary = _RecoverRun(model_dir, Path(out), qcfg, rcfg, ecfg, overwrite, trust_remote_code, progress).run()
+    summary = _RecoverRun(model_dir, Path(out), qcfg, rcfg, ecfg, overwrite, runtime).run()
     from accelerate import PartialState
 
     if not keep_intermediate and PartialState().is_main_process:
@@ -87,15 +85,15 @@ def run_recover(model_dir: str | None, out: str | Path, qcfg: QuantizeConfig, rc
 class _RecoverRun:
     """One ``recover`` run: its settings, run folder and stage record, and one method per stage."""
 
-    def __init__(self, model_dir, out: Path, qcfg, rcfg, ecfg, overwrite, trust_remote_code, progress):
+    def __init__(self, model_dir, out: Path, qcfg, rcfg, ecfg, overwrite, runtime: Runtime):
         from accelerate import PartialState
 
         self.out, self.qcfg, self.rcfg, self.ecfg = out, qcfg, rcfg, ecfg
-        self.overwrite, self.trust, self.progress = overwrite, trust_remote_code, progress
+        self.overwrite, self.runtime, self.trust = overwrite, runtime, runtime.trust_remote_code
         self.src = resolve_model_dir(model_dir)
-        self.device = resolve_device(qcfg.device)
+        self.device = resolve_device(runtime.device)
         check_lengths(self.src, {"--seq-len": qcfg.seq_len, "recover.seq_len": rcfg.seq_len,
-                                 "--ppl-seq-len": ecfg.seq_len}, trust_remote_code)
+                                 "--ppl-seq-len": ecfg.seq_len}, self.trust)
         self.dtype = parse_dtype(qcfg.dtype)
         self.noise_bits = rcfg.resolved_noise_bits(qcfg.bits)
         # Under torchrun / accelerate launch there is one process per rank: rank 0 alone claims the run and
@@ -111,7 +109,7 @@ class _RecoverRun:
             prepare_output(self.out, self.overwrite and main, lock=main,
                            inputs=run_inputs(self.src, self.qcfg, self.rcfg, self.ecfg))
             self.tokenizer, model, self.windows, self.identity = load_source(self.src, self.qcfg, self.dtype,
-                                                                              self.trust)
+                                                                              self.runtime)
             self.identity.update(recover=dataclasses.asdict(self.rcfg), eval=dataclasses.asdict(self.ecfg))
             self.run_dir = claim_run(self.out, self.identity)
             self.stages = Stages(self.run_dir)
@@ -172,7 +170,7 @@ class _RecoverRun:
 
         path = self.run_dir / "salient.safetensors"
         if not self.stages.finished("select"):
-            salient = select_salient(model, self.windows, self.qcfg, self.device, self.progress)
+            salient = select_salient(model, self.windows, self.qcfg, self.runtime)
             atomic_save_tensors(path, salient)
             RunFiles(self.run_dir).record([path])
             self.stages.mark("select", {"layers": len(salient)})
@@ -184,8 +182,8 @@ class _RecoverRun:
         if not self.stages.finished(name):
             t0 = time.perf_counter()
             rec = blockwise_reconstructor(self.rcfg, self.qcfg, self.noise_bits) if blockwise else None
-            report = quantize_stage(source_model, self.windows, self.qcfg, self.src, self.identity, path, self.device,
-                                    self.progress, fixed_salient=self.salient, reconstruct=rec,
+            report = quantize_stage(source_model, self.windows, self.qcfg, self.src, self.identity, path,
+                                    self.runtime, fixed_salient=self.salient, reconstruct=rec,
                                     reconstruct_target=self.rcfg.blockwise_target)
             self.stages.mark(name, {"seconds": time.perf_counter() - t0,
                                     "effective_bits": report.mean_effective_bits()})
@@ -195,8 +193,7 @@ class _RecoverRun:
         """Perplexity of the checkpoint at ``path`` (None: the full-precision source) on the held-out text."""
         if not self.stages.finished(name):
             model = self._fresh() if path is None else load(path)
-            self.stages.mark(name, evaluate_perplexity(model, self.tokenizer, self.ecfg, self.device,
-                                                       self.progress, desc))
+            self.stages.mark(name, evaluate_perplexity(model, self.tokenizer, self.ecfg, self.runtime, desc))
 
     def _say_before(self) -> None:
         """The first number a user waits for, as soon as it is known (training takes most of the run)."""
@@ -223,13 +220,13 @@ class _RecoverRun:
             return None
         t0 = time.perf_counter()
         if rcfg.variant == "post":
-            model = prepare_recovery(qpath, self.src, rcfg.noise, self.noise_bits, rcfg.seed, self.dtype, self.trust,
+            model = prepare_recovery(qpath, self.src, rcfg.noise, self.noise_bits, rcfg.seed, self.dtype, self.runtime,
                                      fit_device=self.device)
         else:
             model = prepare_dense(self._fresh(), self.salient, noise=rcfg.noise, noise_bits=self.noise_bits,
                                   seed=rcfg.seed)
-        summary = train_stage(model, self.tokenizer, rcfg, self.run_dir / "recover", self.device, self.progress,
-                              teacher_src=self.src, qcfg=self.qcfg, trust_remote_code=self.trust)
+        summary = train_stage(model, self.tokenizer, rcfg, self.run_dir / "recover", self.runtime,
+                              teacher_src=self.src, qcfg=self.qcfg)
         if not self.dist.is_main_process:
             return None
         if rcfg.variant == "post":

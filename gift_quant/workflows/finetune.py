@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ..config.settings import QuantizeConfig, RecoverConfig
+from ..config.settings import QuantizeConfig, RecoverConfig, Runtime
 from ..model.loading import check_lengths, load_tokenizer, resolve_device, resolve_model_dir
 from ..packed.checkpoint import copy_tokenizer_files
 from ..packed.run_folder import RunFiles, Stages, claim_run, prepare_output, warn
@@ -37,18 +37,18 @@ def source_dtype(model_dir: Path) -> torch.dtype:
 
 
 def run_finetune(model_dir: str | None, out: str | Path, qcfg: QuantizeConfig, rcfg: RecoverConfig,
-                 overwrite: bool = False, trust_remote_code: bool = False, progress: bool = True) -> dict:
+                 overwrite: bool = False, runtime: Runtime = Runtime()) -> dict:
     from ..export.adapter import lora_rank, write_adapter
 
     out = Path(out)
     src = resolve_model_dir(model_dir)
-    device = resolve_device(qcfg.device)
-    check_lengths(src, {"--seq-len": qcfg.seq_len, "recover.seq_len": rcfg.seq_len}, trust_remote_code)
-    check_data(load_tokenizer(src, trust_remote_code), qcfg, rcfg)  # the training text, before any stage
+    resolve_device(runtime.device)  # an unavailable --device is refused before the output folder is touched
+    check_lengths(src, {"--seq-len": qcfg.seq_len, "recover.seq_len": rcfg.seq_len}, runtime.trust_remote_code)
+    check_data(load_tokenizer(src, runtime.trust_remote_code), qcfg, rcfg)  # the training text, before any stage
     prepare_output(out, overwrite, inputs=run_inputs(src, qcfg, rcfg))
     in_dtype = source_dtype(src)
     # train in fp32, save in the input's dtype
-    tokenizer, model, windows, identity = load_source(src, qcfg, torch.float32, trust_remote_code)
+    tokenizer, model, windows, identity = load_source(src, qcfg, torch.float32, runtime)
     identity["finetune"] = dataclasses.asdict(rcfg)
     run_dir = claim_run(out, identity)
     stages = Stages(run_dir)
@@ -60,7 +60,7 @@ def run_finetune(model_dir: str | None, out: str | Path, qcfg: QuantizeConfig, r
             warn(f"{why}; recomputing the {stage} stage")
             stages.drop(stage)
     if not stages.finished("select"):
-        salient = select_salient(model, windows, qcfg, device, progress)
+        salient = select_salient(model, windows, qcfg, runtime)
         atomic_save_tensors(salient_path, salient)
         files.record([salient_path])
         stages.mark("select", {"layers": len(salient)})
@@ -70,8 +70,7 @@ def run_finetune(model_dir: str | None, out: str | Path, qcfg: QuantizeConfig, r
     prepare_dense(model, salient, noise=rcfg.noise, noise_bits=noise_bits, seed=rcfg.seed)
     summary = {}
     if not stages.finished("train"):
-        summary = train_stage(model, tokenizer, rcfg, run_dir / "train", device, progress, teacher_src=src, qcfg=qcfg,
-                              trust_remote_code=trust_remote_code)
+        summary = train_stage(model, tokenizer, rcfg, run_dir / "train", runtime, teacher_src=src, qcfg=qcfg)
         stages.mark("train", {"final_loss": summary["history"][-1]["loss"] if summary["history"] else None})
     else:  # training finished earlier: its final state holds the trained columns
         tensors = load_file(str(run_dir / "train" / "state" / "trainable.safetensors"))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..config.settings import EvalConfig, QuantizeConfig, RecoverConfig
+from ..config.settings import EvalConfig, QuantizeConfig, RecoverConfig, Runtime
 from ..data.sources import load_documents
 from ..data.windows import calibration_windows, eval_windows, fingerprint_tokens
 from ..eval.perplexity import perplexity
@@ -86,40 +86,42 @@ def check_data(tokenizer, qcfg: QuantizeConfig | None = None, rcfg: RecoverConfi
 
 
 def preflight(model_dir: str | None, qcfg: QuantizeConfig, rcfg: RecoverConfig | None = None,
-              ecfg: EvalConfig | None = None, trust_remote_code: bool = False) -> Path:
+              ecfg: EvalConfig | None = None, runtime: Runtime = Runtime()) -> Path:
     """What a command checks before its first expensive stage (compare runs its methods as subprocesses that
     would each fail late): the model folder, every window against its positions, every data source."""
     src = resolve_model_dir(model_dir)
     lengths = {"--seq-len": qcfg.seq_len, **({"recover.seq_len": rcfg.seq_len} if rcfg else {}),
                **({"--ppl-seq-len": ecfg.seq_len} if ecfg else {})}
-    check_lengths(src, lengths, trust_remote_code)
-    tokenizer = load_tokenizer(src, trust_remote_code)
+    check_lengths(src, lengths, runtime.trust_remote_code)
+    tokenizer = load_tokenizer(src, runtime.trust_remote_code)
     calibration_set(tokenizer, qcfg)
     check_data(tokenizer, qcfg, rcfg, ecfg)
     return src
 
 
-def load_source(src: Path, cfg: QuantizeConfig, dtype: torch.dtype, trust_remote_code: bool = False):
+def load_source(src: Path, cfg: QuantizeConfig, dtype: torch.dtype, runtime: Runtime = Runtime()):
     """Checked model, tokenizer and calibration windows of ``src``, and the run identity they define.
 
     The identity (model and calibration fingerprints, settings) is what a resumed run must match.
     """
-    config = check_causal_lm(src, trust_remote_code)
-    tokenizer = load_tokenizer(src, trust_remote_code)
+    trust = runtime.trust_remote_code
+    config = check_causal_lm(src, trust)
+    tokenizer = load_tokenizer(src, trust)
     check_vocabulary(src, config, tokenizer)
     windows = calibration_set(tokenizer, cfg)  # the calibration text is checked before the model is loaded
-    model = load_model(src, dtype, trust_remote_code)
+    model = load_model(src, dtype, trust)
     check_finite(model, str(src))
     validate_salient_counts(model, cfg)
     identity = {"model": model_fingerprint(src), "calibration": fingerprint_tokens(windows),
-                "settings": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "device"}}
+                "settings": dataclasses.asdict(cfg)}
     return tokenizer, model, windows, identity
 
 
-def select_salient(model, windows: torch.Tensor, cfg: QuantizeConfig, device, progress: bool = True
+def select_salient(model, windows: torch.Tensor, cfg: QuantizeConfig, runtime: Runtime = Runtime()
                    ) -> dict[str, torch.Tensor]:
     """Qualified linear name -> salient column indices, chosen on ``model`` as it is (weights untouched)."""
-    report = quantize_model(model, windows, cfg, device, None, progress=progress, score_only=True)
+    report = quantize_model(model, windows, cfg, resolve_device(runtime.device), None, progress=runtime.progress,
+                            score_only=True)
     return {k: v.contiguous() for k, v in report.salient.items()}
 
 
@@ -134,7 +136,7 @@ def blockwise_reconstructor(rcfg: RecoverConfig, qcfg: QuantizeConfig, noise_bit
 
 
 def quantize_stage(model, windows: torch.Tensor, qcfg: QuantizeConfig, src: Path, identity: dict, out: Path,
-                   device, progress: bool = True, fixed_salient: dict | None = None, reconstruct=None,
+                   runtime: Runtime = Runtime(), fixed_salient: dict | None = None, reconstruct=None,
                    reconstruct_target: str = "fp-prefix"):
     """Quantize ``model`` in place and write the native checkpoint to ``out`` (per-block resume in out/run).
 
@@ -147,7 +149,8 @@ def quantize_stage(model, windows: torch.Tensor, qcfg: QuantizeConfig, src: Path
     check_blocks(run_dir)
     try:
         with writing(run_dir):
-            report = quantize_model(model, windows, qcfg, device, run_dir, progress=progress,
+            report = quantize_model(model, windows, qcfg, resolve_device(runtime.device), run_dir,
+                                    progress=runtime.progress,
                                     fixed_salient=fixed_salient, reconstruct=reconstruct,
                                     reconstruct_target=reconstruct_target)
     finally:
@@ -158,17 +161,17 @@ def quantize_stage(model, windows: torch.Tensor, qcfg: QuantizeConfig, src: Path
 
 
 def quantize_to_checkpoint(model_dir: str | None, out: str | Path, cfg: QuantizeConfig, overwrite: bool = False,
-                           trust_remote_code: bool = False, progress: bool = True):
+                           runtime: Runtime = Runtime()):
     """(in-memory quantized model, summary dict); the checkpoint is written to ``out``."""
     t0 = time.perf_counter()
     out = Path(out)
     src = resolve_model_dir(model_dir)
-    device = resolve_device(cfg.device)  # a bad --device is refused before the output folder is touched
-    check_lengths(src, {"--seq-len": cfg.seq_len}, trust_remote_code)
+    resolve_device(runtime.device)  # an unavailable --device is refused before the output folder is touched
+    check_lengths(src, {"--seq-len": cfg.seq_len}, runtime.trust_remote_code)
     prepare_output(out, overwrite, inputs=run_inputs(src, cfg))
-    tokenizer, model, windows, identity = load_source(src, cfg, parse_dtype(cfg.dtype), trust_remote_code)
+    tokenizer, model, windows, identity = load_source(src, cfg, parse_dtype(cfg.dtype), runtime)
     claim_run(out, identity)
-    report = quantize_stage(model, windows, cfg, src, identity, out, device, progress)
+    report = quantize_stage(model, windows, cfg, src, identity, out, runtime)
     return model, {"out": str(out), "effective_bits": report.mean_effective_bits(),
                    "quantize_seconds": report.seconds, "total_seconds": time.perf_counter() - t0,
                    "mean_relative_error": sum(m["relative_error"] for m in report.layers.values())
@@ -176,7 +179,7 @@ def quantize_to_checkpoint(model_dir: str | None, out: str | Path, cfg: Quantize
 
 
 def prepare_recovery(qckpt: Path, src: Path, noise: str, noise_bits: int, seed: int,
-                     dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                     dtype: torch.dtype = torch.float32, runtime: Runtime = Runtime(),
                      fit_device: torch.device | str = "cpu"):
     """The packed checkpoint as a model whose salient columns train, the noise step fitted on ``src``'s weights.
 
@@ -189,7 +192,7 @@ def prepare_recovery(qckpt: Path, src: Path, noise: str, noise_bits: int, seed: 
     names = list(model_linears(model))
     reference = source_weights(Path(src), names, fit_device)
     if reference is None:
-        reference = linear_weights(load_model(Path(src), dtype, trust_remote_code))
+        reference = linear_weights(load_model(Path(src), dtype, runtime.trust_remote_code))
     return prepare_quantized(model, noise=noise, noise_bits=noise_bits, seed=seed, reference=reference)
 
 
@@ -198,11 +201,12 @@ def convert_recovered(model):
     return convert_to_quant(model.cpu())  # each layer carries its bits, grid and salient dtype
 
 
-def evaluate_perplexity(model, tokenizer, ecfg: EvalConfig, device, progress: bool = True,
+def evaluate_perplexity(model, tokenizer, ecfg: EvalConfig, runtime: Runtime = Runtime(),
                         desc: str = "perplexity") -> dict:
     docs = load_documents(ecfg.ppl_data, default_split="test")
     windows = eval_windows(tokenizer, docs, ecfg.seq_len, ecfg.max_windows, source=ecfg.ppl_data)
-    return perplexity(model.to(device), windows, device, progress=progress, desc=desc)
+    device = resolve_device(runtime.device)
+    return perplexity(model.to(device), windows, device, progress=runtime.progress, desc=desc)
 
 
 def gift_config(cfg: QuantizeConfig, report, src: Path, identity: dict, windows: torch.Tensor) -> dict:
