@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..model.loading import load_model, load_tokenizer, resolve_model_dir
+from ..model.loading import enable_kv_cache, load_model, load_tokenizer, resolve_model_dir
 from ..util.errors import GiftQuantError
 from .checkpoint import is_checkpoint, load, read_gift_config
 from .run_folder import RUN_DIR, RUN_FILE
@@ -24,5 +24,5 @@ def load_any(path: str | None, dtype: torch.dtype = torch.float32, device="cpu",
         raise GiftQuantError(f"{path} is an unfinished gift-quant run: rerun the same command to finish it")
     src = resolve_model_dir(path)
     model = load_model(src, dtype, trust_remote_code).to(device)
-    model.config.use_cache = True  # inference: generate() with the KV cache
+    enable_kv_cache(model, src)  # inference: generate() with the KV cache
     return model, load_tokenizer(src, trust_remote_code), float(torch.finfo(dtype).bits), "full-precision model"

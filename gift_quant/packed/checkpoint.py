@@ -24,7 +24,7 @@ from torch import nn
 
 from ..config.settings import SUPPORTED_BITS
 from ..model.arch import set_module
-from ..model.loading import parse_dtype
+from ..model.loading import enable_kv_cache, parse_dtype
 from ..util.errors import GiftQuantError, writing
 from ..util.files import atomic_path, atomic_write_text, sha256_file
 from .qlinear import QuantLinear
@@ -42,10 +42,21 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> None:
+    """The source's tokenizer and generation config files, copied into ``dst`` (the generation config's
+    ``use_cache`` set true: what we write is for inference)."""
     for pattern in _COPY_PATTERNS:
         for f in src.glob(pattern):
             if f.is_file():
                 shutil.copy2(f, dst / f.name)
+    gen = dst / "generation_config.json"
+    if gen.is_file():
+        try:
+            doc = json.loads(gen.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return  # not ours to repair; transformers reports it when it reads the folder
+        if isinstance(doc, dict) and doc.get("use_cache") is False:
+            doc["use_cache"] = True
+            atomic_write_text(gen, json.dumps(doc, indent=2) + "\n")
 
 
 def save_checkpoint(model: nn.Module, out_dir: Path, source_dir: Path, gift_config: dict) -> None:
@@ -59,6 +70,8 @@ def save_checkpoint(model: nn.Module, out_dir: Path, source_dir: Path, gift_conf
         save_model(model, str(tmp))
     cfg = model.config.to_dict()
     cfg.pop("quantization_config", None)
+    if "use_cache" in cfg:  # training and calibration run with use_cache false; the saved model generates with it
+        cfg["use_cache"] = True
     atomic_write_text(out_dir / "config.json", json.dumps(cfg, indent=2, default=str))
     with writing(out_dir):
         copy_tokenizer_files(source_dir, out_dir)
@@ -196,5 +209,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
         model.tie_weights()
     check_loaded(model, path)
     model.eval()
-    model.config.use_cache = True  # inference: generate() with the KV cache (training passes use_cache=False)
+    # inference: generate() with the KV cache (training passes use_cache=False); checkpoints written before
+    # 2026-12 record use_cache false, and from_config derives generation_config from it
+    enable_kv_cache(model, path)
     return model.to(device)
