@@ -85,7 +85,10 @@ def _block_linear_names(model) -> list[str]:
 def _unpack_gptq(qweight, qzeros, scales, g_idx, bits: int, in_f: int, out_f: int, zero_offset: int):
     from gift_quant.compare.gptqmodel_peer import dense_from_gptq
 
-    return dense_from_gptq(qweight, qzeros, scales, g_idx, bits, in_f, out_f, zero_offset)
+    w = dense_from_gptq(qweight, qzeros, scales, g_idx, bits, zero_offset)
+    if tuple(w.shape) != (out_f, in_f):
+        raise SystemExit(f"unpacked GPTQ layer has shape {tuple(w.shape)}, expected {(out_f, in_f)}")
+    return w
 
 
 # ----------------------------------------------------------------------------- workers
@@ -116,7 +119,8 @@ def worker_gift(a) -> None:
     windows = torch.load(a.calib, weights_only=True)
     cfg = QuantizeConfig(bits=a.bits, group_size=a.group_size, sym=True, act_order=False, static_groups=False,
                          clip=a.clip, damp=a.damp, block_size=a.block_size, salient=0, calib_samples=windows.shape[0],
-                         seq_len=windows.shape[1], seed=a.seed, dtype="float32", device="cpu")
+                         seq_len=windows.shape[1], seed=a.seed, dtype="float32", device="cpu",
+                         **({"calib_data": a.calib_data} if a.calib_data else {}))
     out = Path(a.ckpt)
     if out.exists():
         shutil.rmtree(out)
@@ -473,6 +477,7 @@ def orchestrate(args) -> dict:
                           "--threads", str(args.threads)]
                 if tool.startswith("gift-quant"):
                     extra = ["--clip", clip, "--check-windows", str(work / "check.pt")]
+                    extra += ["--calib-data", args.calib_data] if args.calib_data else []
                     extra += ["--skip-scoring"] if tool == "gift-quant-noscore" else []
                     extra += ["--block-size", "64"] if tool == "gift-quant-bs64" else []
                 else:
@@ -578,6 +583,7 @@ def main(argv=None) -> None:
         for f in ("--calib", "--model-dir", "--weights", "--meta", "--ckpt"):
             p.add_argument(f, required=True)
         p.add_argument("--check-windows")
+        p.add_argument("--calib-data", default=None)  # gift-quant re-draws its windows: the same text and seed
         p.add_argument("--threads", type=int, default=0)
         p.add_argument("--skip-scoring", action="store_true")
         p.add_argument("--block-size", type=int, default=128)
