@@ -120,3 +120,35 @@ def test_version_flag(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--version"])
     assert exc.value.code == 0 and capsys.readouterr().out.startswith("gift-quant ")
+
+
+def test_load_without_dense_cache_computes_the_same_and_keeps_no_dense_weights(tmp_path):
+    """gift_quant.load(path, dense_cache=False) (issue #23 req 6): per-row, natural groups and compact groups (a
+    g_idx that is not column // group size) give the cached model's logits and greedy tokens; no layer keeps a
+    dense weight."""
+    import gift_quant
+    from gift_quant.config.settings import QuantizeConfig
+    from gift_quant.packed.qlinear import QuantLinear
+    from gift_quant.workflows.stages import quantize_to_checkpoint
+
+    src = make_model_dir("llama", tmp_path / "src")
+    (tmp_path / "text.txt").write_text(corpus(2000, seed=3))
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    settings = {"row3": dict(bits=3), "g32": dict(bits=4, group_size=32),
+                "compact": dict(bits=2, group_size=32, group_layout="compact")}
+    for name, kw in settings.items():
+        out = tmp_path / name
+        quantize_to_checkpoint(str(src), out, QuantizeConfig(salient=4, calib_data=str(tmp_path / "text.txt"),
+                                                             calib_samples=2, seq_len=32, device="cpu", **kw),
+                               progress=False)
+        cached, lean = gift_quant.load(out), gift_quant.load(out, dense_cache=False)
+        with torch.no_grad():
+            ref, got = cached(ids).logits, lean(ids).logits
+            assert float((got - ref).abs().max() / ref.abs().max()) < 1e-5, name
+            assert torch.equal(cached.generate(ids[:1], max_new_tokens=6, do_sample=False),
+                               lean.generate(ids[:1], max_new_tokens=6, do_sample=False)), name
+        layers = [m for m in lean.modules() if isinstance(m, QuantLinear)]
+        assert layers and all(m._dense is None for m in layers)
+        assert any(m._dense is not None for m in cached.modules() if isinstance(m, QuantLinear))
+        if name == "compact":
+            assert not all(m._contiguous for m in layers)  # the gather fallback ran
