@@ -114,10 +114,14 @@ class VllmServer:
         raise RuntimeError(f"vLLM was not ready after {self.timeout:.0f} s:\n" + self.log_tail())
 
     def log_tail(self, lines: int = 30) -> str:
+        """The log's error lines (the root cause sits in the engine's output, well above the end), then its end."""
         try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+            text = self.log.read_text(errors="replace").splitlines()
         except OSError:
             return ""
+        errors = [ln for ln in text if (" ERROR " in ln or "Error:" in ln)
+                  and not any(t in ln for t in ('File "', "^^^", "Traceback", "    "))][-20:]
+        return "\n".join(errors + ["..."] + text[-lines:])
 
     def completion(self, model: str, prompt, max_tokens: int, timeout: float = 600, **extra) -> dict:
         body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, **extra}
