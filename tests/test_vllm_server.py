@@ -33,7 +33,7 @@ from gift_quant.config.settings import QuantizeConfig
 from gift_quant.workflows.stages import quantize_to_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-from bench_vllm import ADAPTER, PROMPTS, VllmServer  # noqa: E402
+from bench_vllm import ADAPTER, PROMPTS, VllmServer, measure  # noqa: E402
 
 VLLM_PYTHON = os.environ.get("GIFT_QUANT_VLLM_PYTHON") or (
     sys.executable if importlib.util.find_spec("vllm") else None)
@@ -134,6 +134,14 @@ def test_the_adapter_is_what_restores_the_salient_columns(served, tokenizer):
         worst = max(worst, float((got - want).abs().max()))
     print(f"\n{server.export.name}: base without the adapter, largest |logprob difference| {worst:.3f} nat")
     assert worst > 2 * tol
+
+
+def test_bench_vllm_measures_the_running_server(served):
+    """tools/bench_vllm.py's measurement on the module's server (its smoke test: no extra server start)."""
+    server, _, _ = served
+    row = measure(server, ADAPTER, 4)
+    assert row["tokens_per_s"] > 0 and len(row["tokens_per_s_each"]) == len(PROMPTS)
+    assert row["rss_peak_mb"] >= row["rss_ready_mb"] > 0 and server.startup_s > 0
 
 
 def test_three_bits_are_refused_at_start_up(tmp_path):
