@@ -1,6 +1,7 @@
 """`gift-quant compare` smoke run on a tiny model: every requested method gets a row, failures included."""
 
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -21,10 +22,11 @@ def test_compare_smoke_reports_every_method(tmp_path):
     inject = tmp_path / "inject"
     inject.mkdir()
     (inject / "sitecustomize.py").write_text(
+        "import dataclasses\n"
         "import gift_quant.compare.methods as m\n"
         "def _boom(job):\n"
         "    raise RuntimeError('rtn failed on purpose (injected by the test)')\n"
-        "m.METHOD_TABLE['rtn'] = _boom\n")
+        "m.METHODS['rtn'] = dataclasses.replace(m.METHODS['rtn'], build=_boom)\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(inject), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "gift_quant.cli", "compare", str(src), "--out", str(out), "--bits", "3",
            "--recipe", "recipes/tiny-debug.yaml", "--calib-data", str(text), "--train-data", str(train),
@@ -138,3 +140,17 @@ def test_gift_pre_injects_noise_at_the_target_bits_whatever_the_post_setting(tmp
         run_method("gift-pre", str(src), tmp_path / "root", QuantizeConfig(bits=3, device="cpu"),
                    RecoverConfig(noise_bits=4), EvalConfig(), [], None)
     assert seen == {"variant": "pre", "noise_bits": 3}
+
+
+def test_both_pre_variant_paths_inject_the_same_noise_under_the_paper_recipe():
+    """`recover --variant pre` and compare's gift-pre resolve one NoiseSpec: the target bits, whatever the recipe."""
+    from pathlib import Path
+
+    from gift_quant.config.settings import NoiseSpec, RecoverConfig, build, read_recipe
+
+    recipe = read_recipe(Path(__file__).resolve().parents[1] / "recipes" / "smollm2-135m-w3-paper.yaml")
+    assert recipe["recover"]["noise_bits"] == 4  # the paper's post-variant noise, set in the recipe
+    cli_pre = build(RecoverConfig, recipe, "recover", {"variant": "pre"})
+    compare_pre = dataclasses.replace(build(RecoverConfig, recipe, "recover", {}), variant="pre")
+    assert cli_pre.noise_spec(3) == compare_pre.noise_spec(3) == NoiseSpec("normal", 3)
+    assert build(RecoverConfig, recipe, "recover", {}).noise_spec(3) == NoiseSpec("normal", 4)  # post: the recipe's

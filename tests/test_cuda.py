@@ -17,6 +17,7 @@ import pytest
 import torch
 from tiny import tiny_config
 
+from gift_quant.config.settings import QuantSpec
 from gift_quant.packed.qlinear import QuantLinear
 from gift_quant.quant.gptq import gptq_quantize
 from gift_quant.quant.grid import GridSpec
@@ -36,7 +37,8 @@ def _packed(seed=0, sym=False, group_size=32, out_f=96, in_f=128, k=8):
     res = gptq_quantize(w, 2 * x.T @ x / len(x), GridSpec(bits=3, sym=sym, group_size=group_size),
                         torch.arange(5, in_f, in_f // k)[:k])
     return QuantLinear.from_parts(res.codes, res.scales, res.zeros, res.g_idx, res.salient_idx, res.salient_weight,
-                                  3, sym, torch.randn(out_f, generator=g) * 0.1).eval()
+                                  QuantSpec(bits=3, sym=sym, group_size=group_size),
+                                  torch.randn(out_f, generator=g) * 0.1).eval()
 
 
 def _within(got, want, tol):

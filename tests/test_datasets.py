@@ -325,7 +325,7 @@ def test_instruction_records(instructions):
     # The stored order is pseudo-random, so a limited read still covers the tasks.
     assert len({r["task"] for r in gds.load_named_records("natural-instructions", "train", limit=3000)}) > 55
     texts = gds.load_named_text("natural-instructions", "validation", limit=3)
-    assert texts == [f"{r['prompt']}\n\n{r['response']}" for r in instructions["validation"][:3]]
+    assert texts == [f"{r['prompt']}\n{r['response']}" for r in instructions["validation"][:3]]  # as local files
     assert gds.dataset_meta("natural-instructions")["dropped_contaminated"] > 1000
 
 

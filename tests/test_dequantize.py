@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from gift_quant.compare.gptqmodel_peer import dense_from_gptq
+from gift_quant.config.settings import QuantSpec
 from gift_quant.packed.bits import dequantize_codes, dequantize_packed, pack_cols, pack_rows
 from gift_quant.packed.qlinear import QuantLinear
 from gift_quant.quant.gptq import GPTQResult
@@ -81,18 +82,18 @@ def test_packed_layer_gptq_result_and_peer_use_the_same_numbers(bits, sym, group
     dense = ref.clone()
     dense[:, salient] = salient_weight.double()
 
-    q = QuantLinear.from_parts(codes, scales, zeros, g_idx, salient, salient_weight, bits, sym,
-                               salient_dtype=torch.float32)
+    spec = QuantSpec(bits=bits, sym=sym, salient_dtype="float32")
+    q = QuantLinear.from_parts(codes, scales, zeros, g_idx, salient, salient_weight, spec)
     assert torch.equal(q.dequantized_base().double(), ref)
     assert torch.equal(q.dense_weight(torch.float32).double(), dense)
     res = GPTQResult(codes=codes, scales=scales, zeros=zeros, g_idx=g_idx, salient_idx=salient,
                      salient_weight=salient_weight, loss=0.0)
     assert torch.equal(res.dequantized().double(), dense)
     # the same buffers loaded into an empty layer, and held as stored
-    empty = QuantLinear.empty_like(torch.nn.Linear(IN, OUT, bias=False), bits, sym, q.n_groups, 3, torch.float32)
+    empty = QuantLinear.empty_like(torch.nn.Linear(IN, OUT, bias=False), spec, q.n_groups, 3)
     empty.load_state_dict(q.state_dict())
     assert torch.equal(empty.dense_weight(torch.float32), q.dense_weight(torch.float32))
-    held = QuantLinear.from_buffers(dict(q.state_dict()), bits, sym)
+    held = QuantLinear.from_buffers(dict(q.state_dict()), spec)
     assert held.qweight.data_ptr() == q.qweight.data_ptr()
     assert torch.equal(held.dense_weight(torch.float32), q.dense_weight(torch.float32))
     if not sym and int(zeros.min()) >= 1:  # GPTQ v1 stores zero - 1

@@ -361,7 +361,7 @@ def test_recovered_checkpoint_exports(src, calib, ids, tmp_path, no_compile):
     with torch.no_grad():
         for layer in salient_layers(model).values():
             layer.gift_salient.add_(0.05 * torch.randn_like(layer.gift_salient))
-    convert_to_quant(model, 3, True, torch.float32)
+    convert_to_quant(model)  # back to the spec it carries (3 bits, g32, float32 salient columns)
     doc = read_gift_config(tmp_path / "q")
     doc.pop("format"), doc.pop("format_version")
     save_checkpoint(model, tmp_path / "rec", src, {**doc, "variant": "post",
@@ -482,7 +482,7 @@ def test_refusals(ckpt, tmp_path):
     odd = tmp_path / "odd"
     shutil.copytree(native, odd, ignore=shutil.ignore_patterns("run"))
     doc = json.loads((odd / "gift_quant_config.json").read_text())
-    doc["quantize"]["group_size"] = doc["group_size"] = 48
+    doc["spec"]["group_size"] = 48
     (odd / "gift_quant_config.json").write_text(json.dumps(doc))
     with pytest.raises(GiftQuantError, match="group_size 48.*dense"):
         export_gptq_lora(odd, tmp_path / "x")

@@ -258,7 +258,7 @@ def test_refuses_what_the_format_cannot_carry(ckpt, tmp_path):
     odd = tmp_path / "odd"  # a group size that does not divide the layers: no whole groups
     shutil.copytree(ckpt("w3g32"), odd, ignore=shutil.ignore_patterns("run"))
     doc = json.loads((odd / "gift_quant_config.json").read_text())
-    doc["quantize"]["group_size"] = doc["group_size"] = 48
+    doc["spec"]["group_size"] = 48
     (odd / "gift_quant_config.json").write_text(json.dumps(doc))
     with pytest.raises(GiftQuantError, match="group_size 48 does not divide in_features 64"):
         export_compressed_tensors(odd, tmp_path / "x")

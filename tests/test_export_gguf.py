@@ -23,6 +23,7 @@ from test_export import make_src, quantized_checkpoints
 from tiny import corpus, make_tokenizer, tiny_config
 
 from gift_quant.cli.app import main
+from gift_quant.config.settings import QuantSpec
 from gift_quant.export import NativeCheckpoint, export
 from gift_quant.export.gguf import LORA_FILE, MODEL_FILE, gguf_name, llama_hparams
 from gift_quant.export.gguf_blocks import gguf_layer, rope_row_order
@@ -170,7 +171,8 @@ def _layer(bits, sym, group_size, in_f=64, salient=(3, 40), scale=None, zero=Non
     codes = torch.randint(0, 2 ** bits, (out_f, in_f))
     s = torch.tensor(salient)
     codes[:, s] = zeros[:, g_idx[s]]
-    return QuantLinear.from_parts(codes, scales, zeros.float(), g_idx, s, torch.randn(out_f, len(salient)), bits, sym)
+    return QuantLinear.from_parts(codes, scales, zeros.float(), g_idx, s, torch.randn(out_f, len(salient)),
+                               QuantSpec(bits=bits, sym=sym))
 
 
 @pytest.mark.parametrize("bits,sym,gs,qtype,kw", [(4, True, 32, QT.Q4_0, {}), (8, True, 64, QT.Q8_0, {}),

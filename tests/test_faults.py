@@ -248,7 +248,9 @@ def test_out_under_a_file_is_one_line(world, tmp_path, capsys):
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS], ids=["ENOSPC", "EROFS"])
 def test_quantize_writing_the_per_block_results(world, tmp_path, capsys, monkeypatch, code):
-    monkeypatch.setattr(engine, "save_file", _fault(code, None if code != errno.ENOSPC else None))
+    import safetensors.torch  # every safetensors write goes through util.files.atomic_save_tensors -> save_file
+
+    monkeypatch.setattr(safetensors.torch, "save_file", _fault(code))
     rc = main(quantize_args(world, tmp_path / "out"))
     _assert_one_line(rc, capsys.readouterr().err, str(tmp_path / "out" / "run"), ERRNOS[code])
 

@@ -63,9 +63,10 @@ def test_nan_scale_is_refused_naming_the_layer(ckpt, tmp_path):
 def test_config_bits_that_disagree_with_the_packed_data_are_refused(ckpt, tmp_path):
     c = _copy(ckpt, tmp_path)
     doc = json.loads((c / CONFIG_NAME).read_text())
-    doc["quantize"]["bits"] = 2  # 3-bit data read as 2-bit would be a silently wrong model
+    doc["spec"]["bits"] = 2  # 3-bit data read as 2-bit would be a silently wrong model
     (c / CONFIG_NAME).write_text(json.dumps(doc))
-    with pytest.raises(GiftQuantError, match="does not match gift_quant_config.json"):
+    with pytest.raises(GiftQuantError, match="does not match gift_quant_config.json for layer .*: bits 2 in the "
+                                             "config, 3 in the tensors"):
         load(c)
 
 
@@ -87,3 +88,54 @@ def test_inspect_verifies_the_weights(ckpt, tmp_path, capsys):
     assert main(["inspect", str(c)]) == 2
     err = capsys.readouterr().err
     assert "is not healthy" in err and WEIGHTS_NAME in err and "Traceback" not in err
+
+
+def test_inspect_measures_bits_from_the_tensors(ckpt, tmp_path):
+    """#23 req 4: the bits inspect reports are the stored buffers', not the config's record (which its own
+    sha256 does not cover); untouched, the two agree (the engine's formula vs the tensors' sizes)."""
+    from gift_quant.export.inspection import format_report, inspect_checkpoint
+    from gift_quant.packed.qlinear import QuantLinear
+
+    model = load(ckpt)
+    stored = weights = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            stored += sum(8 * t.numel() * t.element_size() for n, t in m.named_buffers()
+                          if n in ("qweight", "scales", "qzeros", "g_idx", "salient_idx", "salient_weight"))
+            weights += m.in_features * m.out_features
+    info = inspect_checkpoint(ckpt)
+    recorded = json.loads((ckpt / CONFIG_NAME).read_text())["effective_bits"]
+    assert info["health"].startswith("verified")
+    assert info["effective_bits"] == pytest.approx(stored / weights, rel=1e-12)
+    assert info["effective_bits"] == pytest.approx(recorded, rel=1e-9)
+    c = _copy(ckpt, tmp_path)
+    doc = json.loads((c / CONFIG_NAME).read_text())
+    doc["effective_bits"] = 1.0
+    for layer in doc["layers"].values():
+        layer["effective_bits"] = 1.0
+    (c / CONFIG_NAME).write_text(json.dumps(doc))
+    info = inspect_checkpoint(c)
+    assert info["effective_bits"] == pytest.approx(stored / weights, rel=1e-12)
+    assert all(row["effective_bits"] > 3 for row in info["layers"])
+    assert "measured from the stored tensors" in format_report(info)
+
+
+@pytest.mark.parametrize("key, value, held", [("bits", 2, "3 in the tensors"), ("groups", 2, "1 in the tensors")])
+def test_inspect_is_broken_where_load_refuses(ckpt, tmp_path, capsys, key, value, held):
+    """#23 req 4: recorded bits and groups are checked against the packed shapes."""
+    from gift_quant.cli.app import main
+
+    c = _copy(ckpt, tmp_path)
+    doc = json.loads((c / CONFIG_NAME).read_text())
+    if key == "bits":
+        doc["spec"]["bits"] = value
+    else:
+        for layer in doc["layers"].values():
+            layer["groups"] = value
+    (c / CONFIG_NAME).write_text(json.dumps(doc))
+    with pytest.raises(GiftQuantError, match=held) as refused:
+        load(c)
+    assert main(["inspect", str(c)]) == 2
+    out, err = capsys.readouterr()
+    assert "health        broken" in out and "verified" not in out.split("health", 1)[1].splitlines()[0]
+    assert held in err and str(refused.value).split(": ", 1)[0] in err

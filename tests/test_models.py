@@ -59,10 +59,10 @@ def test_quantize_roundtrip(arch, tmp_path, calib_file):
     with torch.no_grad():
         assert not torch.allclose(fp(ids).logits, loaded(ids).logits)
     doc = json.loads((out / CONFIG_NAME).read_text())
-    assert doc["bits"] == cfg.bits and doc["format_version"] == 1
+    assert doc["spec"]["bits"] == cfg.bits and doc["format_version"] == 2
     assert all(v == cfg.salient for v in doc["salient_per_layer"].values())
     assert doc["effective_bits"] > cfg.bits
-    assert {"tool", "version", "provenance", "metric", "group_size"} <= set(doc)
+    assert {"tool", "version", "provenance", "spec", "quantize"} <= set(doc) and doc["quantize"]["metric"] == cfg.metric
     assert (out / "tokenizer.json").is_file()
     assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))
     with safe_open(out / "model.safetensors", "pt") as f:

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from gift_quant.config.settings import QuantSpec
 from gift_quant.packed.qlinear import QuantLinear
 from gift_quant.quant.gptq import gptq_quantize
 from gift_quant.quant.grid import GridSpec, step_sizes
@@ -18,7 +19,8 @@ def _quant_linear(out_f=64, in_f=96, k=6, bits=3, sym=True, group_size=-1, seed=
     res = gptq_quantize(w, h, GridSpec(bits=bits, sym=sym, group_size=group_size), torch.arange(0, 2 * k, 2))
     res.salient_weight = res.salient_weight.half().float()
     return QuantLinear.from_parts(res.codes, res.scales, res.zeros, res.g_idx, res.salient_idx,
-                                  res.salient_weight, bits, sym, torch.randn(out_f, generator=g)).eval(), w
+                                  res.salient_weight, QuantSpec(bits=bits, sym=sym, group_size=group_size),
+                                  torch.randn(out_f, generator=g)).eval(), w
 
 
 class Wrap(torch.nn.Module):
@@ -49,7 +51,7 @@ def test_noise_off_equals_packed_layer(sym, group_size):
     torch.testing.assert_close(s_train_no_noise(x), q(x), rtol=1e-6, atol=1e-6)
     # convert back: identical buffers, identical outputs
     model = prepare_quantized(Wrap(q))
-    convert_to_quant(model, q.bits, sym)
+    convert_to_quant(model)  # the spec each layer carries from its packed layer
     back = model.layers[0]["proj"]
     assert isinstance(back, QuantLinear)
     for name in ("qweight", "scales", "g_idx", "salient_idx", "salient_weight"):
@@ -124,7 +126,7 @@ def test_qat_layer_starts_at_the_quantized_layer_and_converts_back():
     torch.testing.assert_close(layer(x), q(x), rtol=1e-5, atol=1e-5)
     layer(x).pow(2).sum().backward()
     assert layer.gift_weight.grad is not None and layer.gift_weight.grad.abs().sum() > 0  # STE passes gradients
-    convert_qat(model, torch.float32)
+    convert_qat(model)  # back to the spec the layer carries
     back = model.layers[0]["proj"]
     assert isinstance(back, QuantLinear) and torch.equal(back.qweight, q.qweight)
     torch.testing.assert_close(back(x), q(x), rtol=1e-5, atol=1e-5)

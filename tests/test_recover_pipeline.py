@@ -1,5 +1,6 @@
 """Recovery on a tiny model: the loss goes down, and the packed checkpoint reproduces the trained model."""
 
+import dataclasses
 import json
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from tiny import corpus, make_model_dir
 
 from gift_quant.config.settings import QuantizeConfig, RecoverConfig, read_recipe
-from gift_quant.packed.checkpoint import load, read_gift_config, save_checkpoint
+from gift_quant.packed.checkpoint import load, read_gift_config, read_spec, save_checkpoint
 from gift_quant.recover.loop import eval_loss, train
 from gift_quant.recover.model import convert_to_quant, prepare_quantized, salient_layers
 from gift_quant.workflows.commands import quantize_to_checkpoint
@@ -54,7 +55,8 @@ def test_loss_decreases_and_checkpoint_reproduces_trained_model(quantized, tmp_p
     x = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         trained_logits = model(x).logits
-    convert_to_quant(model, 3, True, torch.float32)
+    # float32 salient columns: the stored model computes exactly what was trained
+    convert_to_quant(model, dataclasses.replace(read_spec(read_gift_config(root / "q")), salient_dtype="float32"))
     save_checkpoint(model, tmp_path / "ckpt", src, read_gift_config(root / "q"))
     with torch.no_grad():
         loaded_logits = load(tmp_path / "ckpt")(x).logits

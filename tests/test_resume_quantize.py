@@ -117,7 +117,7 @@ def test_changed_setting_is_refused_then_overwrite(setup, reference, tmp_path, c
 
     assert main(_args(setup, out, "--bits", "4", "--overwrite")) == 0
     doc = json.loads((out / "gift_quant_config.json").read_text())
-    assert doc["bits"] == 4 and doc["quantize"]["bits"] == 4
+    assert doc["spec"]["bits"] == 4 and "bits" not in doc and "bits" not in doc["quantize"]  # written once
     assert json.loads((out / "run" / "run.json").read_text())["identity"]["settings"]["bits"] == 4
 
 

@@ -76,7 +76,7 @@ def _llama_cpp_decode(folder: str, ids: list[int], tokens: int, repeats: int, th
 
     default = llama_cpp.llama_cpp.llama_model_default_params
 
-    def no_extra_bufts():  # llama.cpp's AMX repacking faults on these machines (tests/test_export_gguf_llama.py)
+    def no_extra_bufts():  # llama.cpp's AMX repacking can crash on AMX CPUs (tests/test_export_gguf_llama.py)
         p = default()
         p.use_extra_bufts = False
         return p

@@ -6,7 +6,7 @@ right before the measured part, so the model's construction does not count):
 
 * ``quantize``: engine.quantize_model (GPTQ, 3 bits, default salient fraction) on N x L random tokens;
   reported: peak RSS beyond what the process held with the model loaded, and wall time. The memory model
-  (gift_quant/memory_model.quantize_memory, CPU run) predicts that peak; it must not grow with depth, and
+  (gift_quant/workflows/memory_model.quantize_memory, CPU run) predicts that peak; it must not grow with depth, and
   time must grow linearly with depth (the fitted seconds per block and the ratios are printed).
 * ``step``: one end-to-end recovery step (prepare_quantized on an RTN-quantized copy, gradient
   checkpointing on, AdamW) with CE and with KD (a CPU teacher); reported: peak RSS growth during the first

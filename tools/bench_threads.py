@@ -6,7 +6,7 @@ recover`` on the default model, interleaved (ABCDE ABCDE ...), under these setti
 
     A  old default   OMP_NUM_THREADS=<cores> (what torch picked before)   + a competing CPU-bound process
     B  tuned         OMP_NUM_THREADS=1                                    + competitor
-    C  new default   no OMP_* variables (gift_quant/cpu_policy.py)       + competitor
+    C  new default   no OMP_* variables (gift_quant/util/cpu_policy.py)  + competitor
     D  new default, no competitor
     E  old default, no competitor                                        (D vs E: free cores still used)
     F  (--variants F) OMP_NUM_THREADS=<cores> OMP_WAIT_POLICY=PASSIVE     + competitor (waiting policy alone)
@@ -14,7 +14,7 @@ recover`` on the default model, interleaved (ABCDE ABCDE ...), under these setti
 The timed ``recover`` resumes a copy of one prepared output folder whose quantize and first evaluation
 stages are done (prepared once, one thread, stopped with SIGTERM when training starts; --prepared keeps it):
 it times what follows quantization (loading, --steps of training, packing, the final perplexity). GPTQ's
-column loop, most of the quantize stage, already runs single-threaded (gift_quant/threads.py).
+column loop, most of the quantize stage, already runs single-threaded (gift_quant/util/threads.py).
 
 The competitor is ``python -c "while True: pass"``, started before and killed after each run that wants it.
 Before measuring it waits (polling every --poll s, at most --wait-max-min) for the 1-minute load average to

@@ -313,6 +313,7 @@ def compare(what: str, got: torch.Tensor, want: torch.Tensor, tol, reference: st
 
 def small_packed_layer(seed: int, sym: bool, group_size: int, out_f: int = 96, in_f: int = 128, k: int = 8):
     """A packed 3-bit layer from salient-aware GPTQ on random weights, with a bias."""
+    from gift_quant.config.settings import QuantSpec
     from gift_quant.packed.qlinear import QuantLinear
     from gift_quant.quant.gptq import gptq_quantize
     from gift_quant.quant.grid import GridSpec
@@ -324,7 +325,7 @@ def small_packed_layer(seed: int, sym: bool, group_size: int, out_f: int = 96, i
     res = gptq_quantize(w, 2 * x.T @ x / len(x), GridSpec(bits=3, sym=sym, group_size=group_size), salient)
     bias = torch.randn(out_f, generator=g) * 0.1
     return QuantLinear.from_parts(res.codes, res.scales, res.zeros, res.g_idx, res.salient_idx,
-                                  res.salient_weight, 3, sym, bias).eval()
+                                  res.salient_weight, QuantSpec(bits=3, sym=sym, group_size=group_size), bias).eval()
 
 
 def dequantized64(q) -> torch.Tensor:
@@ -688,7 +689,7 @@ def section_prepare(models: Models, shapes: Shapes, device: torch.device) -> dic
 
 
 def train_step(model, ids: torch.Tensor, obj, teacher, opt, device: torch.device, key: int) -> float:
-    """One optimizer step as recover/train.py takes it: noise keyed by step, bf16 autocast, backward inside."""
+    """One optimizer step as recover/loop.py takes it: noise keyed by step, bf16 autocast, backward inside."""
     from gift_quant.recover.model import set_noise_key
     from gift_quant.recover.objective import objective_loss
 

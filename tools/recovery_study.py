@@ -80,7 +80,7 @@ def run_job(config: str, bits: int, seed: int, start: Path, out: Path, steps: in
             recipe: Path = RECIPE, train_data: str | None = None) -> dict:
     """One job's result row (cached in OUT/jobs). ``model``: the source model folder (default: the embedded
     one); ``recipe`` / ``train_data``: the shared settings (default: the study's recipe, each config's data)."""
-    from gift_quant.compare.recovery import _eval, run_method
+    from gift_quant.compare.recovery import evaluate_model, run_method
     from gift_quant.model.loading import load_tokenizer, resolve_model_dir
 
     out = Path(out)
@@ -99,11 +99,11 @@ def run_job(config: str, bits: int, seed: int, start: Path, out: Path, steps: in
         from gift_quant.model.loading import load_model
 
         src = resolve_model_dir(model)
-        row.update(_eval(load_model(src).eval(), load_tokenizer(src), ecfg, [], None, "cpu"))
+        row.update(evaluate_model(load_model(src).eval(), load_tokenizer(src), ecfg, [], None, "cpu"))
     elif method == "start":
         from gift_quant.packed.checkpoint import load
 
-        row.update(_eval(load(start).eval(), load_tokenizer(Path(start)), ecfg, [], None, "cpu"))
+        row.update(evaluate_model(load(start).eval(), load_tokenizer(Path(start)), ecfg, [], None, "cpu"))
     elif method == "recover":
         from gift_quant.workflows.commands import run_recover
 
@@ -118,7 +118,7 @@ def run_job(config: str, bits: int, seed: int, start: Path, out: Path, steps: in
                     "blockwise_relative_mse": [[b["relative_mse_before"], b["relative_mse_after"]] for b in bw]})
         from gift_quant.packed.checkpoint import load
 
-        row["window_nll"] = _eval(load(work / "out").eval(), load_tokenizer(work / "out"), ecfg, [], None,
+        row["window_nll"] = evaluate_model(load(work / "out").eval(), load_tokenizer(work / "out"), ecfg, [], None,
                                   "cpu")["window_nll"]
         row["recovery_seconds"] = row["blockwise_seconds"] + row["train_seconds"]
     else:

@@ -1,4 +1,4 @@
-"""Command line: flags -> config objects -> pipeline calls. No logic lives here.
+"""Command line: flags -> config objects -> workflow calls. No logic lives here.
 
 Every user-facing failure is a GiftQuantError (or a few well-understood OS errors), printed as one
 line ``gift-quant: error: ...`` with exit status 2, never a traceback.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..util.cpu_policy import apply_at_launch
 
-apply_at_launch()  # thread settings of the gift-quant command: before torch loads (cli_flags -> config -> torch)
+apply_at_launch()  # thread settings of the gift-quant command: before torch loads (cli/flags -> config -> torch)
 
 from ..config.settings import DEFAULT_PEFT_TRAIN_DATA, EvalConfig, QuantizeConfig, RecoverConfig, build, read_recipe  # noqa: E402
 from ..util.console import quiet_import_noise, silence_library_bars  # noqa: E402
@@ -33,16 +33,54 @@ def _quantize_overrides(a) -> dict:
             "device": a.device}
 
 
-def cmd_quantize(a) -> dict:
+_DATA_LABELS = {"calib_data": "calibration data", "train_data": "training data", "eval_data": "evaluation data",
+                "ppl_data": "perplexity data"}
+
+
+def _inputs(a, *cfgs) -> dict:
+    """label -> local path of everything the command reads (data specs that are not files are left out)."""
+    from ..packed.ownership import data_input
+
+    inputs = {"recipe": getattr(a, "recipe", None), "model folder": getattr(a, "model_dir", None)}
+    for cfg in cfgs:
+        for name, label in _DATA_LABELS.items():
+            if hasattr(cfg, name):
+                inputs[label] = data_input(getattr(cfg, name))
+    return inputs
+
+
+def _check_run(a, *cfgs) -> None:
+    """What the config objects cannot check alone, before any folder is touched or model loaded: the metric,
+    and an --out (or --json file) that would write where the command reads."""
+    from ..packed.ownership import check_inputs
     from ..quant.sensitivity import parse_metric
+
+    for cfg in cfgs:
+        if isinstance(cfg, QuantizeConfig):
+            try:
+                parse_metric(cfg.metric)
+            except ValueError as exc:
+                raise GiftQuantError(f"--metric: {exc}") from None
+    inputs = _inputs(a, *cfgs)
+    if getattr(a, "out", None):
+        check_inputs(Path(a.out), inputs)
+    _check_json_out(a, inputs)
+
+
+def _check_json_out(a, inputs: dict) -> None:
+    """--json FILE must not replace a file the command reads (or one inside a folder it reads)."""
+    from ..packed.ownership import check_file_target
+
+    if getattr(a, "json_out", None):
+        check_file_target(Path(a.json_out), inputs)
+
+
+def cmd_quantize(a) -> dict:
     from ..workflows.commands import run_quantize
 
     recipe = read_recipe(a.recipe)
     cfg = build(QuantizeConfig, recipe, "quantize", _quantize_overrides(a))
-    try:
-        parse_metric(cfg.metric)
-    except ValueError as exc:
-        raise GiftQuantError(str(exc)) from exc
+    _check_run(a, cfg)
     res = run_quantize(a.model_dir, a.out, cfg, overwrite=a.overwrite, trust_remote_code=a.trust_remote_code,
                        progress=not a.no_progress)
     print(f"wrote {res['out']}: {cfg.bits}-bit, {res['effective_bits']:.3f} effective bits/weight, "
@@ -56,6 +94,7 @@ def cmd_eval(a) -> dict:
     if a.tasks:
         from ..eval.zeroshot import format_table, run_eval_tasks
 
+        _check_limit(a)
         res = run_eval_tasks(a.path, a.tasks, limit=a.limit, batch_size=a.batch_size,
                              device_name=a.device or "auto", trust_remote_code=a.trust_remote_code,
                              progress=not a.no_progress, seed=a.seed)
@@ -66,6 +105,7 @@ def cmd_eval(a) -> dict:
     recipe = read_recipe(a.recipe)
     cfg = build(EvalConfig, recipe, "eval", {"ppl_data": a.ppl_data, "seq_len": a.seq_len,
                                              "max_windows": a.max_windows})
+    _check_json_out(a, {**_inputs(a, cfg), "model folder": a.path})
     res = run_eval_ppl(a.path, cfg, a.device or "auto", a.trust_remote_code, progress=not a.no_progress)
     print(f"perplexity {res['perplexity']:.3f} on {res['ppl_data']} ({res['windows']} x {res['seq_len']} tokens), "
           f"{res['effective_bits']:.3f} effective bits/weight ({res['kind']})")
@@ -80,6 +120,7 @@ def cmd_recover(a) -> dict:
     rcfg = build(RecoverConfig, recipe, "recover", _recover_overrides(a))
     ecfg = build(EvalConfig, recipe, "eval", {"ppl_data": a.ppl_data, "seq_len": a.ppl_seq_len,
                                               "max_windows": a.max_windows})
+    _check_run(a, qcfg, rcfg, ecfg)
     res = run_recover(a.model_dir, a.out, qcfg, rcfg, ecfg, overwrite=a.overwrite,
                       trust_remote_code=a.trust_remote_code, progress=not a.no_progress,
                       keep_intermediate=a.keep_intermediate)
@@ -113,14 +154,23 @@ def parse_lr_grid(text: str, methods: list[str]) -> dict[str, tuple[float, ...]]
     return grid
 
 
+def _check_limit(a) -> None:
+    for flag, value in (("--limit", getattr(a, "limit", None)), ("--batch-size", getattr(a, "batch_size", None))):
+        if value is not None and value < 1:
+            raise GiftQuantError(f"{flag} {value} must be a whole number >= 1")
+
+
 def cmd_compare(a) -> dict:
+    from ..compare.methods import METHODS
     from ..compare.peft import run_compare_peft
-    from ..compare.recovery import METHODS, run_compare
+    from ..compare.recovery import run_compare
+    from ..workflows.stages import preflight
 
     recipe = read_recipe(a.recipe)
     qcfg = build(QuantizeConfig, recipe, "quantize", _quantize_overrides(a))
     overrides = _peft_overrides(a, recipe) if a.mode == "peft" else _recover_overrides(a)
     rcfg = build(RecoverConfig, recipe, "recover", overrides)
+    _check_run(a, qcfg, rcfg)
     if a.mode == "peft":
         from ..compare.peft import PEFT_METHODS
 
@@ -130,6 +180,8 @@ def cmd_compare(a) -> dict:
             raise GiftQuantError(f"unknown PEFT method(s) {unknown}; choose from {', '.join(PEFT_METHODS)}")
         tasks = [] if not a.tasks else _expand_tasks(a.tasks)
         grid = parse_lr_grid(a.lr_grid, methods) if a.lr_grid else None
+        _check_limit(a)
+        preflight(a.model_dir, qcfg, rcfg)
         run_compare_peft(a.model_dir, Path(a.out), methods, qcfg, rcfg, tasks, a.limit, progress=not a.no_progress,
                          lr_grid=grid)
         print((Path(a.out) / "report_peft.md").read_text())
@@ -143,6 +195,9 @@ def cmd_compare(a) -> dict:
     for b in a.bits or [qcfg.bits]:
         QuantizeConfig(bits=b)  # validates each width up front
     tasks = [] if not a.tasks else _expand_tasks(a.tasks)
+    _check_limit(a)
+    _check_run(a, qcfg, rcfg, ecfg)
+    preflight(a.model_dir, qcfg, rcfg, ecfg)
     doc = run_compare(a.model_dir, Path(a.out), a.bits or [qcfg.bits], methods, qcfg, rcfg, ecfg, tasks, a.limit,
                       progress=not a.no_progress)
     print((Path(a.out) / "report.md").read_text())
@@ -156,6 +211,7 @@ def cmd_compare(a) -> dict:
 def cmd_export(a) -> dict:
     from ..export import export
 
+    _check_json_out(a, {"checkpoint": a.ckpt})
     res = export(a.ckpt, a.out, fmt=a.format, dtype=a.dtype, checkpoint_format=a.checkpoint_format,
                  overwrite=a.overwrite)
     for w in res.get("warnings", []):
@@ -181,6 +237,7 @@ def cmd_export(a) -> dict:
 def cmd_inspect(a) -> dict:
     from ..export.inspection import format_report, inspect_checkpoint
 
+    _check_json_out(a, {"inspected folder": a.path})
     for f in sorted(Path(a.path).glob("*.json")) if Path(a.path).is_dir() else []:  # inspect reads them as is
         try:
             json.loads(f.read_text(encoding="utf-8"))
@@ -217,6 +274,7 @@ def cmd_finetune(a) -> dict:
     recipe = read_recipe(a.recipe)
     qcfg = build(QuantizeConfig, recipe, "quantize", _quantize_overrides(a))
     rcfg = build(RecoverConfig, recipe, "recover", _peft_overrides(a, recipe))
+    _check_run(a, qcfg, rcfg)
     res = run_finetune(a.model_dir, a.out, qcfg, rcfg, overwrite=a.overwrite, trust_remote_code=a.trust_remote_code,
                        progress=not a.no_progress)
     print(f"wrote {res['out']} (merged, {res['dtype']}) and {res['adapter']} (LoRA rank {res['lora_rank']}, "
@@ -315,24 +373,28 @@ def _redeliver_swallowed_stops(unraisable) -> None:
     threading.Timer(0.01, _thread.interrupt_main, args=(signum,)).start()
 
 
+TRACEBACK_ENV = "GIFT_QUANT_TRACEBACK"  # set to 1: an unexpected exception shows its traceback
+
+
 def main(argv: list[str] | None = None) -> int:
     import signal
     import threading
 
-    quiet_import_noise()
-    parser = make_parser()
-    a = parser.parse_args(argv)
-    if getattr(a, "no_progress", False):
-        silence_library_bars()
-    if getattr(a, "threads", None):  # also when main() is called from Python (cpu_policy covers the command)
-        import torch
+    previous_hook = sys.unraisablehook
+    try:  # an interrupt at any moment, parsing and imports included, ends in one line
+        quiet_import_noise()
+        parser = make_parser()
+        a = parser.parse_args(argv)
+        if getattr(a, "no_progress", False):
+            silence_library_bars()
+        if getattr(a, "threads", None):  # also when main() is called from Python (cpu_policy covers the command)
+            import torch
 
-        torch.set_num_threads(a.threads)
-    if threading.current_thread() is threading.main_thread():
-        # the default SIGTERM kills without cleanup or message; as an exception it stops like Ctrl-C does
-        signal.signal(signal.SIGTERM, _raise_terminated)
-    previous_hook, sys.unraisablehook = sys.unraisablehook, _redeliver_swallowed_stops
-    try:
+            torch.set_num_threads(a.threads)
+        if threading.current_thread() is threading.main_thread():
+            # the default SIGTERM kills without cleanup or message; as an exception it stops like Ctrl-C does
+            signal.signal(signal.SIGTERM, _raise_terminated)
+        sys.unraisablehook = _redeliver_swallowed_stops
         result = a.func(a)
         if getattr(a, "json_out", None):
             atomic_write_text(Path(a.json_out), json.dumps(result, indent=1, default=str))
@@ -351,6 +413,19 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"gift-quant: error: {os_error(exc, exc.filename or '', '')}", file=sys.stderr)
         return 2
+    except Exception as exc:  # a library's error that no input check anticipated: one line, never a traceback
+        import os
+        import traceback
+
+        if os.environ.get(TRACEBACK_ENV) == "1":
+            raise
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        where = f"{Path(frame.filename).name}:{frame.lineno}"
+        text = " ".join(str(exc).split())[:240] or "no message"
+        print(f"gift-quant: error: unexpected {type(exc).__name__} in {where}: {text}; the inputs above may be in a "
+              f"form gift-quant does not check yet, or this is a bug: rerun with {TRACEBACK_ENV}=1 and report it",
+              file=sys.stderr)
+        return 1
     finally:
         sys.unraisablehook = previous_hook
 

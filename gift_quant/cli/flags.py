@@ -13,7 +13,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
-                   help="CPU threads (default: the cores idle at start, see gift_quant/cpu_policy.py; "
+                   help="CPU threads (default: the cores idle at start, see gift_quant/util/cpu_policy.py; "
                         "OMP_NUM_THREADS, when set, is kept)")
 
 

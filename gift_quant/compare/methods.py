@@ -1,8 +1,9 @@
-"""What each ``compare`` method is: a composition of the stages (stages.py), in one table.
+"""What each ``compare`` method is: a composition of the shared stages (workflows/stages.py), registered by name.
 
-A method function takes the shared `Job` and returns ``(model, effective bits, checkpoint path)``:
+A method's ``build`` takes the shared `Job` and returns ``(model, effective bits, deployable path)``:
 the model is then evaluated like every other. Trained methods start from the ``owq`` checkpoint
-(GPTQ + salient columns, untrained) so that they differ only in what training does.
+(GPTQ + salient columns, untrained) so that they differ only in what training does; a method says so
+with ``needs``, and the comparison runs what it needs first. Adding a method is one ``@register``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,36 @@ from ..config.settings import EvalConfig, QuantizeConfig, RecoverConfig
 from ..model.loading import load_model
 from ..packed.checkpoint import load, read_gift_config, save_checkpoint
 from ..workflows.stages import convert_recovered, prepare_recovery, quantize_to_checkpoint, train_stage
+
+__all__ = ["METHODS", "REFERENCE", "SALIENT_START", "Job", "Method", "matched_group_size", "register",
+           "run_order"]
+
+REFERENCE = "fp"  # the full-precision model every gap is measured against
+SALIENT_START = "owq"  # GPTQ + salient columns, untrained: where the trained methods start
+
+
+@dataclass(frozen=True)
+class Method:
+    """One comparison method: how it is built and what the comparison must know about it."""
+
+    name: str
+    summary: str
+    build: Callable[[Job], tuple]
+    trains: bool = False  # a trained method: its row gets a "gap closed" against SALIENT_START
+    per_bit_width: bool = True  # False: the same model whatever --bits (run once)
+    needs: tuple[str, ...] = ()  # methods whose outputs it starts from (run first, added when missing)
+    size_includes: tuple[str, ...] = ()  # other methods' folders counted in its deployable size
+
+
+METHODS: dict[str, Method] = {}  # registration order is the report order
+
+
+def register(name: str, summary: str, **traits):
+    """Decorator: register ``build`` under ``name``."""
+    def add(build: Callable[[Job], tuple]):
+        METHODS[name] = Method(name, summary, build, **traits)
+        return build
+    return add
 
 
 @dataclass
@@ -44,7 +75,7 @@ class Job:
 
     @property
     def salient_base(self) -> Path:
-        return self.root / "owq" / "ckpt"
+        return self.root / SALIENT_START / "ckpt"
 
     @property
     def k0(self) -> QuantizeConfig:
@@ -76,26 +107,24 @@ def quantized(job: Job, out: Path, qcfg: QuantizeConfig) -> float:
 # ------------------------------------------------------------------ the methods
 
 
+@register("fp", "full-precision reference (no quantization)", per_bit_width=False)
 def fp(job: Job):
     return load_model(job.src), 32.0, job.src
 
 
-def _quantize_with(qcfg_of: Callable[[Job], QuantizeConfig]):
-    def method(job: Job):
+def _quantized_method(qcfg_of: Callable[[Job], QuantizeConfig]):
+    def build(job: Job):
         ckpt = job.work / "ckpt"
         bits = quantized(job, ckpt, qcfg_of(job))
         return load(ckpt), bits, ckpt
-    return method
+    return build
 
 
-def _matched_qcfg(job: Job) -> QuantizeConfig:
-    target = json.loads((job.root / "owq" / "result.json").read_text())["effective_bits"]
-    layers = read_gift_config(job.salient_base)["layers"]
-    g = matched_group_size(target, job.qcfg.bits, layers)
-    job.row["group_size"] = g
-    return dataclasses.replace(job.k0, group_size=g)
+register("rtn", "round-to-nearest, K = 0")(_quantized_method(lambda job: dataclasses.replace(job.k0, algorithm="rtn")))
+register("gptq", "gift-quant GPTQ, K = 0")(_quantized_method(lambda job: job.k0))
 
 
+@register("gptq-peer", "GPTQModel's GPTQ (the peer; needs the [peers] extra), K = 0")
 def gptq_peer(job: Job):
     from .gptqmodel_peer import quantize_with_gptqmodel
 
@@ -104,19 +133,52 @@ def gptq_peer(job: Job):
     return model, bits, ckpt
 
 
+def _matched_qcfg(job: Job) -> QuantizeConfig:
+    target = json.loads((job.root / SALIENT_START / "result.json").read_text())["effective_bits"]
+    layers = read_gift_config(job.salient_base)["layers"]
+    g = matched_group_size(target, job.qcfg.bits, layers)
+    job.row["group_size"] = g
+    return dataclasses.replace(job.k0, group_size=g)
+
+
+register("gptq-matched", "GPTQ, K = 0, with the smallest group size whose effective bits reach GIFT-SW's",
+         needs=(SALIENT_START,))(_quantized_method(_matched_qcfg))
+register(SALIENT_START, "GPTQ + salient columns, no training (OWQ / QUIK style)")(
+    _quantized_method(lambda job: job.qcfg))
+
+
 def _salient_training(noise_of: Callable[[Job], str]):
     """Post-training recovery of the salient columns (GIFT-SW post; without noise: salient fine-tuning)."""
-    def method(job: Job):
+    def build(job: Job):
         quantized(job, job.salient_base, job.qcfg)
-        rcfg = job.rcfg
-        model = prepare_recovery(job.salient_base, job.src, noise_of(job), rcfg.resolved_noise_bits(job.qcfg.bits),
-                                 rcfg.seed)
+        noise = dataclasses.replace(job.rcfg, noise=noise_of(job)).noise_spec(job.qcfg.bits)
+        model = prepare_recovery(job.salient_base, job.src, noise.kind, noise.bits, job.rcfg.seed)
         job.train(model)
         convert_recovered(model)
         return (model, *job.save(model, {"method": job.method}))
-    return method
+    return build
 
 
+register("salient-ft", "post-quantization salient fine-tuning without noise (ablation)", trains=True,
+         needs=(SALIENT_START,))(_salient_training(lambda job: "none"))
+register("gift-post", "GIFT-SW post (noise at --noise-bits, 4 by default)", trains=True,
+         needs=(SALIENT_START,))(_salient_training(lambda job: job.rcfg.noise))
+
+
+@register("gift-pre", "GIFT-SW pre (train with noise at the target bits, then quantize)", trains=True)
+def gift_pre(job: Job):
+    from ..workflows.commands import run_recover
+
+    # the same settings as `recover --variant pre`: RecoverConfig.noise_spec gives the pre variant's noise
+    pre = dataclasses.replace(job.rcfg, variant="pre")
+    job.row["noise_bits"] = pre.noise_spec(job.qcfg.bits).bits
+    ckpt = job.work / "ckpt"
+    summary = job.timed("recover", run_recover, job.model_dir, ckpt, job.qcfg, pre, job.ecfg, progress=False)
+    return load(ckpt), summary["effective_bits"], ckpt
+
+
+@register("ste", "STE quantization-aware training of all weights, salient columns in full precision", trains=True,
+          needs=(SALIENT_START,))
 def ste(job: Job):
     from ..recover.qat import convert_qat, prepare_qat
 
@@ -127,6 +189,8 @@ def ste(job: Job):
     return (model, *job.save(model, {"method": job.method}))
 
 
+@register("quik-lora", "LoRA rank 64 on the frozen GPTQ + salient model", trains=True, needs=(SALIENT_START,),
+          size_includes=(SALIENT_START,))
 def quik_lora(job: Job):
     from peft import LoraConfig, get_peft_model
 
@@ -146,30 +210,19 @@ def quik_lora(job: Job):
     return model, base_bits + 16 * lora / quant_w, job.work / "adapter"
 
 
-def gift_pre(job: Job):
-    from ..workflows.commands import run_recover
+def run_order(requested: list[str]) -> list[str]:
+    """``requested`` plus what they need, each after its needs, otherwise in registration order."""
+    wanted: list[str] = []
 
-    # the pre variant injects noise at the target bits (the paper); rcfg.noise_bits is the post variant's
-    pre = dataclasses.replace(job.rcfg, variant="pre", noise_bits=job.qcfg.bits)
-    job.row["noise_bits"] = job.qcfg.bits
-    ckpt = job.work / "ckpt"
-    summary = job.timed("recover", run_recover, job.model_dir, ckpt, job.qcfg, pre, job.ecfg, progress=False)
-    return load(ckpt), summary["effective_bits"], ckpt
+    def add(name: str) -> None:
+        for dep in METHODS[name].needs:
+            add(dep)
+        if name not in wanted:
+            wanted.append(name)
 
-
-METHOD_TABLE: dict[str, Callable[[Job], tuple]] = {
-    "fp": fp,
-    "rtn": _quantize_with(lambda job: dataclasses.replace(job.k0, algorithm="rtn")),
-    "gptq": _quantize_with(lambda job: job.k0),
-    "gptq-peer": gptq_peer,
-    "gptq-matched": _quantize_with(_matched_qcfg),
-    "owq": _quantize_with(lambda job: job.qcfg),
-    "salient-ft": _salient_training(lambda job: "none"),
-    "gift-post": _salient_training(lambda job: job.rcfg.noise),
-    "gift-pre": gift_pre,
-    "ste": ste,
-    "quik-lora": quik_lora,
-}
+    for name in sorted(requested, key=list(METHODS).index):
+        add(name)
+    return wanted
 
 
 def matched_group_size(target_bits: float, bits: int, layers: dict) -> int:

@@ -4,7 +4,8 @@ Every method trains the full-precision model for the same steps, batch and token
 split; its learning rate is the best of a small grid by loss on the validation split; the chosen run
 is then scored on held-out test instructions (loss) and, when asked, on zero-shot tasks. LoRA's rank is
 chosen so its trainable parameters match GIFT-SW's; LoRA and DoRA are peft's own implementations.
-Runs are subprocesses with cached ``result.json`` files, like the quantization comparison.
+Runs are subprocesses with cached ``result.json`` files, like the quantization comparison (compare/jobs.py);
+the methods are registered in ``PEFT_METHODS`` by name, each with how it makes a model trainable.
 """
 
 from __future__ import annotations
@@ -12,17 +13,59 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..config.settings import QuantizeConfig, RecoverConfig
 from ..util.files import atomic_save_tensors
-from .report import claim_settings, plot_loss_curves, subprocess_row
+from .jobs import run_cached_job
+from .report import claim_settings, plot_loss_curves
 
-PEFT_METHODS = ("gift", "gift-no-noise", "lora", "dora", "full")
-LR_GRID = {"gift": (1e-4, 3e-4, 1e-3), "gift-no-noise": (1e-4, 3e-4, 1e-3), "lora": (1e-4, 3e-4, 1e-3),
-           "dora": (1e-4, 3e-4, 1e-3), "full": (1e-5, 3e-5, 1e-4)}
+__all__ = ["BASE", "PEFT_METHODS", "PeftMethod", "best_lr", "matched_lora_rank", "peft_baseline", "run_compare_peft",
+           "run_peft_method", "salient_sets", "write_peft_report"]
+
+
+@dataclass(frozen=True)
+class PeftMethod:
+    """A PEFT method: how it makes the full-precision model trainable, and its default learning-rate grid."""
+
+    name: str
+    prepare: Callable  # (model, salient, rank, targets, rcfg) -> the model to train
+    lr_grid: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
+
+
+def _gift(noise_of: Callable[[RecoverConfig], str]):
+    def prepare(model, salient, rank, targets, rcfg: RecoverConfig):
+        from ..recover.model import prepare_dense
+
+        noise = dataclasses.replace(rcfg, noise=noise_of(rcfg)).noise_spec(4)  # no quantization: post's noise grid
+        prepare_dense(model, salient, noise=noise.kind, noise_bits=noise.bits, seed=rcfg.seed)
+        return model
+    return prepare
+
+
+def _lora(dora: bool):
+    def prepare(model, salient, rank, targets, rcfg: RecoverConfig):
+        return peft_baseline(model, rank, targets, dora=dora, seed=rcfg.seed)
+    return prepare
+
+
+def _full(model, salient, rank, targets, rcfg):
+    model.requires_grad_(True)
+    return model
+
+
+PEFT_METHODS: dict[str, PeftMethod] = {m.name: m for m in (
+    PeftMethod("gift", _gift(lambda rcfg: rcfg.noise)),
+    PeftMethod("gift-no-noise", _gift(lambda rcfg: "none")),
+    PeftMethod("lora", _lora(dora=False)),
+    PeftMethod("dora", _lora(dora=True)),
+    PeftMethod("full", _full, lr_grid=(1e-5, 3e-5, 1e-4)),
+)}
+BASE = "base"  # the untrained model: evaluated only, the reference every method should beat
 
 
 def salient_sets(model_dir, root: Path, qcfg: QuantizeConfig) -> dict[str, torch.Tensor]:
@@ -81,7 +124,6 @@ def run_peft_method(method: str, lr: float, model_dir, root: Path, qcfg: Quantiz
 
     from ..model.loading import load_model, load_tokenizer, resolve_device, resolve_model_dir
     from ..recover.loop import eval_loss
-    from ..recover.model import prepare_dense
     from ..recover.training import train_stage
 
     src = resolve_model_dir(model_dir)
@@ -91,17 +133,10 @@ def run_peft_method(method: str, lr: float, model_dir, root: Path, qcfg: Quantiz
     salient = salient_sets(model_dir, root, qcfg)
     targets = sorted({n.rsplit(".", 1)[-1] for n in salient})
     rank = matched_lora_rank(model, salient)
-    if method in ("gift", "gift-no-noise"):
-        prepare_dense(model, salient, noise="none" if method == "gift-no-noise" else rcfg.noise,
-                      noise_bits=rcfg.noise_bits or 4, seed=rcfg.seed)
-    elif method in ("lora", "dora"):
-        model = peft_baseline(model, rank, targets, dora=method == "dora", seed=rcfg.seed)
-    elif method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-    elif method == "base":  # the untrained reference: evaluated only
-        for p in model.parameters():
-            p.requires_grad_(False)
+    if method == BASE:
+        model.requires_grad_(False)
+    elif method in PEFT_METHODS:
+        model = PEFT_METHODS[method].prepare(model, salient, rank, targets, rcfg)
     else:
         raise ValueError(f"unknown PEFT method {method!r}; choose from {', '.join(PEFT_METHODS)}")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -109,7 +144,7 @@ def run_peft_method(method: str, lr: float, model_dir, root: Path, qcfg: Quantiz
     # (train() resumes at the last step), then the model is scored on the test split instead
     work = root / f"{method}-lr{lr:g}"
     summary = {"history": []}
-    if method != "base":
+    if method != BASE:
         summary = train_stage(model, tok, dataclasses.replace(rcfg, lr=lr), work / "train", device,
                               progress=False, teacher_src=src, qcfg=qcfg)
     model.eval()
@@ -134,7 +169,7 @@ def peft_settings_doc(qcfg: QuantizeConfig, rcfg: RecoverConfig) -> dict:
     return {"quantize": dataclasses.asdict(qcfg), "recover": dataclasses.asdict(rcfg)}
 
 
-REPORT_ORDER = ("base",) + PEFT_METHODS
+REPORT_ORDER = (BASE, *PEFT_METHODS)
 
 
 def write_peft_report(report_dir: Path, rows: list[dict], command: str) -> None:
@@ -153,7 +188,7 @@ def write_peft_report(report_dir: Path, rows: list[dict], command: str) -> None:
         zs = r.get("zeroshot") or {}
         mean = zs.get("mean")
         per_task = "".join(f" {_headline(zs, t)} |" for t in tasks)
-        lr = "-" if r["method"] == "base" else f"{r['lr']:g}"
+        lr = "-" if r["method"] == BASE else f"{r['lr']:g}"
         lines.append(f"| {r['method']} | {r['trainable_params']:,} | {lr} | {r['test_loss']:.4f} | "
                      f"{'' if mean is None else f'{mean:.4f}'} |{per_task}")
     lines += ["", "`base` is the untrained model on the same test windows and tasks.", "",
@@ -186,8 +221,8 @@ def _plot_results(path: Path, final: list[dict]) -> None:
 
     if not final:
         return
-    base = next((r for r in final if r["method"] == "base"), None)
-    trained = [r for r in final if r["method"] != "base"]
+    base = next((r for r in final if r["method"] == BASE), None)
+    trained = [r for r in final if r["method"] != BASE]
     panels = [("test_loss", "held-out instruction loss (lower is better)")]
     if any((r.get("zeroshot") or {}).get("mean") is not None for r in final):
         panels.append(("zeroshot", "zero-shot mean accuracy (higher is better)"))
@@ -232,19 +267,24 @@ def run_compare_peft(model_dir: str | None, report_dir: Path, methods: list[str]
     root = report_dir / "runs" / "peft"
     root.mkdir(parents=True, exist_ok=True)
     if isinstance(lr_grid, dict):  # per method; the others keep their default grid
-        grid = {m: tuple(lr_grid.get(m, LR_GRID[m])) for m in methods}
+        grid = {m: tuple(lr_grid.get(m, PEFT_METHODS[m].lr_grid)) for m in methods}
     else:
-        grid = {m: tuple(lr_grid) if lr_grid else LR_GRID[m] for m in methods}
+        grid = {m: tuple(lr_grid) if lr_grid else PEFT_METHODS[m].lr_grid for m in methods}
     settings = {"model_dir": model_dir, **peft_settings_doc(qcfg, rcfg), "lr_grid": grid, "tasks": tasks,
                 "limit": limit}
     claim_settings(report_dir / "settings_peft.json", settings, report_dir)
+    def job(method: str, lr: float, final: bool) -> dict:
+        spec = {"mode": "peft", "method": method, "lr": lr, "final": final, "root": str(root), "model_dir": model_dir,
+                **peft_settings_doc(qcfg, rcfg), "tasks": tasks, "limit": limit}
+        return run_cached_job(spec, root / f"peft_{method}_{lr:g}_{'final' if final else 'search'}")
+
     # the untrained model on the same test split and tasks: the reference every method should beat
-    rows = [{**subprocess_row(report_dir, root, "peft:base:0:final", "settings_peft.json"), "final": True}]
+    rows = [{**job(BASE, 0.0, final=True), "final": True}]
     bar = tqdm(total=sum(len(grid[m]) + 1 for m in methods), desc="compare peft", disable=not progress)
     for method in methods:
         grid_rows = []
         for lr in grid[method]:
-            grid_rows.append(subprocess_row(report_dir, root, f"peft:{method}:{lr:g}:search", "settings_peft.json"))
+            grid_rows.append(job(method, lr, final=False))
             bar.update()
         rows += grid_rows
         try:
@@ -253,7 +293,7 @@ def run_compare_peft(model_dir: str | None, report_dir: Path, methods: list[str]
             rows.append({"method": method, "final": True, "failed": "every learning rate failed"})
             bar.update()
             continue
-        final = subprocess_row(report_dir, root, f"peft:{method}:{lr:g}:final", "settings_peft.json")
+        final = job(method, lr, final=True)
         rows.append({**final, "final": True})
         bar.update()
     write_peft_report(report_dir, rows, " ".join(sys.argv))

@@ -1,35 +1,20 @@
 """``gift-quant compare``: every method on the same calibration set, training budget and evaluation.
 
-Each (bits, method) runs in its own subprocess (``python -m gift_quant.compare.recovery _method ...``), so a
-failing method is reported as failed instead of ending the comparison, and peak memory is the
-method's own. Results are cached per method in ``REPORT_DIR/runs/w{bits}/{method}/result.json``;
-rerunning the command skips finished methods. The report (markdown, CSV, JSON, PNG plots) is
-rewritten at the end from every result found.
-
-Methods (``--methods``, default all):
-  fp            full-precision reference (no quantization)
-  rtn           round-to-nearest, K = 0
-  gptq          gift-quant GPTQ, K = 0
-  gptq-peer     GPTQModel's GPTQ (the peer; needs the [peers] extra), K = 0
-  gptq-matched  GPTQ, K = 0, with the smallest group size whose effective bits reach GIFT-SW's
-  owq           GPTQ + salient columns, no training (OWQ / QUIK style)
-  salient-ft    post-quantization salient fine-tuning without noise (ablation)
-  gift-post     GIFT-SW post (noise at --noise-bits, 4 by default)
-  gift-pre      GIFT-SW pre (train with noise at the target bits, then quantize)
-  ste           STE quantization-aware training of all weights, salient columns in full precision
-  quik-lora     LoRA rank 64 on the frozen GPTQ + salient model
+Each (bits, method) is a job (compare/jobs.py): its own subprocess, its result cached in
+``REPORT_DIR/runs/w{bits}/{method}/result.json``, so a failing method is reported as failed instead of
+ending the comparison and rerunning the command skips finished methods. The report (markdown, CSV, JSON,
+PNG plots) is rewritten at the end from every result found. The methods are registered in
+compare/methods.py (``--methods``, default all).
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import json
 import math
 import platform
 import resource
-import subprocess
 import sys
 import time
 from datetime import date
@@ -39,17 +24,17 @@ import torch
 
 from ..config.settings import EvalConfig, QuantizeConfig, RecoverConfig
 from ..util.files import atomic_write_text
+from .jobs import run_cached_job
+from .methods import METHODS, REFERENCE, SALIENT_START, Job, run_order
 from .report import claim_settings, package_version, plot_loss_curves
 
-METHODS = ("fp", "rtn", "gptq", "gptq-peer", "gptq-matched", "owq", "salient-ft", "gift-post", "gift-pre",
-           "ste", "quik-lora")
-TRAINED = ("salient-ft", "gift-post", "gift-pre", "ste", "quik-lora")
+__all__ = ["evaluate_model", "gap_closed", "run_compare", "run_method", "write_report"]
 
 
 # ------------------------------------------------------------------ one method (runs in a subprocess)
 
 
-def _eval(model, tokenizer, ecfg: EvalConfig, tasks: list[str], limit: int | None, device) -> dict:
+def evaluate_model(model, tokenizer, ecfg: EvalConfig, tasks: list[str], limit: int | None, device) -> dict:
     from ..workflows.stages import evaluate_perplexity
 
     ppl = evaluate_perplexity(model, tokenizer, ecfg, device, progress=False)
@@ -72,22 +57,21 @@ def _dir_size(path: Path) -> int:
 
 def run_method(method: str, model_dir: str | None, root: Path, qcfg: QuantizeConfig, rcfg: RecoverConfig,
                ecfg: EvalConfig, tasks: list[str], limit: int | None) -> dict:
-    """Run one method (compare_methods.METHOD_TABLE) end to end in this process; returns its result row."""
+    """Run one registered method end to end in this process; returns its result row."""
     from ..model.loading import load_tokenizer, resolve_device, resolve_model_dir
-    from .methods import METHOD_TABLE, Job
 
-    if method not in METHOD_TABLE:
+    if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     src = resolve_model_dir(model_dir)
     job = Job(method, model_dir, src, Path(root), qcfg, rcfg, ecfg, load_tokenizer(src), resolve_device(qcfg.device),
               {"method": method, "bits": qcfg.bits})
     job.work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    model, bits, ckpt = METHOD_TABLE[method](job)
+    model, bits, ckpt = METHODS[method].build(job)
     model.eval()
     row = job.row
-    row.update(job.timed("eval", _eval, model.to(job.device), job.tokenizer, ecfg, tasks, limit, job.device))
-    size = _dir_size(ckpt) + (_dir_size(job.salient_base) if method == "quik-lora" else 0)  # adapter + its base
+    row.update(job.timed("eval", evaluate_model, model.to(job.device), job.tokenizer, ecfg, tasks, limit, job.device))
+    size = _dir_size(ckpt) + sum(_dir_size(job.root / m / "ckpt") for m in METHODS[method].size_includes)
     row.update({"effective_bits": bits, "size_mb": size / 2**20, "seconds": job.timings,
                 "total_seconds": time.perf_counter() - t0,
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
@@ -107,33 +91,21 @@ def run_compare(model_dir: str | None, report_dir: Path, bits_list: list[int], m
                 limit: int | None, progress: bool = True) -> dict:
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
-    # bits vary per job (--bits 2 3 4, or added later with another --bits): not part of the shared settings
-    quantize = {k: v for k, v in dataclasses.asdict(qcfg).items() if k != "bits"}
-    settings = {"model_dir": model_dir, "quantize": quantize, "recover": dataclasses.asdict(rcfg),
-                "eval": dataclasses.asdict(ecfg), "tasks": tasks, "limit": limit}
-    claim_settings(report_dir / "settings.json", settings, report_dir)
-    # owq first: the trained methods start from its checkpoint and gptq-matched reads its bits
-    ordered = sorted(methods, key=lambda m: (m != "owq", METHODS.index(m)))
-    if any(m in ordered for m in (*TRAINED[:2], "ste", "quik-lora", "gptq-matched")) and "owq" not in ordered:
-        ordered.insert(0, "owq")
-    jobs = [(b, m) for b in bits_list for m in ordered if not (m == "fp" and b != bits_list[0])]
+    # a report covers several bit widths (--bits 2 3 4, or more added later): the shared settings are the
+    # rest; each job's own job.json carries its complete configs, bits included
+    shared = {"model_dir": model_dir, "quantize": {k: v for k, v in dataclasses.asdict(qcfg).items() if k != "bits"},
+              "recover": dataclasses.asdict(rcfg), "eval": dataclasses.asdict(ecfg), "tasks": tasks, "limit": limit}
+    claim_settings(report_dir / "settings.json", shared, report_dir)
+    ordered = run_order(methods)
+    jobs = [(b, m) for b in bits_list for m in ordered if METHODS[m].per_bit_width or b == bits_list[0]]
     from tqdm.auto import tqdm
 
     for bits, method in tqdm(jobs, desc="compare", unit="method", disable=not progress):
-        root = report_dir / "runs" / ("fp" if method == "fp" else f"w{bits}")
-        result = root / method / "result.json"
-        if result.is_file():
-            continue
-        (root / method).mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "gift_quant.compare.recovery", "_method", method, "--bits", str(bits),
-               "--root", str(root), "--settings", str(report_dir / "settings.json")]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if proc.returncode != 0 or not result.is_file():
-            err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            atomic_write_text(result, json.dumps({"method": method, "bits": bits, "failed": err,
-                                                  "total_seconds": time.perf_counter() - t0}))
-            (root / method / "stderr.txt").write_text(proc.stderr[-20000:])
+        root = report_dir / "runs" / (f"w{bits}" if METHODS[method].per_bit_width else method)
+        job = {"mode": "recovery", "method": method, "bits": bits, "root": str(root), "model_dir": model_dir,
+               "quantize": dataclasses.asdict(dataclasses.replace(qcfg, bits=bits)),
+               "recover": dataclasses.asdict(rcfg), "eval": dataclasses.asdict(ecfg), "tasks": tasks, "limit": limit}
+        run_cached_job(job, root / method)
     return write_report(report_dir, " ".join(sys.argv))
 
 
@@ -169,12 +141,13 @@ def write_report(report_dir: Path, command: str) -> dict:
              "| bits | method | eff. bits | perplexity | gap closed | zero-shot mean | size (MB) | time (s) | "
              "peak RSS (MB) |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r.get("method") != "fp", r.get("bits", 0), _order(r.get("method")))):
+    for r in sorted(rows, key=lambda r: (r.get("method") != REFERENCE, r.get("bits", 0), _order(r.get("method")))):
         if "failed" in r:
             lines.append(f"| {r['bits']} | {r['method']} | failed: {r['failed'][:80]} | | | | | | |")
             continue
         zs, gap = _mean_zs(r), gaps.get(id(r))
-        lines.append(f"| {'fp' if r['method'] == 'fp' else r['bits']} | {r['method']} | {r['effective_bits']:.3f} | "
+        width = "fp" if r["method"] == REFERENCE else r["bits"]
+        lines.append(f"| {width} | {r['method']} | {r['effective_bits']:.3f} | "
                      f"{r['ppl']:.3f} | {'' if gap is None else f'{100 * gap:.1f} %'} | "
                      f"{'' if zs is None else f'{zs:.4f}'} | {r['size_mb']:.1f} | "
                      f"{r['total_seconds']:.0f} | {r['peak_rss_mb']:.0f} |")
@@ -188,10 +161,11 @@ def write_report(report_dir: Path, command: str) -> dict:
 
 def gap_closed(row: dict, rows: list[dict]) -> float | None:
     """Share of the gap between the untrained start (owq) and full precision that a trained method closed."""
-    if row.get("method") not in TRAINED or "failed" in row or row.get("ppl") is None:
+    method = METHODS.get(row.get("method"))
+    if method is None or not method.trains or "failed" in row or row.get("ppl") is None:
         return None
-    fp = next((r for r in rows if r.get("method") == "fp" and "failed" not in r), None)
-    start = next((r for r in rows if r.get("method") == "owq" and r.get("bits") == row.get("bits")
+    fp = next((r for r in rows if r.get("method") == REFERENCE and "failed" not in r), None)
+    start = next((r for r in rows if r.get("method") == SALIENT_START and r.get("bits") == row.get("bits")
                   and "failed" not in r), None)
     if fp is None or start is None or start["ppl"] <= fp["ppl"]:
         return None
@@ -199,7 +173,7 @@ def gap_closed(row: dict, rows: list[dict]) -> float | None:
 
 
 def _order(method):
-    return METHODS.index(method) if method in METHODS else 99
+    return list(METHODS).index(method) if method in METHODS else 99
 
 
 def _plots(report_dir: Path, rows: list[dict]) -> None:
@@ -212,7 +186,7 @@ def _plots(report_dir: Path, rows: list[dict]) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method in sorted({r["method"] for r in ok}, key=_order):
         pts = sorted((r["effective_bits"], r["ppl"]) for r in ok if r["method"] == method)
-        if method == "fp":
+        if method == REFERENCE:
             ax.axhline(pts[0][1], color="k", ls="--", lw=1, label="full precision")
             continue
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
@@ -221,7 +195,7 @@ def _plots(report_dir: Path, rows: list[dict]) -> None:
     ppls = [r["ppl"] for r in ok]
     if ppls and max(ppls) / min(ppls) > 3:
         ax.set_yscale("log")
-    low_bits = [r["effective_bits"] for r in ok if r["method"] != "fp"]
+    low_bits = [r["effective_bits"] for r in ok if r["method"] != REFERENCE]
     if low_bits:
         ax.set_xlim(min(low_bits) - 0.25, min(max(low_bits), 9) + 0.25)  # LoRA on tiny models can exceed this
     ax.grid(alpha=0.3)
@@ -239,13 +213,14 @@ def _bars(path: Path, ok: list[dict]) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fp = next((r["ppl"] for r in ok if r["method"] == "fp"), None)
-    widths = sorted({r["bits"] for r in ok if r["method"] != "fp"})
+    fp = next((r["ppl"] for r in ok if r["method"] == REFERENCE), None)
+    widths = sorted({r["bits"] for r in ok if r["method"] != REFERENCE})
     if not widths:
         return
     fig, axes = plt.subplots(1, len(widths), figsize=(4.2 * len(widths), 0.45 * len(METHODS) + 1.2), squeeze=False)
     for ax, bits in zip(axes[0], widths):
-        rs = sorted((r for r in ok if r["bits"] == bits and r["method"] != "fp"), key=lambda r: _order(r["method"]))
+        rs = sorted((r for r in ok if r["bits"] == bits and r["method"] != REFERENCE),
+                    key=lambda r: _order(r["method"]))
         ys = range(len(rs))
         colors = ["tab:green" if r["method"].startswith("gift") else "tab:gray" for r in rs]
         ax.barh(list(ys), [r["ppl"] for r in rs], color=colors)
@@ -264,37 +239,3 @@ def _bars(path: Path, ok: list[dict]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def _method_main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("method")
-    ap.add_argument("--bits", type=int, required=True)
-    ap.add_argument("--root", required=True)
-    ap.add_argument("--settings", required=True)
-    a = ap.parse_args(argv)
-    s = json.loads(Path(a.settings).read_text())
-    if a.method.startswith("peft:"):
-        from .peft import run_peft_method
-
-        _, method, lr, phase = a.method.split(":")
-        t0 = time.perf_counter()
-        row = run_peft_method(method, float(lr), s["model_dir"], Path(a.root), QuantizeConfig(**s["quantize"]),
-                              RecoverConfig(**s["recover"]), s["tasks"], s["limit"], final=phase == "final")
-        row["total_seconds"] = time.perf_counter() - t0
-        out = Path(a.root) / a.method.replace(":", "_") / "result.json"
-        atomic_write_text(out, json.dumps(row, indent=1, default=str))
-        return 0
-    qcfg = dataclasses.replace(QuantizeConfig(**s["quantize"]), bits=a.bits)
-    rcfg, ecfg = RecoverConfig(**s["recover"]), EvalConfig(**s["eval"])
-    row = run_method(a.method, s["model_dir"], Path(a.root), qcfg, rcfg, ecfg, s["tasks"], s["limit"])
-    atomic_write_text(Path(a.root) / a.method / "result.json", json.dumps(row, indent=1, default=str))
-    return 0
-
-
-if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "_method":
-        from ..util.console import quiet_import_noise
-
-        quiet_import_noise()
-        sys.exit(_method_main(sys.argv[2:]))

@@ -1,14 +1,13 @@
-"""Shared by both comparison modes: result folders claimed by their settings, cached subprocess jobs, plots."""
+"""Shared by both comparison modes: result folders claimed by their settings, loss-curve plots, versions."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 from ..util.errors import GiftQuantError
+
+__all__ = ["claim_settings", "package_version", "plot_loss_curves"]
 from ..util.files import atomic_write_text
 
 
@@ -21,23 +20,6 @@ def claim_settings(path: Path, settings: dict, report_dir: Path) -> None:
             f"{report_dir} holds results made with different {', '.join(changed)}; finished methods would not be "
             "comparable: use a new --out (methods may be added freely with the same settings)")
     atomic_write_text(path, json.dumps(settings, indent=1))
-
-
-def subprocess_row(report_dir: Path, root: Path, job: str, settings_name: str) -> dict:
-    """Run ``job`` via ``python -m gift_quant.compare.recovery _method`` unless its result is cached."""
-    result = root / job.replace(":", "_") / "result.json"
-    if not result.is_file():
-        result.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "gift_quant.compare.recovery", "_method", job, "--bits", "0", "--root", str(root),
-               "--settings", str(report_dir / settings_name)]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if proc.returncode != 0 or not result.is_file():
-            err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            atomic_write_text(result, json.dumps({"job": job, "method": job.split(":")[1], "failed": err,
-                                                  "total_seconds": time.perf_counter() - t0}))
-            (result.parent / "stderr.txt").write_text(proc.stderr[-20000:])
-    return json.loads(result.read_text())
 
 
 def plot_loss_curves(path: Path, curves: dict[str, list[float]]) -> None:

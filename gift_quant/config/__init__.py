@@ -8,15 +8,18 @@ from .settings import (
     GRID_BITS,
     GROUP_LAYOUTS,
     NOISE_KINDS,
+    SALIENT_DTYPES,
+    SPEC_FIELDS,
     SUPPORTED_BITS,
     EvalConfig,
     NoiseSpec,
     QuantizeConfig,
+    QuantSpec,
     RecoverConfig,
     build,
     read_recipe,
 )
 
 __all__ = ["DEFAULT_CALIB_DATA", "DEFAULT_PEFT_TRAIN_DATA", "DEFAULT_PPL_DATA", "DEFAULT_TRAIN_DATA", "GRID_BITS",
-           "GROUP_LAYOUTS", "NOISE_KINDS", "SUPPORTED_BITS", "EvalConfig", "NoiseSpec", "QuantizeConfig",
-           "RecoverConfig", "build", "read_recipe"]
+           "GROUP_LAYOUTS", "NOISE_KINDS", "SALIENT_DTYPES", "SPEC_FIELDS", "SUPPORTED_BITS", "EvalConfig", "NoiseSpec",
+           "QuantSpec", "QuantizeConfig", "RecoverConfig", "build", "read_recipe"]

@@ -8,6 +8,8 @@ back to a default). Precedence: dataclass defaults < recipe < flags given on the
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,12 +25,85 @@ GROUP_LAYOUTS = ("natural", "compact")
 # Widths a grid can be computed at (the noise step may use any of them).
 GRID_BITS = range(2, 17)
 
+# Compute and storage dtypes a setting may name (model/loading.parse_dtype reads the same names).
+DTYPE_NAMES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+SALIENT_DTYPES = ("float16", "bfloat16", "float32")
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes a 64-bit seed; runs also use seed + 1
+
+
+def _number(flag: str, value, low: float, high: float = math.inf, low_open: bool = False,
+            high_open: bool = False, hint: str = "") -> None:
+    """Refuse a non-finite ``value`` or one outside [low, high] (open ends where asked), naming the flag."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
+        value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        lo, hi = ("(" if low_open else "[") + f"{low:g}", f"{high:g}" + (")" if high_open else "]")
+        where = f"a finite number in {lo}, {hi}" if math.isfinite(high) else (
+            f"a finite number {'>' if low_open else '>='} {low:g}")
+        raise GiftQuantError(f"{flag} {value!r} is not {where}" + (f"; {hint}" if hint else ""))
+
+
+def _count(flag: str, value, low: int = 1, hint: str = "") -> None:
+    """Refuse an integer setting below ``low`` (window counts, lengths, batch sizes), naming the flag."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise GiftQuantError(f"{flag} {value!r} must be a whole number >= {low}" + (f"; {hint}" if hint else ""))
+
+
+def _text(flag: str, value, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, str) or not value.strip():
+        raise GiftQuantError(f"{flag} {value!r} is empty: give a named dataset, a file or folder, or a dataset name")
+
+
 DEFAULT_CALIB_DATA = "sotu"
 DEFAULT_PPL_DATA = "boolq-passages:test"
 # Recovery trains by distillation on plain text (the recovery study, results/recovery-study/); PEFT
 # fine-tuning of a full-precision model has no teacher to distil from and trains on instructions.
 DEFAULT_TRAIN_DATA = "sotu"
 DEFAULT_PEFT_TRAIN_DATA = "natural-instructions"
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How every quantized linear of a checkpoint is stored: bits, symmetry, groups, layout, salient dtype.
+
+    Made once from the settings (``QuantizeConfig.spec``), carried by the packed layer (QuantLinear) and the
+    training layer (SalientLinear), written once into gift_quant_config.json ("spec"); every value is
+    validated here and nowhere else.
+    """
+
+    bits: int = 3
+    sym: bool = True
+    group_size: int = -1  # <= 0 (-1): one grid per output row
+    group_layout: str = "natural"
+    salient_dtype: str = "float16"
+
+    def __post_init__(self):
+        if isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
+            widths = ", ".join(map(str, SUPPORTED_BITS))
+            raise GiftQuantError(f"--bits {self.bits!r} is not supported: use one of {widths}")
+        if not isinstance(self.sym, bool):
+            raise GiftQuantError(f"sym must be true or false (got {self.sym!r})")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or (
+                self.group_size == 0 or self.group_size < -1):
+            raise GiftQuantError(f"--group-size must be -1 (per row) or a positive count (got {self.group_size!r})")
+        if self.group_layout not in GROUP_LAYOUTS:
+            raise GiftQuantError(
+                f"--group-layout must be one of {', '.join(GROUP_LAYOUTS)} (got {self.group_layout!r})")
+        if self.salient_dtype not in SALIENT_DTYPES:
+            raise GiftQuantError(f"quantize.salient_dtype {self.salient_dtype!r}: use one of "
+                                 f"{', '.join(SALIENT_DTYPES)}")
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(QuantSpec))
 
 
 @dataclass(frozen=True)
@@ -57,28 +132,37 @@ class QuantizeConfig:
     device: str = "auto"
 
     def __post_init__(self):
-        if self.bits not in SUPPORTED_BITS:
-            widths = ", ".join(map(str, SUPPORTED_BITS))
-            raise GiftQuantError(f"--bits {self.bits} is not supported: use one of {widths}")
+        self.spec  # noqa: B018  (validates bits, sym, groups, layout and salient dtype, once)
         if self.salient is not None and self.salient < 0:
             raise GiftQuantError(f"--salient must be >= 0 (got {self.salient})")
-        if not 0.0 <= self.salient_fraction < 1.0:
-            raise GiftQuantError(f"--salient-fraction must be in [0, 1) (got {self.salient_fraction})")
+        _number("--salient-fraction", self.salient_fraction, 0, 1, high_open=True,
+                hint="a fraction of each layer's input columns, e.g. 0.03125")
         if self.algorithm not in ("gptq", "rtn"):
             raise GiftQuantError(f"algorithm must be gptq or rtn (got {self.algorithm!r})")
         if self.clip not in ("mse", "minmax"):
             raise GiftQuantError(f"clip must be mse or minmax (got {self.clip!r})")
-        if not 0 <= self.damp < 1:
-            raise GiftQuantError(f"damp must be in [0, 1) (got {self.damp})")
-        if self.calib_samples <= 0 or self.seq_len <= 1:
-            raise GiftQuantError("--calib-samples must be > 0 and --seq-len > 1")
+        _number("--damp", self.damp, 0, 1, high_open=True, hint="the default is 0.01")
         if self.calib_batch_size <= 0:
             raise GiftQuantError(f"--calib-batch-size must be > 0 (got {self.calib_batch_size})")
-        if self.group_layout not in GROUP_LAYOUTS:
-            raise GiftQuantError(
-                f"--group-layout must be one of {', '.join(GROUP_LAYOUTS)} (got {self.group_layout!r})")
-        if self.group_size == 0 or self.group_size < -1:
-            raise GiftQuantError(f"--group-size must be -1 (per row) or a positive count (got {self.group_size})")
+        _count("--seq-len", self.seq_len, 2, "a calibration window needs at least 2 tokens")
+        _count("--calib-samples", self.calib_samples, 1)
+        _count("quantize.block_size", self.block_size, 1)
+        _count("--seed", self.seed, 0)
+        if self.seed > MAX_SEED:
+            raise GiftQuantError(f"--seed {self.seed} is too large: use 0..{MAX_SEED}")
+        if self.metric_bits is not None and self.metric_bits not in GRID_BITS:
+            raise GiftQuantError(f"quantize.metric_bits {self.metric_bits!r} must be in {GRID_BITS.start}.."
+                                 f"{GRID_BITS.stop - 1} or null (the target bits)")
+        if self.dtype not in DTYPE_NAMES:
+            raise GiftQuantError(f"--dtype {self.dtype!r} is not supported: use float32 (default) or bfloat16")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
+            raise GiftQuantError(f"--device {self.device!r} is not a device: use cpu, cuda, cuda:N or auto")
+        _text("--calib-data", self.calib_data)
+
+    @property
+    def spec(self) -> QuantSpec:
+        """The storage spec of every quantized linear these settings make."""
+        return QuantSpec(self.bits, self.sym, self.group_size, self.group_layout, self.salient_dtype)
 
     def salient_count(self, in_features: int, layer: str = "") -> int:
         k = self.salient if self.salient is not None else round(self.salient_fraction * in_features)
@@ -116,6 +200,14 @@ class EvalConfig:
     seq_len: int = 512
     max_windows: int | None = 40
 
+    def __post_init__(self):
+        # eval's --seq-len / --max-windows are recover's and compare's --ppl-seq-len / --max-windows
+        _count("--seq-len (eval) / --ppl-seq-len (recover, compare)", self.seq_len, 2,
+               "a window of one token has nothing to predict")
+        if self.max_windows is not None:
+            _count("--max-windows", self.max_windows, 1, "omit it to score every window")
+        _text("--ppl-data", self.ppl_data)
+
 
 @dataclass(frozen=True)
 class RecoverConfig:
@@ -123,7 +215,7 @@ class RecoverConfig:
 
     variant: str = "post"  # post: quantize then train; pre: train with noise at the target bits, then quantize
     noise: str = "normal"  # normal | uniform | none (--no-noise: plain salient fine-tuning)
-    noise_bits: int | None = None  # None: 4 for post (the paper), the target bits for pre
+    noise_bits: int | None = None  # the post variant's noise grid; None: 4 (the paper). pre: always the target bits
     loss: str = "kd"  # ce | kd | kd+ce (recover/objective.py); kd won the recovery study
     kd_temperature: float = 1.0
     ce_weight: float = 1.0  # weight of the CE term in kd+ce
@@ -159,30 +251,43 @@ class RecoverConfig:
             raise GiftQuantError(f"--teacher-device must be auto or cpu (got {self.teacher_device!r})")
         if self.blockwise_target not in ("fp-prefix", "quant-prefix"):
             raise GiftQuantError(f"blockwise_target must be fp-prefix or quant-prefix (got {self.blockwise_target!r})")
-        for name in ("batch_size", "grad_accum", "seq_len", "save_every"):
-            if getattr(self, name) <= 0:
-                raise GiftQuantError(f"{name} must be positive (got {getattr(self, name)})")
-        for name in ("lr", "kd_temperature", "blockwise_lr"):
-            if getattr(self, name) <= 0:
-                raise GiftQuantError(f"{name} must be positive (got {getattr(self, name)})")
-        if self.steps < 0 or self.blockwise_steps < 0 or self.ce_weight < 0 or self.eval_every < 0:
-            raise GiftQuantError("steps, blockwise_steps, ce_weight and eval_every must be >= 0 "
-                                 f"(got {self.steps}, {self.blockwise_steps}, {self.ce_weight}, {self.eval_every})")
+        for flag, value in (("--batch-size", self.batch_size), ("--grad-accum", self.grad_accum),
+                            ("--save-every", self.save_every), ("recover.eval_windows", self.eval_windows)):
+            _count(flag, value, 1)
+        for flag, value in (("--steps", self.steps), ("--blockwise-steps", self.blockwise_steps),
+                            ("recover.eval_every", self.eval_every)):
+            _count(flag, value, 0)
+        _count("--seq-len", self.seq_len, 2, "a training window needs at least 2 tokens")
+        fields = type(self).__dataclass_fields__
+        for name in ("lr", "kd_temperature", "blockwise_lr", "max_grad_norm", "ce_weight", "weight_decay",
+                     "warmup_ratio"):
+            flag = f"recover.{name}" if name in ("max_grad_norm", "weight_decay") else f"--{name.replace('_', '-')}"
+            _number(flag, getattr(self, name), 0, 1 if name == "warmup_ratio" else math.inf,
+                    low_open=name not in ("ce_weight", "weight_decay", "warmup_ratio"),
+                    high_open=name == "warmup_ratio", hint=f"the default is {fields[name].default:g}")
+        _count("--seed", self.seed, 0)
+        if self.seed >= MAX_SEED:
+            raise GiftQuantError(f"--seed {self.seed} is too large: use 0..{MAX_SEED - 1}")
+        _text("--train-data", self.train_data)
+        _text("--eval-data", self.eval_data, allow_none=True)
         if self.steps == 0 and self.variant == "pre":
             raise GiftQuantError("--variant pre trains the full-precision model first: give --steps > 0")
         if self.steps == 0 and self.blockwise_steps == 0:
             raise GiftQuantError("nothing to train: give --steps > 0 (end-to-end) and/or --blockwise-steps > 0")
-        if not 0 <= self.warmup_ratio < 1:
-            raise GiftQuantError(f"warmup_ratio must be in [0, 1) (got {self.warmup_ratio})")
 
     def noise_spec(self, target_bits: int) -> NoiseSpec:
-        """The noise of this run when quantizing to ``target_bits``."""
+        """The noise of this run when quantizing to ``target_bits``: the one place it is decided.
+
+        post: ``noise_bits`` (the paper: always 4). pre: the target bits, whatever ``noise_bits`` says
+        (pre-GIFT-SW trains the full-precision model to withstand the quantization it will get), so
+        ``recover --variant pre`` and compare's ``gift-pre`` inject the same noise under any recipe.
+        """
         return NoiseSpec(self.noise, self.resolved_noise_bits(target_bits))
 
     def resolved_noise_bits(self, target_bits: int) -> int:
-        if self.noise_bits is not None:
-            return self.noise_bits
-        return 4 if self.variant == "post" else target_bits
+        if self.variant == "pre":
+            return target_bits
+        return 4 if self.noise_bits is None else self.noise_bits
 
 
 SECTIONS = {"quantize": QuantizeConfig, "eval": EvalConfig, "recover": RecoverConfig}
@@ -255,6 +360,7 @@ def build(cls: type, recipe: dict[str, dict[str, Any]], section: str, overrides:
         raise GiftQuantError(f"bad {section} settings: {exc}") from exc
 
 
-__all__ = ["DEFAULT_CALIB_DATA", "DEFAULT_PEFT_TRAIN_DATA", "DEFAULT_PPL_DATA", "DEFAULT_TRAIN_DATA", "GRID_BITS",
-           "GROUP_LAYOUTS", "NOISE_KINDS", "SECTIONS", "SUPPORTED_BITS", "EvalConfig", "NoiseSpec", "QuantizeConfig",
-           "RecoverConfig", "build", "check_type", "read_recipe"]
+__all__ = ["DEFAULT_CALIB_DATA", "DEFAULT_PEFT_TRAIN_DATA", "DEFAULT_PPL_DATA", "DEFAULT_TRAIN_DATA", "DTYPE_NAMES",
+           "GRID_BITS", "GROUP_LAYOUTS", "NOISE_KINDS", "SALIENT_DTYPES", "SECTIONS", "SPEC_FIELDS", "SUPPORTED_BITS",
+           "EvalConfig", "NoiseSpec", "QuantSpec", "QuantizeConfig", "RecoverConfig", "build", "check_type",
+           "read_recipe"]

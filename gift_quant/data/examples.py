@@ -4,7 +4,7 @@ Instruction records (``prompt``/``response``) and chat records (``messages``) ar
 tokenizer's chat template when it has one (else ``prompt\\nresponse``); every token up to the start of
 the answer gets label -100. Plain text trains on every token. Examples are concatenated with EOS and
 cut into ``seq_len`` windows, the labels travelling with their tokens. (Calibration and perplexity
-windows, which carry no labels, are gift_quant/windows.py's.)
+windows, which carry no labels, are data/windows.py's.)
 """
 
 from __future__ import annotations
@@ -20,8 +20,14 @@ IGNORE = -100
 
 def _chat_parts(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
     """(prompt ids, answer ids) of a conversation whose last message is the assistant's answer."""
-    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(messages, tokenize=True)
+    try:
+        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(messages, tokenize=True)
+    except Exception as exc:  # jinja2's TemplateError, a template that reads fields the record lacks
+        where = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+        raise GiftQuantError(f"{where}: the tokenizer's chat_template cannot render a training record "
+                             f"({type(exc).__name__}: {' '.join(str(exc).split())[:160]}); fix chat_template in "
+                             "tokenizer_config.json or train on plain text") from None
     prompt = list(prompt["input_ids"] if isinstance(prompt, dict) or hasattr(prompt, "keys") else prompt)
     full = list(full["input_ids"] if isinstance(full, dict) or hasattr(full, "keys") else full)
     if full[:len(prompt)] != prompt:  # templates that re-render earlier turns: mask nothing rather than wrongly

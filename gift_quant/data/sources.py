@@ -58,8 +58,22 @@ def load_documents(spec: str, default_split: str = "train") -> list[str]:
     docs = [record_text(r) for r in load_records(spec, default_split)]
     docs = [d for d in docs if d.strip()]
     if not docs:
-        raise GiftQuantError(f"{spec}: no text found (empty file or no 'text' field)")
+        raise GiftQuantError(f"{spec}: no text found (empty file or no 'text' field); give a file that holds text")
     return docs
+
+
+def record_problem(r: dict) -> str | None:
+    """Why a record's fields cannot be read as text (the fields' types), or None."""
+    for key in ("text", "prompt", "response"):
+        if key in r and not isinstance(r[key], str):
+            return f"field {key!r} must be a string, got {type(r[key]).__name__} {str(r[key])[:40]!r}; fix the record"
+    if "messages" in r:
+        msgs = r["messages"]
+        if not isinstance(msgs, list) or not msgs or not all(
+                isinstance(m, dict) and isinstance(m.get("content"), str) for m in msgs):
+            return ("field 'messages' must be a non-empty list of {\"role\": ..., \"content\": \"...\"} objects, got "
+                    f"{str(msgs)[:60]!r}; fix the record")
+    return None
 
 
 def _read_file(path: Path) -> list[dict]:
@@ -79,6 +93,9 @@ def _read_file(path: Path) -> list[dict]:
                     obj = {"text": obj}
                 if not isinstance(obj, dict):
                     raise GiftQuantError(f"{path}:{lineno}: expected a JSON object or string, got {type(obj).__name__}")
+                why = record_problem(obj)
+                if why:
+                    raise GiftQuantError(f"{path}:{lineno}: {why}")
                 out.append(obj)
         return out
     if path.suffix == ".parquet":

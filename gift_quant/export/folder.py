@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from ..model.loading import parse_dtype
 from ..packed.checkpoint import copy_tokenizer_files
+from ..packed.ownership import check_inputs, refuse_foreign, remove_owned
 from ..packed.run_folder import lock_output
 from ..util.errors import GiftQuantError
 from ..util.files import atomic_dir
@@ -37,11 +38,17 @@ def resolve_dtype(dtype: str | torch.dtype | None, default: torch.dtype) -> torc
 
 
 def check_out(out_dir: Path, ckpt: Path, overwrite: bool) -> None:
-    """Refuse an export folder inside the checkpoint, over foreign files, or over an export unless asked."""
-    if out_dir.resolve() == ckpt.resolve() or ckpt.resolve() in out_dir.resolve().parents:
-        raise GiftQuantError(f"export folder {out_dir} is inside the checkpoint {ckpt}; choose another folder")
+    """Refuse an export folder that is, holds or lies inside the checkpoint, that holds something else than an
+    export, or an earlier export unless asked; with ``overwrite``, one that holds files the export did not write.
+    The refusals come before the lock, so a refused folder gets nothing created beside it."""
+    check_inputs(out_dir, {"checkpoint": ckpt}, what="export folder")
+    _check_existing(out_dir, overwrite)
     # one writer per folder; the lock also removes what a killed export left (.tmp-NAME-xxxxxxxx beside it)
     lock_output(out_dir)
+    _check_existing(out_dir, overwrite)
+
+
+def _check_existing(out_dir: Path, overwrite: bool) -> None:
     if not out_dir.exists():
         return
     if not out_dir.is_dir():
@@ -51,6 +58,23 @@ def check_out(out_dir: Path, ckpt: Path, overwrite: bool) -> None:
             raise GiftQuantError(f"export folder {out_dir} exists and is not a gift-quant export; choose a new folder")
         if not overwrite:
             raise GiftQuantError(f"export folder {out_dir} holds an earlier export; pass --overwrite to replace it")
+        refuse_foreign(out_dir, "export folder")
+
+
+def replace_earlier(out_dir: Path) -> None:
+    """Just before the new export is renamed into place: remove the earlier one's files, and nothing else."""
+    if out_dir.is_dir():
+        remove_owned(out_dir, "export folder")
+        if any(out_dir.iterdir()):
+            left = ", ".join(sorted(p.name for p in out_dir.iterdir())[:4])
+            raise GiftQuantError(f"export folder {out_dir} still holds {left} (not written by gift-quant); move "
+                                 "them away or choose another folder")
+        out_dir.rmdir()
+
+
+def files_written(folder: Path) -> list[str]:
+    """Every file under ``folder`` (relative, sorted) plus the export record: what --overwrite may remove."""
+    return sorted({p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} | {EXPORT_INFO})
 
 
 def tie_fixup(tensors: dict[str, torch.Tensor], nat: NativeCheckpoint) -> dict[str, torch.Tensor]:
@@ -94,11 +118,12 @@ def config_json(nat: NativeCheckpoint, dtype: torch.dtype, quantization_config: 
     return json.dumps(cfg, indent=2)
 
 
-def export_info(nat: NativeCheckpoint, fmt: str, summary: dict) -> str:
-    info = {"format": fmt, "source_checkpoint": str(nat.path.resolve()), "tool": nat.doc.get("tool"),
+def export_info(nat: NativeCheckpoint, fmt: str, summary: dict, files: list[str] | None = None) -> str:
+    info = {"files_written": files or [], "format": fmt, "source_checkpoint": str(nat.path.resolve()),
+            "tool": nat.doc.get("tool"),
             "version": nat.doc.get("version"), "native_effective_bits": nat.doc.get("effective_bits"),
             "salient_per_layer": {n: q.n_salient for n, q in nat.layers.items()},
-            "provenance": nat.doc.get("provenance"), "quantize": nat.doc.get("quantize"),
+            "provenance": nat.doc.get("provenance"), "spec": nat.spec.to_json(), "quantize": nat.doc.get("quantize"),
             **{k: v for k, v in summary.items() if k not in ("out", "format")}}
     return json.dumps(info, indent=1, default=str)
 
@@ -116,4 +141,5 @@ def write_export(out_dir: Path, nat: NativeCheckpoint, summary: dict, tensors: d
         copy_tokenizer_files(nat.path, tmp)
         if adapter is not None:
             adapter.write(tmp / ADAPTER_DIR, targets)
-        (tmp / EXPORT_INFO).write_text(export_info(nat, summary["format"], summary))
+        (tmp / EXPORT_INFO).write_text(export_info(nat, summary["format"], summary, files_written(tmp)))
+        replace_earlier(out_dir)

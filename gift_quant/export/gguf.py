@@ -27,7 +27,16 @@ from gguf import GGUFWriter, LlamaFileType
 from ..util.errors import GiftQuantError
 from ..util.files import atomic_dir
 from .adapter import SalientAdapter, onehot_lora
-from .folder import EXPORT_INFO, check_out, dtype_name, export_info, resolve_dtype, tie_fixup
+from .folder import (
+    EXPORT_INFO,
+    check_out,
+    dtype_name,
+    export_info,
+    files_written,
+    replace_earlier,
+    resolve_dtype,
+    tie_fixup,
+)
 from .gguf_blocks import gguf_layer, rope_row_order
 from .gguf_vocab import read_vocab, write_vocab
 from .native import NativeCheckpoint
@@ -215,5 +224,6 @@ def export_gguf(ckpt: str | Path, out_dir: str | Path, dtype: str | torch.dtype 
         _write(tmp / MODEL_FILE, _model_writer(nat, hp, _FILE_TYPE.get(qtype, LlamaFileType.ALL_F32)), tensors)
         if lora:
             _write(tmp / LORA_FILE, _lora_writer(adapter.r), _lora_tensors(adapter, hp))
-        (tmp / EXPORT_INFO).write_text(export_info(nat, "gguf", summary))
+        (tmp / EXPORT_INFO).write_text(export_info(nat, "gguf", summary, files_written(tmp)))
+        replace_earlier(out_dir)
     return summary

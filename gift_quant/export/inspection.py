@@ -1,13 +1,14 @@
 """``inspect``: what a checkpoint folder holds, for the native format and for gift-quant's exports.
 
 ``inspect_checkpoint(path)`` returns a JSON-able dict; ``format_report(info)`` renders it for people.
-Only metadata, tensor headers and the (small) LoRA ``A`` matrices are read: inspecting a large model
-costs no more memory than its adapter.
+Metadata, tensor headers, the (small) LoRA ``A`` matrices and, for a native checkpoint, the files' sha256
+and its index and floating buffers (the integrity check) are read; no model weights are materialized.
 
 Kinds recognised:
 
-* ``gift-quant``: the native checkpoint (``gift_quant_config.json``): bits, group size, salient
-  columns per layer, effective bits per weight as recorded at quantization, provenance.
+* ``gift-quant``: the native checkpoint (``gift_quant_config.json``): its health is the integrity check
+  that load, eval and export run (packed/integrity.py: never "verified" where they refuse); bits, groups,
+  salient columns and effective bits per layer as measured from the packed tensors, provenance.
 * ``gptq-lora`` / ``gptq``: a GPTQ folder (``quantize_config.json`` or ``config.json``'s
   ``quantization_config``) with or without a PEFT adapter in ``adapter/``; the salient count of a layer
   is the number of non-zero rows of its ``lora_A``; effective bits are what the files store (padded
@@ -29,15 +30,13 @@ from collections import Counter
 from pathlib import Path
 from statistics import mean
 
-from safetensors import safe_open
-
+from ..packed.served import DTYPE_BITS as _DTYPE_BITS
+from ..packed.served import adapter_rows, ct_layers, gptq_layers, tensor_headers
 from ..util.errors import GiftQuantError
 from .vllm_command import vllm_command
 
 NATIVE_CONFIG = "gift_quant_config.json"  # checkpoint.CONFIG_NAME, repeated to keep this module light
 EXPORT_INFO = "gift_quant_export.json"  # export.EXPORT_INFO
-_DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8,
-               "BOOL": 8, "F8_E4M3": 8, "F8_E5M2": 8, "U16": 16, "U32": 32, "U64": 64}
 _DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
@@ -50,24 +49,6 @@ def _dir_size(path: Path, skip: tuple[str, ...] = ()) -> int:
     return total
 
 
-def _headers(files: list[Path]) -> dict[str, tuple[str, list[int]]]:
-    """name -> (safetensors dtype, shape), read from the file headers only."""
-    out = {}
-    for f in files:
-        with safe_open(f, "pt") as h:
-            for k in h.keys():
-                s = h.get_slice(k)
-                out[k] = (s.get_dtype(), list(s.get_shape()))
-    return out
-
-
-def _bits(dtype: str, shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n * _DTYPE_BITS.get(dtype, 32)
-
-
 def _salient_summary(counts: dict[str, int]) -> dict:
     vals = list(counts.values())
     if not vals:
@@ -76,74 +57,63 @@ def _salient_summary(counts: dict[str, int]) -> dict:
 
 
 def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    """A JSON object file, None when absent; a damaged one is refused in one line naming it."""
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise GiftQuantError(f"{path} is not valid JSON ({str(exc).splitlines()[0][:120]}): the folder is damaged "
+                             "(truncated or edited); re-create it") from None
+    return doc if isinstance(doc, dict) else None
 
 
 # ---------------------------------------------------------------------------- kinds
 
 
-def _native_health(path: Path, doc: dict) -> str:
-    """"verified" when every recorded file matches its sha256 and the settings are possible, else what is wrong."""
-    from ..config.settings import SUPPORTED_BITS
-    from ..util.files import sha256_file
+def _native_health(path: Path) -> tuple[str, object]:
+    """("verified ..." or "broken: why", the verification or None): the very check load, eval and export run
+    (packed/integrity.py), so inspect never says verified where they refuse."""
+    from ..packed.checkpoint import verify_checkpoint
 
-    bits = doc.get("bits", doc.get("quantize", {}).get("bits"))
-    if bits not in SUPPORTED_BITS:
-        return f"broken: bits {bits!r} is not a storable width ({', '.join(map(str, SUPPORTED_BITS))})"
-    files = doc.get("files")
-    if not files:
-        return "unverified: written before gift-quant recorded file checksums"
-    for name, digest in files.items():
-        f = path / name
-        if not f.is_file():
-            return f"broken: {name} is missing"
-        if sha256_file(f) != digest:
-            return f"broken: {name} does not match its recorded sha256 (changed or corrupt)"
-    mismatch = _layer_mismatch(path, doc)
-    if mismatch:
-        return f"broken: {mismatch}"
-    return "verified (sha256 of " + ", ".join(sorted(files)) + "; per-layer settings match the tensors)"
-
-
-def _layer_mismatch(path: Path, doc: dict) -> str | None:
-    """The first layer whose recorded groups / salient count / in-out features disagree with the tensor
-    headers (the config is not covered by its own sha256, so this is what catches an edited config)."""
-    headers = _headers(sorted(path.glob("*.safetensors")))
-    for name, info in (doc.get("layers") or {}).items():
-        if not isinstance(info, dict):
-            return f"layer {name}: its entry is not an object"
-        scales, sal = headers.get(f"{name}.scales"), headers.get(f"{name}.salient_idx")
-        if scales is None or sal is None:
-            return f"layer {name} is named in {NATIVE_CONFIG} but has no tensors in the weights"
-        groups, out_f = scales[1]
-        recorded = {"groups": groups, "salient": sal[1][0], "out_features": out_f}
-        for key, actual in recorded.items():
-            if key in info and info[key] != actual:
-                return f"layer {name}: {NATIVE_CONFIG} says {key} {info[key]!r}, the tensors hold {actual}"
-    return None
+    try:
+        verified = verify_checkpoint(path)
+    except GiftQuantError as exc:
+        return f"broken: {exc}", None
+    return ("verified (sha256 of " + ", ".join(sorted(verified.doc["files"])) + "; bits, groups and salient "
+            "counts measured from the packed tensors match the config; the model in config.json has exactly "
+            "the stored tensors)"), verified
 
 
 def _inspect_native(path: Path) -> dict:
-    from ..packed.checkpoint import read_gift_config
+    from ..packed.checkpoint import read_gift_config, read_spec
 
     doc = read_gift_config(path)
-    q = doc.get("quantize", {})
-    layers = [{"name": n, "in_features": i["in_features"], "out_features": i["out_features"],
-               "salient": i["salient"], "groups": i.get("groups"), "effective_bits": i.get("effective_bits"),
-               "relative_error": i.get("relative_error")} for n, i in doc.get("layers", {}).items()]
+    q, spec = doc.get("quantize", {}), read_spec(doc)
+    health, verified = _native_health(path)
+    measured = verified.layers if verified is not None else {}
+    layers = []
+    for n, i in doc.get("layers", {}).items():
+        m = measured.get(n, {})  # facts from the tensors once verified; the config's record otherwise
+        layers.append({"name": n, "in_features": m.get("in_features", i["in_features"]),
+                       "out_features": m.get("out_features", i["out_features"]),
+                       "salient": m.get("salient", i["salient"]), "groups": m.get("groups", i.get("groups")),
+                       "bits": m.get("bits", spec.bits),
+                       "effective_bits": m.get("effective_bits", i.get("effective_bits")),
+                       "relative_error": i.get("relative_error")})
     config = _read_json(path / "config.json") or {}
     return {
         "kind": "gift-quant", "path": str(path), "model_type": config.get("model_type"),
-        "health": _native_health(path, doc),
+        "health": health,
         "format_version": doc.get("format_version"), "tool": doc.get("tool"), "version": doc.get("version"),
-        "bits": doc.get("bits", q.get("bits")), "group_size": doc.get("group_size", q.get("group_size")),
-        "sym": q.get("sym"), "act_order": q.get("act_order"), "static_groups": q.get("static_groups"),
-        # checkpoints from before the natural layout have no key and compact groups
-        "group_layout": q.get("group_layout", "compact"),
-        "metric": doc.get("metric", q.get("metric")), "salient_dtype": q.get("salient_dtype"),
+        "bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym, "act_order": q.get("act_order"),
+        "static_groups": q.get("static_groups"), "group_layout": spec.group_layout,
+        "metric": doc.get("metric", q.get("metric")), "salient_dtype": spec.salient_dtype,
         "compute_dtype": doc.get("dtype"),
         "salient": _salient_summary({row["name"]: row["salient"] for row in layers}),
-        "effective_bits": doc.get("effective_bits"), "layers": layers,
+        # measured from the stored tensors when they verify; the recorded figure is shown only beside a refusal
+        "effective_bits": verified.effective_bits if verified is not None else None,
+        "recorded_effective_bits": doc.get("effective_bits"), "layers": layers,
         "size_on_disk": _dir_size(path, skip=("run",)), "run_artifacts_size": _dir_size(path / "run"),
         "recovery": ({"variant": doc.get("variant"), **doc["recover"]} if doc.get("recover") else None),
         "provenance": doc.get("provenance"),
@@ -159,25 +129,6 @@ def _gptq_config(path: Path) -> dict | None:
     return None
 
 
-def _read_adapter(path: Path) -> tuple[dict | None, dict[str, int], dict[str, int]]:
-    """(adapter_config, salient count per module = non-zero rows of lora_A, stored bits per module)."""
-    adapter_dir = path / "adapter"
-    acfg = _read_json(adapter_dir / "adapter_config.json")
-    a_rows: dict[str, int] = {}
-    adapter_bits: dict[str, int] = {}
-    if acfg is not None:
-        files = sorted(adapter_dir.glob("*.safetensors"))
-        for f in files:
-            with safe_open(f, "pt") as h:
-                for k in h.keys():
-                    mod = k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
-                    s = h.get_slice(k)
-                    adapter_bits[mod] = adapter_bits.get(mod, 0) + _bits(s.get_dtype(), s.get_shape())
-                    if ".lora_A." in k:
-                        a_rows[mod] = int((h.get_tensor(k) != 0).any(dim=1).sum())
-    return acfg, a_rows, adapter_bits
-
-
 def _adapter_summary(path: Path, acfg: dict | None, a_rows: dict[str, int]) -> dict | None:
     if acfg is None:
         return None
@@ -186,22 +137,8 @@ def _adapter_summary(path: Path, acfg: dict | None, a_rows: dict[str, int]) -> d
 
 
 def _inspect_gptq(path: Path, qc: dict) -> dict:
-    headers = _headers(sorted(path.glob("*.safetensors")))
-    acfg, a_rows, adapter_bits = _read_adapter(path)
-    layers = []
-    for k, (_, shape) in sorted(headers.items()):
-        if not k.endswith(".qweight"):
-            continue
-        name = k.removesuffix(".qweight")
-        g = headers.get(f"{name}.g_idx")
-        out_f = shape[1]
-        in_f = g[1][0] if g else None
-        stored = sum(_bits(*headers[f"{name}.{s}"]) for s in ("qweight", "qzeros", "scales", "g_idx")
-                     if f"{name}.{s}" in headers) + adapter_bits.get(name, 0)
-        layers.append({"name": name, "in_features": in_f, "out_features": out_f,
-                       "groups": headers[f"{name}.scales"][1][0] if f"{name}.scales" in headers else None,
-                       "salient": a_rows.get(name, 0),
-                       "effective_bits": stored / (in_f * out_f) if in_f else None})
+    acfg, a_rows, adapter_bits = adapter_rows(path)
+    layers = gptq_layers(path, adapter_bits, a_rows)
     info_doc = _read_json(path / EXPORT_INFO) or {}
     total_w = sum(row["in_features"] * row["out_features"] for row in layers if row["in_features"])
     total_bits = sum(row["effective_bits"] * row["in_features"] * row["out_features"]
@@ -224,31 +161,15 @@ def _ct_config(path: Path) -> dict | None:
 
 
 def _inspect_ct(path: Path, qc: dict) -> dict:
-    files = sorted(path.glob("*.safetensors"))
-    headers = _headers(files)
-    acfg, a_rows, adapter_bits = _read_adapter(path)
-    shapes: dict[str, list[int]] = {}  # weight_shape tensors: two int64 each, read from the files
-    for f in files:
-        with safe_open(f, "pt") as h:
-            for k in h.keys():
-                if k.endswith(".weight_shape"):
-                    shapes[k.removesuffix(".weight_shape")] = [int(v) for v in h.get_tensor(k).tolist()]
-    layers = []
-    for name, shape in sorted(shapes.items()):
-        out_f, in_f = shape[-2], shape[-1]
-        stored = sum(_bits(*headers[f"{name}.{s}"]) for s in ("weight_packed", "weight_scale", "weight_zero_point",
-                                                              "weight_shape") if f"{name}.{s}" in headers)
-        stored += adapter_bits.get(name, 0)
-        scale = headers.get(f"{name}.weight_scale")
-        layers.append({"name": name, "in_features": in_f, "out_features": out_f,
-                       "groups": scale[1][-1] if scale else None, "salient": a_rows.get(name, 0),
-                       "effective_bits": stored / (in_f * out_f)})
+    acfg, a_rows, adapter_bits = adapter_rows(path)
+    layers = ct_layers(path, adapter_bits, a_rows)
     groups = list((qc.get("config_groups") or {}).values())
     weights = (groups[0].get("weights") or {}) if groups and isinstance(groups[0], dict) else {}
     strategy = weights.get("strategy")
     info_doc = _read_json(path / EXPORT_INFO) or {}
     total_w = sum(row["in_features"] * row["out_features"] for row in layers)
-    total_bits = sum(row["effective_bits"] * row["in_features"] * row["out_features"] for row in layers)
+    total_bits = sum(row["effective_bits"] * row["in_features"] * row["out_features"] for row in layers
+                     if row["effective_bits"] is not None)
     return {
         "kind": "compressed-tensors-lora" if acfg is not None else "compressed-tensors", "path": str(path),
         "model_type": (_read_json(path / "config.json") or {}).get("model_type"),
@@ -263,7 +184,7 @@ def _inspect_dense(path: Path) -> dict:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise GiftQuantError(f"{path} has no .safetensors weights to inspect")
-    headers = _headers(files)
+    headers = tensor_headers(files)
     params = Counter()
     for dtype, shape in headers.values():
         n = 1
@@ -379,8 +300,14 @@ def format_report(info: dict, layers: bool = True) -> str:
             out.append(f"  adapter       LoRA rank {a['rank']}, alpha {a['lora_alpha']}, {a['modules']} modules, "
                        f"{_size(a['size_on_disk'])}")
         exported = kind.startswith(("gptq", "compressed-tensors"))
-        out.append(f"  eff. bits     {_fmt_bits(info.get('effective_bits'))} bits/weight"
-                   + (" as stored (padded LoRA included)" if exported else ""))
+        if kind == "gift-quant":
+            measured = info.get("effective_bits")
+            out.append(f"  eff. bits     {_fmt_bits(measured)} bits/weight, measured from the stored tensors"
+                       if measured is not None else f"  eff. bits     not measured (the checkpoint is broken; its "
+                       f"config records {_fmt_bits(info.get('recorded_effective_bits'))})")
+        else:
+            out.append(f"  eff. bits     {_fmt_bits(info.get('effective_bits'))} bits/weight"
+                       + (" as stored (padded LoRA included)" if exported else ""))
         if exported and info.get("native_effective_bits") is not None:
             out.append(f"  native bits   {info['native_effective_bits']:.3f} bits/weight in the source checkpoint")
     rec = info.get("recovery")

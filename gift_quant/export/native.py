@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 
 from ..model.loading import parse_dtype
-from ..packed.checkpoint import WEIGHTS_NAME, read_gift_config, verify_files
+from ..packed.checkpoint import WEIGHTS_NAME, read_spec, verify_checkpoint
 from ..packed.qlinear import QuantLinear
 from ..util.errors import GiftQuantError
 
@@ -40,16 +40,15 @@ class NativeCheckpoint:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.doc = read_gift_config(self.path)
-        verify_files(self.path, self.doc)  # the sha256 recorded when the checkpoint was written
+        self.verified = verify_checkpoint(self.path)  # the one integrity check every reader runs
+        self.doc = self.verified.doc
         try:
             self.config = json.loads((self.path / "config.json").read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise GiftQuantError(f"{self.path / 'config.json'} is missing or not valid JSON ({exc}); "
                                  "the checkpoint is damaged: quantize again") from None
-        q = self.doc["quantize"]
-        self.bits, self.sym = int(q["bits"]), bool(q["sym"])
-        self.group_size = int(q.get("group_size", -1))
+        self.spec = read_spec(self.doc)
+        self.bits, self.sym, self.group_size = self.spec.bits, self.spec.sym, self.spec.group_size
         self.dtype = parse_dtype(self.doc.get("dtype", "float32"))
         try:
             with safe_open(self.path / WEIGHTS_NAME, "pt") as f:
@@ -82,7 +81,7 @@ class NativeCheckpoint:
                                  "the checkpoint is damaged: quantize again")
         buffers = {s: t[f"{name}.{s}"] for s in _QUANT_SUFFIXES if f"{name}.{s}" in t}
         try:
-            return QuantLinear.from_buffers(buffers, self.bits, self.sym)
+            return QuantLinear.from_buffers(buffers, self.spec)
         except RuntimeError as exc:  # load_state_dict: shapes that do not fit together
             raise GiftQuantError(f"{self.path / WEIGHTS_NAME}: the tensors of {name} do not fit together ({exc}); "
                                  "the checkpoint is damaged: quantize again") from exc

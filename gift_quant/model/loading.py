@@ -10,7 +10,6 @@ a pinned sha256 so a tampered or different file is never used silently.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import sys
 from pathlib import Path
@@ -84,15 +83,40 @@ def resolve_model_dir(model_dir: str | os.PathLike | None) -> Path:
     return path
 
 
+JSON_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json",
+              "tokenizer.json", "added_tokens.json")
+
+
+def check_json_files(path: Path) -> None:
+    """Refuse a model folder whose JSON files (config, generation config, tokenizer) do not parse, naming the
+    file and the place: transformers would fail later with a traceback, or copy the broken file on."""
+    import json
+
+    for name in JSON_FILES:
+        f = Path(path) / name
+        if not f.is_file():
+            continue
+        try:
+            json.loads(f.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise GiftQuantError(f"{f} is not UTF-8 text: the model folder is damaged; copy the file again") from None
+        except ValueError as exc:
+            raise GiftQuantError(f"{f} is not valid JSON ({str(exc).splitlines()[0][:120]}): the model folder is "
+                                 "damaged; copy the file again") from None
+
+
 def check_causal_lm(path: Path, trust_remote_code: bool = False):
     """The model's config, or a clear error if it is not a decoder-only causal LM."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+    check_json_files(path)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (ValueError, OSError, json.JSONDecodeError) as exc:
-        raise GiftQuantError(f"{path}/config.json could not be read as a model config: {exc}") from exc
+    except Exception as exc:  # ValueError, OSError, JSONDecodeError, a strict-dataclass validation error ...
+        text = " ".join(str(exc).split())[:240] or type(exc).__name__
+        raise GiftQuantError(f"{path}/config.json could not be read as a model config ({text}); fix the field it "
+                             "names") from None
     remote = bool(getattr(config, "auto_map", None)) and trust_remote_code
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and not remote:
         raise GiftQuantError(
@@ -120,8 +144,10 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32, trust_remote_code
             f"{path} is already a gift-quant checkpoint; quantize the original model folder "
             "(see provenance.source_model in its gift_quant_config.json)")
     try:
+        # mismatched sizes are loaded as a report (below), so the refusal can name the tensor and config field
         model, info = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True)
+            path, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True,
+            ignore_mismatched_sizes=True)
     except (OSError, ValueError) as exc:
         raise GiftQuantError(f"{path}: no loadable weights (model.safetensors / pytorch_model.bin): {exc}") from exc
     except Exception as exc:  # safetensors' SafetensorError (truncated shard), a pickle that fails to unpickle
@@ -132,10 +158,12 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32, trust_remote_code
         raise GiftQuantError(f"{path}: a weight file cannot be read ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0][:160] if str(exc) else 'truncated'}); the file is truncated "
                              "or damaged: download or copy it again") from None
+    check_loading_info(path, model.config, info)
     missing = [k for k in info.get("missing_keys", []) if not k.endswith("inv_freq")]
     if missing:
         raise GiftQuantError(f"{path}: the weight files lack {len(missing)} tensors (e.g. {missing[0]}); "
                              "the folder is incomplete or not a plain Hugging Face model")
+    untie_distinct_head(model, path)
     model.eval()
     model.config.use_cache = False
     return model
@@ -155,7 +183,7 @@ def enable_kv_cache(model, folder: Path | None = None):
     if folder is not None and (Path(folder) / "generation_config.json").is_file():
         try:
             model.generation_config = GenerationConfig.from_pretrained(folder)
-        except (OSError, ValueError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError) as exc:  # JSONDecodeError is a ValueError
             raise GiftQuantError(f"{folder}/generation_config.json cannot be read ({str(exc).splitlines()[0][:160]}); "
                                  "fix or delete it") from None
     if getattr(model, "generation_config", None) is not None:
@@ -163,13 +191,68 @@ def enable_kv_cache(model, folder: Path | None = None):
     return model
 
 
+def _fields_of(config, size: int) -> str:
+    """The config fields whose value is ``size`` (what a mismatched dimension is made of)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    names = [k for k, v in sorted(text.to_dict().items()) if isinstance(v, int) and not isinstance(v, bool)
+             and v == size and not k.endswith("_id")]
+    return ", ".join(f"{k} {size}" for k in names[:3]) or f"a dimension of {size}"
+
+
+def check_loading_info(path: Path, config, info: dict) -> None:
+    """Refuse weights config.json does not describe (transformers' loading report, its key renames applied):
+    a tensor whose shape differs, naming the config field of that size, or tensors the model has no place for
+    (which transformers drops without a word)."""
+    import re
+
+    mismatched = sorted(info.get("mismatched_keys") or [], key=lambda m: str(m[0]))
+    if mismatched:
+        key, stored, wanted = mismatched[0][0], list(mismatched[0][1]), list(mismatched[0][2])
+        dim = next((i for i in range(min(len(stored), len(wanted))) if stored[i] != wanted[i]), None)
+        field = _fields_of(config, wanted[dim]) if dim is not None else "its number of dimensions"
+        raise GiftQuantError(f"{path}: {key} has shape {stored} in the weights, {wanted} in the model config.json "
+                             f"describes ({field}): config.json does not match the weights; fix config.json or use "
+                             "the matching weights")
+    unexpected = sorted(k for k in info.get("unexpected_keys") or [] if not k.endswith("inv_freq"))
+    if unexpected:
+        n_layers = getattr(config.get_text_config(), "num_hidden_layers", None)
+        layer = re.search(r"layers\.(\d+)\.", unexpected[0])
+        hint = (f"config.json's num_hidden_layers {n_layers} is fewer than the weights' blocks"
+                if layer and n_layers is not None and int(layer.group(1)) >= n_layers
+                else "config.json does not describe these weights")
+        raise GiftQuantError(f"{path}: the weights hold {len(unexpected)} tensor(s) the model in config.json has no "
+                             f"place for (e.g. {unexpected[0]}): {hint}; fix config.json")
+
+
+def untie_distinct_head(model, path: Path) -> None:
+    """config.json says ``tie_word_embeddings`` but the weights hold an output head that differs from the
+    input embeddings: transformers keeps the two apart (it loads both), so that is the source's behaviour.
+    Record it in the config the outputs are written from, or every later load would tie them again and
+    silently drop the head."""
+    import torch
+
+    text = model.config.get_text_config()
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    if not getattr(text, "tie_word_embeddings", False) or out is None or out.weight is inp.weight:
+        return
+    if out.weight.shape == inp.weight.shape and torch.equal(out.weight, inp.weight):
+        return
+    for cfg in {id(model.config): model.config, id(text): text}.values():
+        cfg.tie_word_embeddings = False
+    print(f"gift-quant: warning: {path}/config.json says tie_word_embeddings true but the weights hold an output "
+          "head that differs from the input embeddings; transformers keeps them apart, and so do gift-quant's "
+          "outputs (their config.json says tie_word_embeddings false)", file=sys.stderr, flush=True)
+
+
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise GiftQuantError(f"{path}: no usable tokenizer files ({exc}); copy the tokenizer into the folder") from exc
+    except Exception as exc:  # OSError, ValueError, and the KeyError/TypeError of a tokenizer file of the wrong shape
+        text = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise GiftQuantError(f"{path}: no usable tokenizer files ({type(exc).__name__}: {text}); copy the model's "
+                             "tokenizer files into the folder") from None
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -195,3 +278,33 @@ def resolve_device(name: str) -> torch.device:
         raise GiftQuantError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s) "
                              f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
     return dev
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence the model's position embeddings cover, from its config (None when unstated)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "n_ctx"):
+        value = getattr(text, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_lengths(path: Path, lengths: dict[str, int], trust_remote_code: bool = False) -> None:
+    """Refuse a window (flag -> tokens) longer than the model's positions, before any model is loaded:
+    past them a model computes without a word of warning, on positions it never learned."""
+    config = check_causal_lm(path, trust_remote_code)
+    limit = max_positions(config)
+    for flag, n in lengths.items():
+        if limit is not None and n is not None and n > limit:
+            raise GiftQuantError(f"{flag} {n} is longer than the model's {limit} positions (max_position_embeddings "
+                                 f"in {path}/config.json): use {flag} {limit} or less")
+
+
+def check_vocabulary(path: Path, config, tokenizer) -> None:
+    """Refuse a tokenizer that produces ids past the model's embedding rows (config.json's vocab_size)."""
+    vocab = getattr(config.get_text_config(), "vocab_size", None)
+    if isinstance(vocab, int) and len(tokenizer) > vocab:
+        raise GiftQuantError(f"{path}: the tokenizer has {len(tokenizer)} tokens but config.json's vocab_size is "
+                             f"{vocab}: token ids {vocab}..{len(tokenizer) - 1} index past the embeddings; use the "
+                             "tokenizer that belongs to the model")

@@ -4,9 +4,15 @@ Layout of a checkpoint folder::
 
     config.json, generation_config.json, tokenizer files   (copied from the source model)
     model.safetensors        every tensor: QuantLinear buffers for quantized linears, the rest as is
-    gift_quant_config.json   format version, settings, per-layer K and effective bits, provenance, and
-                             the sha256 of every file above ("files"); written last, so its presence
-                             means the checkpoint is complete, and `load` refuses a file that changed
+    gift_quant_config.json   format version, the storage spec of every quantized linear ("spec": bits,
+                             sym, group size, layout, salient dtype; written once, from the layers
+                             themselves), the other quantize settings, per-layer K and effective bits,
+                             provenance, and the sha256 of every file above ("files"); written last, so
+                             its presence means the checkpoint is complete, and `load` refuses a file
+                             that changed
+
+Format versions: 1 kept the spec's values inside "quantize" (and bits / group_size again at the top);
+2 writes them once, under "spec". `read_spec` (integrity.py) reads both, so older checkpoints still load.
 
 Only safetensors is read or written; nothing is unpickled.
 """
@@ -22,15 +28,20 @@ import torch
 from safetensors.torch import load_file, save_model
 from torch import nn
 
-from ..config.settings import SUPPORTED_BITS
+from ..config.settings import GROUP_LAYOUTS, SALIENT_DTYPES, SPEC_FIELDS, SUPPORTED_BITS, QuantSpec
 from ..model.arch import set_module
 from ..model.loading import enable_kv_cache, parse_dtype
 from ..util.errors import GiftQuantError, writing
 from ..util.files import atomic_path, atomic_write_text, sha256_file
+from .integrity import read_spec
 from .qlinear import QuantLinear
 
 FORMAT = "gift-quant"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Every format version from this one on records the sha256 manifest ("files"): a checkpoint of such a version
+# whose manifest is missing, empty or incomplete is damaged, never "legacy" (integrity.py).
+MANIFEST_SINCE_VERSION = 1
+MANIFEST_REQUIRED = ("model.safetensors", "config.json")  # what every manifest names
 CONFIG_NAME = "gift_quant_config.json"
 WEIGHTS_NAME = "model.safetensors"
 _COPY_PATTERNS = ("tokenizer*", "special_tokens_map.json", "vocab.*", "merges.txt", "chat_template*",
@@ -41,26 +52,43 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
     return (Path(path) / CONFIG_NAME).is_file()
 
 
-def copy_tokenizer_files(src: Path, dst: Path) -> None:
-    """The source's tokenizer and generation config files, copied into ``dst`` (the generation config's
-    ``use_cache`` set true: what we write is for inference)."""
+def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+    """Copy the tokenizer and generation files of ``src`` into ``dst``; returns their names (sorted). The
+    generation config's ``use_cache`` is set true: what gift-quant writes is for inference."""
+    names = set()
     for pattern in _COPY_PATTERNS:
         for f in src.glob(pattern):
             if f.is_file():
                 shutil.copy2(f, dst / f.name)
+                names.add(f.name)
     gen = dst / "generation_config.json"
-    if gen.is_file():
+    if "generation_config.json" in names:
         try:
             doc = json.loads(gen.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
-            return  # not ours to repair; transformers reports it when it reads the folder
+            doc = None  # not ours to repair; transformers reports it when it reads the folder
         if isinstance(doc, dict) and doc.get("use_cache") is False:
             doc["use_cache"] = True
             atomic_write_text(gen, json.dumps(doc, indent=2) + "\n")
+    return sorted(names)
+
+
+def model_spec(model: nn.Module) -> QuantSpec:
+    """The one QuantSpec the model's packed layers carry (a checkpoint stores one spec for all of them)."""
+    specs = {m.spec for m in model.modules() if isinstance(m, QuantLinear)}
+    if len(specs) != 1:
+        raise ValueError(f"a checkpoint holds packed layers of exactly one spec; this model has {len(specs)}: "
+                         f"{sorted(map(str, specs))[:3]}")
+    return specs.pop()
 
 
 def save_checkpoint(model: nn.Module, out_dir: Path, source_dir: Path, gift_config: dict) -> None:
-    """Write the checkpoint files into ``out_dir``, each atomically, the gift config last."""
+    """Write the checkpoint files into ``out_dir``, each atomically, the gift config last.
+
+    ``gift_config``: settings, per-layer metrics and provenance; the spec is taken from the model's layers
+    and written once (any copy of its values among the settings is dropped).
+    """
+    spec = model_spec(model)
     need = sum(t.numel() * t.element_size() for t in model.state_dict().values())  # tied pairs counted twice
     with writing(out_dir / WEIGHTS_NAME, need):
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -74,9 +102,14 @@ def save_checkpoint(model: nn.Module, out_dir: Path, source_dir: Path, gift_conf
         cfg["use_cache"] = True
     atomic_write_text(out_dir / "config.json", json.dumps(cfg, indent=2, default=str))
     with writing(out_dir):
-        copy_tokenizer_files(source_dir, out_dir)
-    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, **gift_config}
+        copied = copy_tokenizer_files(source_dir, out_dir)
+    # the format, spec and manifest are this writer's, never those of a config ``gift_config`` was copied from
+    written_here = ("format", "format_version", "spec", "files", "copied_files", *SPEC_FIELDS)
+    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "spec": spec.to_json(),
+           **{k: v for k, v in gift_config.items() if k not in written_here}}
+    doc["quantize"] = {k: v for k, v in doc.get("quantize", {}).items() if k not in SPEC_FIELDS}
     doc["files"] = {name: sha256_file(out_dir / name) for name in (WEIGHTS_NAME, "config.json")}
+    doc["copied_files"] = copied  # not verified (users edit chat templates); named so --overwrite knows them
     atomic_write_text(out_dir / CONFIG_NAME, json.dumps(doc, indent=1))
 
 
@@ -97,6 +130,9 @@ def read_gift_config(path: Path) -> dict:
         raise GiftQuantError(f"{f}: format {doc.get('format')!r} is not {FORMAT!r}; not a gift-quant checkpoint")
     if type(version) is not int:
         raise GiftQuantError(f"{f}: format_version must be an integer, got {version!r}: the checkpoint is damaged")
+    if version < 1:
+        raise GiftQuantError(f"{f}: format_version {version} is not a version gift-quant ever wrote: the checkpoint "
+                             "is damaged; re-create it")
     if version > FORMAT_VERSION:
         raise GiftQuantError(
             f"{f}: format {FORMAT} v{version} is not readable by this gift-quant (reads {FORMAT} v{FORMAT_VERSION}); "
@@ -119,10 +155,26 @@ def _check_doc(f: Path, doc: dict) -> None:
         return value
 
     q = need(doc, "quantize", (dict,), "", hint="an object")
-    need(q, "bits", (int,), "quantize.", lambda b: b in SUPPORTED_BITS, f"one of {list(SUPPORTED_BITS)}")
-    need(q, "sym", (bool,), "quantize.")
-    need(q, "salient_dtype", (str,), "quantize.", lambda v: v in ("float16", "bfloat16", "float32"),
-         "float16, bfloat16 or float32")
+    if doc["format_version"] >= 2:
+        s, where = need(doc, "spec", (dict,), "", hint="an object"), "spec."
+    else:
+        s, where = q, "quantize."
+    need(s, "bits", (int,), where, lambda b: b in SUPPORTED_BITS, f"one of {list(SUPPORTED_BITS)}")
+    need(s, "sym", (bool,), where)
+    need(s, "salient_dtype", (str,), where, lambda v: v in SALIENT_DTYPES, " or ".join(SALIENT_DTYPES))
+    if doc["format_version"] >= 2:
+        need(s, "group_size", (int,), where, lambda g: g == -1 or g > 0, "-1 or a positive integer")
+        need(s, "group_layout", (str,), where, lambda v: v in GROUP_LAYOUTS, " or ".join(GROUP_LAYOUTS))
+        for where_else, holder in (("", doc), ("quantize.", q)):  # written once: a second copy is an edit
+            for key in SPEC_FIELDS:
+                if key in holder:
+                    raise GiftQuantError(f"{f}: {where_else}{key} = {holder[key]!r} is recorded outside spec (format "
+                                         f"{doc['format_version']} keeps it in spec only): the checkpoint was edited; "
+                                         "re-create it")
+        unknown = set(s) - set(SPEC_FIELDS)
+        if unknown:
+            raise GiftQuantError(f"{f}: spec has unknown key(s) {sorted(unknown)}: the checkpoint is damaged or "
+                                 "from a newer gift-quant")
     if "dtype" in doc:
         need(doc, "dtype", (str,), "")
     if "effective_bits" in doc:  # written by every command; minimal configs (tools/gpu_check.py) leave it out
@@ -141,16 +193,49 @@ def _check_doc(f: Path, doc: dict) -> None:
 
 
 def verify_files(path: Path, doc: dict) -> None:
-    """Refuse a checkpoint whose files differ from the sha256 its config recorded (older ones record none)."""
-    for name, digest in (doc.get("files") or {}).items():
-        f = Path(path) / name
-        if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise GiftQuantError(f"{Path(path) / CONFIG_NAME}: files names {name!r}, outside the checkpoint")
-        if not f.is_file():
-            raise GiftQuantError(f"{f} is missing: the checkpoint is incomplete; re-create it")
-        if sha256_file(f) != digest:
-            raise GiftQuantError(f"{f} does not match the sha256 recorded when it was written (changed or corrupt "
-                                 "on disk); re-create the checkpoint or restore the file")
+    """Refuse a checkpoint whose manifest is incomplete for its format version, names a file outside the
+    folder, or records a sha256 that a file no longer has."""
+    f = Path(path) / CONFIG_NAME
+    files = doc.get("files")
+    if doc["format_version"] >= MANIFEST_SINCE_VERSION:
+        if not files:
+            raise GiftQuantError(f"{f} records no file manifest ('files' is {files!r}), which every {FORMAT} "
+                                 f"v{doc['format_version']} checkpoint has: the checkpoint is damaged (edited); "
+                                 "re-create it")
+        lacking = [n for n in MANIFEST_REQUIRED if n not in files]
+        if lacking:
+            raise GiftQuantError(f"{f}: the file manifest does not name {lacking[0]}: the checkpoint is damaged "
+                                 "(edited); re-create it")
+    for name, digest in (files or {}).items():
+        parts = Path(name).parts
+        if not name or Path(name).is_absolute() or ".." in parts or "\\" in name or parts[:1] == (".",) \
+                or str(Path(*parts)) != name:
+            raise GiftQuantError(f"{f}: files names {name!r}, outside the checkpoint folder: the checkpoint is "
+                                 "damaged; re-create it")
+        target = Path(path) / name
+        if not target.is_file():
+            raise GiftQuantError(f"{target} is missing: the checkpoint is incomplete; re-create it")
+        if sha256_file(target) != digest:
+            raise GiftQuantError(f"{target} does not match the sha256 recorded when it was written (changed or "
+                                 "corrupt on disk); re-create the checkpoint or restore the file")
+
+
+def verify_checkpoint(path: str | os.PathLike, trust_remote_code: bool = False):
+    """The one integrity check of every reader (load, eval, export, inspect, resume; integrity.py says what
+    it checks): returns an ``integrity.Verified`` (the config and the facts measured from the tensors)."""
+    from .integrity import Verified, verify_model, verify_tensors
+
+    path = Path(path)
+    doc = read_gift_config(path)
+    q = doc["quantize"]
+    for key in ("bits", "group_size"):  # the top-level copies readers show must be the settings readers use
+        if key in doc and key in q and doc[key] != q[key]:
+            raise GiftQuantError(f"{path / CONFIG_NAME}: {key} {doc[key]!r} disagrees with quantize.{key} "
+                                 f"{q[key]!r}: the checkpoint is damaged (edited); re-create it")
+    verify_files(path, doc)
+    layers, other = verify_tensors(path, doc)
+    verify_model(path, doc, other, trust_remote_code)
+    return Verified(doc, layers)
 
 
 def check_loaded(model: nn.Module, path: Path) -> None:
@@ -164,7 +249,7 @@ def check_loaded(model: nn.Module, path: Path) -> None:
                                          "the checkpoint is corrupt: re-create it")
 
 
-def build_quant_skeleton(model: nn.Module, layers: dict, bits: int, sym: bool, salient_dtype: torch.dtype) -> None:
+def build_quant_skeleton(model: nn.Module, layers: dict, spec: QuantSpec) -> None:
     """Swap the linears named in ``layers`` (name -> per-layer info) for empty QuantLinears."""
     for name, info in layers.items():
         try:
@@ -174,7 +259,7 @@ def build_quant_skeleton(model: nn.Module, layers: dict, bits: int, sym: bool, s
         if not isinstance(lin, nn.Linear):
             raise GiftQuantError(f"{CONFIG_NAME} names layer {name!r}, which is not a linear layer of the model in "
                                  "config.json: the checkpoint is damaged; re-create it")
-        set_module(model, name, QuantLinear.empty_like(lin, bits, sym, info["groups"], info["salient"], salient_dtype))
+        set_module(model, name, QuantLinear.empty_like(lin, spec, info["groups"], info["salient"]))
 
 
 def _share_tied(model: nn.Module, missing: list[str]) -> list[str]:
@@ -193,23 +278,24 @@ def _share_tied(model: nn.Module, missing: list[str]) -> list[str]:
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-         trust_remote_code: bool = False):
-    """A transformers model whose quantized linears are QuantLinear modules, ready for inference."""
+         trust_remote_code: bool = False, verified=None):
+    """A transformers model whose quantized linears are QuantLinear modules, ready for inference.
+
+    The checkpoint passes integrity.verify_checkpoint first (``verified``: its result, when the caller ran it).
+    """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
     path = Path(path)
-    doc = read_gift_config(path)
-    verify_files(path, doc)
+    doc = (verified or verify_checkpoint(path, trust_remote_code)).doc
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     model_dtype = dtype or parse_dtype(doc.get("dtype", "float32"))
     # parameters on the meta device (no memory): the stored tensors are assigned in place of them below, so a
     # load never holds a dense fp32 copy of the model it does not keep (buffers such as rotary inv_freq stay real)
     with init_empty_weights(include_buffers=False), no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=model_dtype, trust_remote_code=trust_remote_code)
-    q = doc["quantize"]
-    build_quant_skeleton(model, doc["layers"], q["bits"], q["sym"], parse_dtype(q["salient_dtype"]))
+    build_quant_skeleton(model, doc["layers"], read_spec(doc))
     try:
         state = load_file(str(path / WEIGHTS_NAME))
         # assign keeps the stored dtype: cast to the module's, as a copying load would (a dtype= request included)

@@ -21,18 +21,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config.settings import QuantSpec
+from ..model.loading import parse_dtype
 from .bits import dequantize_packed, pack_cols, pack_rows, packed_length, unpack_cols, unpack_rows
+
+__all__ = ["QuantLinear", "effective_bits"]
 
 
 class QuantLinear(nn.Module):
     is_gift_linear = True  # recognized by arch.block_linears like an nn.Linear
 
-    def __init__(self, in_features: int, out_features: int, bits: int, n_groups: int, n_salient: int,
-                 sym: bool, bias: bool, bias_dtype: torch.dtype = torch.float32,
-                 salient_dtype: torch.dtype = torch.float16):
+    def __init__(self, in_features: int, out_features: int, spec: QuantSpec, n_groups: int, n_salient: int,
+                 bias: bool, bias_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.bits, self.n_groups, self.n_salient, self.sym = bits, n_groups, n_salient, sym
+        self.spec, self.n_groups, self.n_salient = spec, n_groups, n_salient
+        bits, sym, salient_dtype = spec.bits, spec.sym, parse_dtype(spec.salient_dtype)
         self.register_buffer("qweight", torch.zeros(packed_length(in_features, bits), out_features, dtype=torch.int32))
         self.register_buffer("scales", torch.ones(n_groups, out_features, dtype=torch.float16))
         if not sym:
@@ -48,18 +52,25 @@ class QuantLinear(nn.Module):
         self.cache_dense = True  # False: dequantize at every forward pass, keep only the packed buffers
         self._contiguous: bool | None = None  # g_idx == j // group_size (known after loading)
 
+    @property
+    def bits(self) -> int:
+        return self.spec.bits
+
+    @property
+    def sym(self) -> bool:
+        return self.spec.sym
+
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def empty_like(cls, linear: nn.Module, bits: int, sym: bool, n_groups: int, n_salient: int,
-                   salient_dtype: torch.dtype = torch.float16) -> QuantLinear:
+    def empty_like(cls, linear: nn.Module, spec: QuantSpec, n_groups: int, n_salient: int) -> QuantLinear:
         """An empty packed layer with ``linear``'s shape and bias (its dtype kept), to load stored buffers into."""
         bias = linear.bias
-        return cls(linear.in_features, linear.out_features, bits, n_groups, n_salient, sym, bias is not None,
-                   bias.dtype if bias is not None else torch.float32, salient_dtype)
+        return cls(linear.in_features, linear.out_features, spec, n_groups, n_salient, bias is not None,
+                   bias.dtype if bias is not None else torch.float32)
 
     @classmethod
-    def from_buffers(cls, buffers: dict[str, torch.Tensor], bits: int, sym: bool) -> QuantLinear:
+    def from_buffers(cls, buffers: dict[str, torch.Tensor], spec: QuantSpec) -> QuantLinear:
         """The layer holding these stored buffers themselves (no copy; shapes and dtypes as stored).
 
         ``buffers``: qweight, scales, g_idx, salient_idx, salient_weight, qzeros (asymmetric only) and
@@ -67,26 +78,25 @@ class QuantLinear(nn.Module):
         """
         bias = buffers.get("bias")
         with torch.device("meta"):  # the constructor's placeholder buffers are replaced below: allocate nothing
-            m = cls(buffers["g_idx"].numel(), buffers["scales"].shape[1], bits, buffers["scales"].shape[0],
-                    buffers["salient_idx"].numel(), sym, bias is not None,
-                    bias.dtype if bias is not None else torch.float32, buffers["salient_weight"].dtype)
+            m = cls(buffers["g_idx"].numel(), buffers["scales"].shape[1], spec, buffers["scales"].shape[0],
+                    buffers["salient_idx"].numel(), bias is not None, bias.dtype if bias is not None else torch.float32)
         m.load_state_dict(buffers, assign=True)
         return m
 
     @classmethod
-    def from_parts(cls, codes, scales, zeros, g_idx, salient_idx, salient_weight, bits: int, sym: bool,
-                   bias: torch.Tensor | None = None, salient_dtype: torch.dtype = torch.float16) -> QuantLinear:
+    def from_parts(cls, codes, scales, zeros, g_idx, salient_idx, salient_weight, spec: QuantSpec,
+                   bias: torch.Tensor | None = None) -> QuantLinear:
         """From a GPTQResult's tensors: codes (out, in), scales/zeros (out, G)."""
         out_f, in_f = codes.shape
-        m = cls(in_f, out_f, bits, scales.shape[1], salient_idx.numel(), sym, bias is not None,
-                bias.dtype if bias is not None else torch.float32, salient_dtype)
-        m.qweight.copy_(pack_rows(codes.T.cpu(), bits))
+        m = cls(in_f, out_f, spec, scales.shape[1], salient_idx.numel(), bias is not None,
+                bias.dtype if bias is not None else torch.float32)
+        m.qweight.copy_(pack_rows(codes.T.cpu(), spec.bits))
         m.scales.copy_(scales.T.to(torch.float16))
-        if not sym:
-            m.qzeros.copy_(pack_cols(zeros.T.round().to(torch.int64).cpu(), bits))
+        if not spec.sym:
+            m.qzeros.copy_(pack_cols(zeros.T.round().to(torch.int64).cpu(), spec.bits))
         m.g_idx.copy_(g_idx.to(torch.int32))
         m.salient_idx.copy_(salient_idx.to(torch.int32))
-        m.salient_weight.copy_(salient_weight.to(salient_dtype))
+        m.salient_weight.copy_(salient_weight.to(m.salient_weight.dtype))
         if bias is not None:
             m.bias.copy_(bias.detach())
         return m

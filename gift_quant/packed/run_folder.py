@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..util.errors import GiftQuantError, writing
 from ..util.files import atomic_write_text, sha256_file
-from .checkpoint import CONFIG_NAME, is_checkpoint, read_gift_config, verify_files
+from .checkpoint import CONFIG_NAME, is_checkpoint
 
 RUN_DIR = "run"
 RUN_FILE = "run.json"
@@ -88,21 +88,35 @@ def lock_output(out: Path) -> None:
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
-def prepare_output(out: Path, overwrite: bool, lock: bool = True) -> None:
-    """Lock ``out`` for this process; refuse folders that hold something else; ``overwrite`` clears ours."""
-    if lock:
-        lock_output(out)
+def _existing(out: Path, overwrite: bool) -> bool:
+    """Whether ``out`` is an earlier gift-quant output; refuses a file, a foreign folder, and (``overwrite``)
+    one holding files gift-quant did not write. Reads only."""
+    from .ownership import refuse_foreign
+
     if not out.exists():
-        return
+        return False
     if not out.is_dir():
         raise GiftQuantError(f"--out {out} is a file; give a folder path")
     ours = (out / RUN_DIR / RUN_FILE).is_file() or is_checkpoint(out)
     if any(out.iterdir()) and not ours:
-        raise GiftQuantError(
-            f"--out {out} exists and is not a gift-quant output; choose a new folder or empty it")
+        raise GiftQuantError(f"--out {out} exists and is not a gift-quant output; choose a new folder or empty it")
     if overwrite and ours:
-        with writing(out, action="removing"):
-            shutil.rmtree(out)
+        refuse_foreign(out)
+    return ours
+
+
+def prepare_output(out: Path, overwrite: bool, lock: bool = True, inputs: dict | None = None) -> None:
+    """Refuse an ``out`` that overlaps an input (``inputs``: label -> path, ownership.check_inputs), that is not
+    a gift-quant output, or (``overwrite``) that holds files gift-quant did not write, all before anything is
+    created; then lock it for this process and, with ``overwrite``, remove gift-quant's files only."""
+    from .ownership import check_inputs, remove_owned
+
+    check_inputs(out, inputs or {})
+    _existing(out, overwrite)
+    if lock:
+        lock_output(out)
+    if _existing(out, overwrite) and overwrite:  # checked again holding the lock
+        remove_owned(out)
 
 
 def claim_run(out: Path, identity: dict) -> Path:
@@ -142,18 +156,25 @@ KEPT_AFTER_SUCCESS = ("run.json", "stages.json", "recover/metrics.jsonl", "train
 def remove_intermediate(run_dir: Path) -> int:
     """Delete the resumable state of ``run_dir`` (stage checkpoints, per-block results, optimizer state).
 
-    Keeps `KEPT_AFTER_SUCCESS`; returns the bytes freed. The output beside run/ is untouched.
+    Keeps `KEPT_AFTER_SUCCESS` and anything gift-quant did not write there (ownership.py); returns the bytes
+    freed. The output beside run/ is untouched.
     """
+    from .ownership import owned_files
+
     run_dir = Path(run_dir)
     keep = {run_dir / k for k in KEPT_AFTER_SUCCESS}
+    ours = [p for p in owned_files(run_dir.parent)[0] if run_dir in p.parents and p not in keep]
     freed = 0
-    for path in sorted(run_dir.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        if path in keep or any(k.is_relative_to(path) for k in keep if k.exists()):
-            continue
-        if path.is_file() or path.is_symlink():
-            freed += path.stat().st_size if path.is_file() else 0
+    for path in ours:
+        if path.is_dir() and not path.is_symlink():  # a .tmp-* folder of a killed write
+            freed += sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+            shutil.rmtree(path)
+        else:
+            freed += path.stat().st_size
             path.unlink()
-        elif path.is_dir() and not any(path.iterdir()):
+    emptied = {q for p in ours for q in p.parents if run_dir in q.parents}
+    for path in sorted(emptied, key=lambda p: len(p.parts), reverse=True):  # the folders that held only ours
+        if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
             path.rmdir()
     return freed
 
@@ -270,8 +291,10 @@ def check_stage_checkpoint(path: Path) -> str | None:
     """Why the stage checkpoint at ``path`` (a native checkpoint under run/) cannot be used, or None."""
     if not (Path(path) / CONFIG_NAME).is_file():
         return f"{path} is missing or incomplete"
+    from .checkpoint import verify_checkpoint
+
     try:
-        verify_files(path, read_gift_config(path))
+        verify_checkpoint(path)
     except GiftQuantError as exc:
         return str(exc).split(";")[0]
     return None

@@ -99,11 +99,11 @@ def quantize_layer(linear: nn.Linear, stats: ColumnStats, hessian: torch.Tensor,
         res = gptq_quantize(weight, hessian, spec, salient, act_order=cfg.act_order,
                             static_groups=cfg.static_groups, block_size=cfg.block_size, damp=cfg.damp,
                             group_layout=cfg.group_layout)
-    sal_dtype = parse_dtype(cfg.salient_dtype)
+    sal_dtype = parse_dtype(cfg.spec.salient_dtype)
     # the in-memory model computes with exactly what the checkpoint will store
     res.salient_weight = res.salient_weight.to(sal_dtype).float()
     qlin = QuantLinear.from_parts(res.codes, res.scales, res.zeros, res.g_idx, res.salient_idx,
-                                  res.salient_weight, cfg.bits, cfg.sym, linear.bias, sal_dtype)
+                                  res.salient_weight, cfg.spec, linear.bias)
     ref = layer_error(weight, torch.zeros_like(weight), hessian)
     err = layer_error(weight, res.dequantized(), hessian)
     metrics = {
@@ -150,7 +150,7 @@ def _load_block(run_dir: Path, i: int, block: nn.Module, cfg: QuantizeConfig) ->
     qlins = {}
     for name, lin in block_linears(block).items():
         m = metrics[name]
-        q = QuantLinear.empty_like(lin, cfg.bits, cfg.sym, m["groups"], m["salient"], parse_dtype(cfg.salient_dtype))
+        q = QuantLinear.empty_like(lin, cfg.spec, m["groups"], m["salient"])
         q.load_state_dict({b: tensors[f"{name}.{b}"] for b in _QL_BUFFERS if f"{name}.{b}" in tensors})
         qlins[name] = q
     return qlins, metrics

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config.settings import NoiseSpec
+from ..config.settings import NoiseSpec, QuantSpec
 from ..quant.grid import GridSpec, step_sizes
 from ..util.threads import cpu_threads
 
@@ -47,7 +47,7 @@ class SalientLinear(nn.Module):
         # its storage settings, so converting it back needs nothing re-passed
         self.noise_spec = noise if isinstance(noise, NoiseSpec) else NoiseSpec(noise, noise_bits)
         noise, noise_bits = self.noise_spec.kind, self.noise_spec.bits
-        self.packing: tuple[int, bool, torch.dtype] | None = None  # (bits, sym, salient dtype)
+        self.spec: QuantSpec | None = None  # the storage spec of the packed layer it was built from, if any
         if (codes is None) == (dense is None):
             raise ValueError("give either codes/scales/zeros/g_idx (quantized base) or dense (full-precision base)")
         self.in_features, self.out_features = in_features, out_features

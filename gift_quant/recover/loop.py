@@ -191,7 +191,7 @@ class _Loop:
     def _resume(self) -> tuple[int, list]:
         if not (self.state_dir / "step.json").is_file():
             return 0, []
-        # run/ is a cache (rundir.py): a state that fails its check is discarded and training starts over,
+        # run/ is a cache (packed/run_folder.py): a state that fails its check is discarded and training starts over,
         # which ends in the model an uninterrupted run trains; loading it would give a different one
         why = state_problem(self.state_dir)
         if why is not None:

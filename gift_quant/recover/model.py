@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..config.settings import QuantSpec
 from ..model.arch import model_linears, set_module
 from ..packed.qlinear import QuantLinear
 from .layer import SalientLinear
@@ -38,24 +39,20 @@ def salient_from_quant(q: QuantLinear, noise: str, noise_bits: int, seed: int,
         codes=q.codes(), scales=q.scales.T.float(), zeros=q.zero_points().T, g_idx=q.g_idx,
         salient_weight=q.salient_weight.float(), bias=q.bias, noise=noise, noise_bits=noise_bits,
         seed=seed, noise_reference=noise_reference).to(q.qweight.device)
-    layer.packing = (q.bits, q.sym, q.salient_weight.dtype)
+    layer.spec = q.spec
     return layer
 
 
-def quant_from_salient(s: SalientLinear, bits: int | None = None, sym: bool | None = None,
-                       salient_dtype: torch.dtype | None = None) -> QuantLinear:
+def quant_from_salient(s: SalientLinear, spec: QuantSpec | None = None) -> QuantLinear:
     """A trained SalientLinear back as a packed layer holding the trained salient columns.
 
-    The storage settings default to the ones the layer carries from the packed layer it was built from.
+    The storage spec defaults to the one the layer carries from the packed layer it was built from.
     """
-    if s.packing is None and None in (bits, sym, salient_dtype):
-        raise TypeError("this SalientLinear was not built from a packed layer: give bits, sym and salient_dtype")
-    carried = s.packing or (None, None, None)
-    bits = carried[0] if bits is None else bits
-    sym = carried[1] if sym is None else sym
-    salient_dtype = carried[2] if salient_dtype is None else salient_dtype
+    spec = spec or s.spec
+    if spec is None:
+        raise TypeError("this SalientLinear was not built from a packed layer: give its QuantSpec")
     q = QuantLinear.from_parts(s.codes.long(), s.scales, s.zeros, s.g_idx, s.salient_idx,
-                               s.gift_salient.detach().float(), bits, sym, s.bias, salient_dtype)
+                               s.gift_salient.detach().float(), spec, s.bias)
     return q.to(s.delta.device).eval()
 
 
@@ -94,13 +91,12 @@ def salient_layers(model: nn.Module) -> dict[str, SalientLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, SalientLinear)}
 
 
-def convert_to_quant(model: nn.Module, bits: int | None = None, sym: bool | None = None,
-                     salient_dtype: torch.dtype | None = None) -> nn.Module:
+def convert_to_quant(model: nn.Module, spec: QuantSpec | None = None) -> nn.Module:
     """Every SalientLinear back to a QuantLinear (storage settings: each layer's own unless given)."""
     for name, s in salient_layers(model).items():
         if s.codes is None:
             raise TypeError(f"{name} has a dense base; use convert_to_dense")
-        set_module(model, name, quant_from_salient(s, bits, sym, salient_dtype))
+        set_module(model, name, quant_from_salient(s, spec))
     return model
 
 

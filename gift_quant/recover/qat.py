@@ -24,7 +24,8 @@ class QATLinear(nn.Module):
 
     def __init__(self, q: QuantLinear):
         super().__init__()
-        self.in_features, self.out_features, self.bits, self.sym = q.in_features, q.out_features, q.bits, q.sym
+        self.in_features, self.out_features, self.spec = q.in_features, q.out_features, q.spec
+        self.bits = q.bits
         g = q.g_idx.long()
         self.register_buffer("scale_cols", q.scales.float()[g].T.contiguous())  # (out, in)
         self.register_buffer("zero_cols", q.zero_points()[g].T.contiguous())
@@ -58,7 +59,7 @@ def prepare_qat(model: nn.Module) -> nn.Module:
     return model
 
 
-def convert_qat(model: nn.Module, salient_dtype: torch.dtype = torch.float16) -> nn.Module:
+def convert_qat(model: nn.Module) -> nn.Module:
     for name, m in list(model.named_modules()):
         if not isinstance(m, QATLinear):
             continue
@@ -66,6 +67,6 @@ def convert_qat(model: nn.Module, salient_dtype: torch.dtype = torch.float16) ->
         codes = quantize_codes(w, m.scale_cols, m.zero_cols, 2**m.bits - 1).to(torch.int32)
         codes[:, m.salient_idx] = m.zero_cols[:, m.salient_idx].to(torch.int32)
         q = QuantLinear.from_parts(codes, m.scales_g.float().T, m.zeros_g.T, m.g_idx, m.salient_idx,
-                                   w[:, m.salient_idx], m.bits, m.sym, m.bias, salient_dtype)
+                                   w[:, m.salient_idx], m.spec, m.bias)
         set_module(model, name, q.to(w.device).eval())
     return model

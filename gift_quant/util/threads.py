@@ -1,7 +1,7 @@
 """CPU thread count for small-op loops.
 
 GPTQ's column loop and the clip search are thousands of small tensor ops; on CPU, OpenMP
-synchronisation across threads costs more than it saves (measured here: a 1536x576 GPTQ took 1.2 s
+synchronisation across threads costs more than it saves (measured: a 1536x576 GPTQ took 1.2 s
 with one thread and 20x longer with two on a busy 2-core machine). Large matmuls keep all threads.
 """
 

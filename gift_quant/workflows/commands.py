@@ -2,7 +2,7 @@
 
 ``recover`` runs calibrate -> sensitivity -> quantize (-> block-wise reconstruction) -> train -> pack ->
 eval, each stage recorded in ``OUT/run/stages.json`` so a rerun resumes from the first unfinished one
-(run folders: rundir.py).
+(run folders: packed/run_folder.py).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 from ..config.settings import EvalConfig, QuantizeConfig, RecoverConfig
-from ..model.loading import load_model, parse_dtype, resolve_device, resolve_model_dir
-from ..packed.any_model import load_any
-from ..packed.checkpoint import load, read_gift_config, save_checkpoint
+from ..model.loading import check_lengths, load_model, load_tokenizer, parse_dtype, resolve_device, resolve_model_dir
+from ..packed.any_model import evaluable, load_any
+from ..packed.checkpoint import load, read_gift_config, save_checkpoint, verify_checkpoint
 from ..packed.run_folder import (
     RUN_DIR,
     RunFiles,
@@ -32,12 +32,14 @@ from ..util.errors import writing
 from ..util.files import atomic_save_tensors, atomic_write_text
 from .stages import (
     blockwise_reconstructor,
+    check_data,
     convert_recovered,
     evaluate_perplexity,
     load_source,
     prepare_recovery,
     quantize_stage,
     quantize_to_checkpoint,
+    run_inputs,
     select_salient,
     train_stage,
 )
@@ -51,8 +53,14 @@ def run_quantize(model_dir: str | None, out: str | Path, cfg: QuantizeConfig, ov
 
 def run_eval_ppl(path: str | None, cfg: EvalConfig, device_name: str = "auto", trust_remote_code: bool = False,
                  progress: bool = True) -> dict:
+    """Perplexity of what ``path`` serves; the target, window length and text are checked before any model loads."""
     device = resolve_device(device_name)
-    model, tokenizer, bits, kind = load_any(path, device=device, trust_remote_code=trust_remote_code)
+    folder, kind = evaluable(path)
+    verified = verify_checkpoint(folder, trust_remote_code) if kind == "gift-quant checkpoint" else None
+    check_lengths(folder, {"--seq-len": cfg.seq_len}, trust_remote_code)
+    check_data(load_tokenizer(folder, trust_remote_code), ecfg=cfg)
+    model, tokenizer, bits, kind = load_any(path, device=device, trust_remote_code=trust_remote_code,
+                                            verified=verified)
     result = evaluate_perplexity(model, tokenizer, cfg, device, progress=progress)
     return {"model": str(path) if path else "default", "kind": kind, "effective_bits": bits,
             "ppl_data": cfg.ppl_data, **result}
@@ -66,7 +74,7 @@ def run_recover(model_dir: str | None, out: str | Path, qcfg: QuantizeConfig, rc
     post: GPTQ with salient columns, then noise-injected training of those columns (noise at
     ``noise_bits``, 4 by default). pre: train the salient columns of the full-precision model with
     noise at the target bits, then quantize with the same columns. After success, ``run/`` keeps only its
-    record and training curve (rundir.KEPT_AFTER_SUCCESS) unless ``keep_intermediate``.
+    record and training curve (run_folder.KEPT_AFTER_SUCCESS) unless ``keep_intermediate``.
     """
     summary = _RecoverRun(model_dir, Path(out), qcfg, rcfg, ecfg, overwrite, trust_remote_code, progress).run()
     from accelerate import PartialState
@@ -86,6 +94,8 @@ class _RecoverRun:
         self.overwrite, self.trust, self.progress = overwrite, trust_remote_code, progress
         self.src = resolve_model_dir(model_dir)
         self.device = resolve_device(qcfg.device)
+        check_lengths(self.src, {"--seq-len": qcfg.seq_len, "recover.seq_len": rcfg.seq_len,
+                                 "--ppl-seq-len": ecfg.seq_len}, trust_remote_code)
         self.dtype = parse_dtype(qcfg.dtype)
         self.noise_bits = rcfg.resolved_noise_bits(qcfg.bits)
         # Under torchrun / accelerate launch there is one process per rank: rank 0 alone claims the run and
@@ -96,7 +106,10 @@ class _RecoverRun:
     def run(self) -> dict:
         with self.dist.main_process_first():
             main = self.dist.is_main_process  # rank 0 alone owns (and locks) the output folder
-            prepare_output(self.out, self.overwrite and main, lock=main)
+            # training and perplexity text are read now: a bad file must not surface after quantization
+            check_data(load_tokenizer(self.src, self.trust), self.qcfg, self.rcfg, self.ecfg)
+            prepare_output(self.out, self.overwrite and main, lock=main,
+                           inputs=run_inputs(self.src, self.qcfg, self.rcfg, self.ecfg))
             self.tokenizer, model, self.windows, self.identity = load_source(self.src, self.qcfg, self.dtype,
                                                                               self.trust)
             self.identity.update(recover=dataclasses.asdict(self.rcfg), eval=dataclasses.asdict(self.ecfg))
@@ -126,7 +139,7 @@ class _RecoverRun:
     def _check_artifacts(self) -> None:
         """Recompute a finished stage whose artifact a pending stage needs and which fails its sha256 check.
 
-        run/ is a cache of deterministic stages (rundir.py): recomputing gives what an uninterrupted run
+        run/ is a cache of deterministic stages (packed/run_folder.py): recomputing gives what an uninterrupted run
         gives; loading a changed artifact would give a silently different final checkpoint.
         """
         done, post = self.stages.finished, self.rcfg.variant == "post"

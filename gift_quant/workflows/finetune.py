@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..config.settings import QuantizeConfig, RecoverConfig
-from ..model.loading import check_causal_lm, enable_kv_cache, resolve_device, resolve_model_dir
+from ..model.loading import check_lengths, enable_kv_cache, load_tokenizer, resolve_device, resolve_model_dir
 from ..packed.checkpoint import copy_tokenizer_files
 from ..packed.run_folder import RunFiles, Stages, claim_run, prepare_output, warn
 from ..recover.loop import state_problem
@@ -27,7 +27,7 @@ from ..recover.model import convert_to_dense, prepare_dense, salient_layers
 from ..recover.training import train_stage
 from ..util.errors import writing
 from ..util.files import atomic_save_tensors, atomic_write_text
-from .stages import load_source, select_salient
+from .stages import check_data, load_source, run_inputs, select_salient
 
 
 def source_dtype(model_dir: Path) -> torch.dtype:
@@ -42,16 +42,17 @@ def run_finetune(model_dir: str | None, out: str | Path, qcfg: QuantizeConfig, r
 
     out = Path(out)
     src = resolve_model_dir(model_dir)
-    prepare_output(out, overwrite)
     device = resolve_device(qcfg.device)
-    check_causal_lm(src, trust_remote_code)  # before source_dtype reads the config
+    check_lengths(src, {"--seq-len": qcfg.seq_len, "recover.seq_len": rcfg.seq_len}, trust_remote_code)
+    check_data(load_tokenizer(src, trust_remote_code), qcfg, rcfg)  # the training text, before any stage
+    prepare_output(out, overwrite, inputs=run_inputs(src, qcfg, rcfg))
     in_dtype = source_dtype(src)
     # train in fp32, save in the input's dtype
     tokenizer, model, windows, identity = load_source(src, qcfg, torch.float32, trust_remote_code)
     identity["finetune"] = dataclasses.asdict(rcfg)
     run_dir = claim_run(out, identity)
     stages = Stages(run_dir)
-    # run/ is a cache (rundir.py): a finished stage whose artifact fails its sha256 check is recomputed
+    # run/ is a cache (packed/run_folder.py): a finished stage whose artifact fails its sha256 check is recomputed
     files, salient_path = RunFiles(run_dir), run_dir / "salient.safetensors"
     for stage, why in (("select", stages.finished("select") and files.problem([salient_path])),
                        ("train", stages.finished("train") and state_problem(run_dir / "train" / "state"))):
@@ -90,10 +91,10 @@ def run_finetune(model_dir: str | None, out: str | Path, qcfg: QuantizeConfig, r
     enable_kv_cache(model)  # the merged model is for inference: its config.json and generation config say so
     with writing(out):
         model.save_pretrained(out)
-        copy_tokenizer_files(src, out)
+        copied = copy_tokenizer_files(src, out)
     trainable = sum(v[1].numel() for v in deltas.values())
     result = {"out": str(out), "adapter": str(out / "adapter"), "lora_rank": r, "trainable_params": trainable,
               "noise": rcfg.noise, "noise_bits": noise_bits, "dtype": str(in_dtype).replace("torch.", ""),
-              "final_loss": stages.done["train"].get("final_loss")}
+              "final_loss": stages.done["train"].get("final_loss"), "copied_files": copied}
     atomic_write_text(out / "finetune_summary.json", json.dumps(result, indent=1))
     return result

