@@ -16,8 +16,10 @@ kernel, CPUWNA16, runs W4A16 in bfloat16 only):
 
 Tolerance, from the reference itself: vLLM computes in bfloat16, so its logprobs are compared with the float32
 reference within twice the largest difference between that reference and transformers' own bfloat16 run of the
-same export (plus 0.02 nat for kernels that round differently); greedy tokens must agree wherever the reference's
-top-two margin exceeds twice that tolerance. Without the adapter (the base model) the logprobs must differ by more.
+same export on the same kind of quantity (the logprobs of the prompt's tokens and of a greedy continuation), plus
+0.02 nat for kernels that round differently; greedy tokens must agree wherever the reference's top-two margin
+exceeds twice that tolerance. Without the adapter (the base model) the logprobs must differ by more. Seen on
+2026-12-02 (4-bit per-row): transformers' bfloat16 drift 0.37 nat, vLLM 0.29 nat, the base alone 23 nat.
 """
 
 import importlib.util
@@ -86,10 +88,13 @@ def served(request, tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp(request.param)
     export = export_ct(root, request.param, 4, -1 if request.param == "w4-row" else 64)
     fp32, bf16 = reference(export, torch.float32), reference(export, torch.bfloat16)
-    drift = 0.0
+    drift = 0.0  # on the quantities compared below: logprobs of the prompt's tokens and of a greedy continuation
     for prompt in PROMPTS:
         ids = tokenizer(prompt)["input_ids"]
-        drift = max(drift, float((token_logprobs(fp32, ids) - token_logprobs(bf16, ids)).abs().max()))
+        with torch.no_grad():
+            ids = fp32.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False)[0].tolist()
+        at, nxt = torch.arange(len(ids) - 1), torch.tensor(ids[1:])
+        drift = max(drift, float((token_logprobs(fp32, ids)[at, nxt] - token_logprobs(bf16, ids)[at, nxt]).abs().max()))
     del bf16
     rank = json.loads((export / "adapter" / "adapter_config.json").read_text())["r"]
     with VllmServer(VLLM_PYTHON, export, rank) as server:
