@@ -16,7 +16,7 @@ import bench_decode  # noqa: E402
 
 def test_bench_decode_tiny(src, ckpt, tmp_path):  # noqa: F811
     native = ckpt("w4g32")
-    specs = ["fp32", f"ckpt:{native}"]
+    specs = ["fp32", f"ckpt:{native}", f"lean:{native}"]
     if importlib.util.find_spec("llama_cpp"):  # the [cpu-serve] extra
         export(native, tmp_path / "gguf", fmt="gguf")
         specs.append(f"gguf:{tmp_path / 'gguf'}")
@@ -29,3 +29,4 @@ def test_bench_decode_tiny(src, ckpt, tmp_path):  # noqa: F811
         assert "error" not in r, r
         assert r["tokens_per_s"] > 0 and r["peak_rss_mb"] > 0 and len(r["greedy_ids"]) == 4
     assert rows[0]["speed_vs_fp32"] == pytest.approx(1.0)
+    assert rows[1]["greedy_ids"] == rows[2]["greedy_ids"]  # dense_cache=False decodes the same tokens

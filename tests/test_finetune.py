@@ -43,3 +43,7 @@ def test_finetune_merged_and_adapter(tmp_path):
         torch.testing.assert_close(peft_model(ids).logits, merged(ids).logits, rtol=1e-4, atol=1e-4)
     cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert cfg["r"] == cfg["lora_alpha"] == 8
+    # the merged folder is for inference: its configs ask for the KV cache (issue #23)
+    assert json.loads((out / "config.json").read_text())["use_cache"] is True
+    assert json.loads((out / "generation_config.json").read_text()).get("use_cache", True) is True
+    assert merged.generation_config.use_cache is True

@@ -190,7 +190,7 @@ def main(argv=None) -> dict:
     from gift_quant.model.arch import model_linears as target_linears
     from gift_quant.model.loading import load_model, load_tokenizer, resolve_model_dir
     from gift_quant.quant.grid import GridSpec
-    from gift_quant.workflows.commands import calibration_set
+    from gift_quant.workflows.stages import calibration_set
 
     src = resolve_model_dir(a.model)
     tok = load_tokenizer(src)

@@ -7,6 +7,8 @@ cache, timed without the prefill. Models:
 * ``fp32``: the full-precision model folder through ``gift_quant.load`` (plain transformers);
 * ``ckpt:PATH``: a gift-quant checkpoint through ``gift_quant.load`` (packed layers, dequantized once
   per layer and cached on first use: qlinear.py);
+* ``lean:PATH``: the same through ``gift_quant.load(PATH, dense_cache=False)`` (only the packed buffers are
+  kept; each layer is dequantized into a temporary at every forward pass);
 * ``gguf:DIR``: a ``gift-quant export --format gguf`` folder under llama.cpp (llama-cpp-python, the
   ``[cpu-serve]`` extra), base + salient LoRA, float16 KV cache (llama.cpp's default).
 
@@ -45,12 +47,13 @@ def _prompt_ids(model_dir: str) -> list[int]:
     return gift_quant.load_tokenizer(model_dir)(PROMPT)["input_ids"]
 
 
-def _torch_decode(path: str, ids: list[int], tokens: int, repeats: int) -> tuple[list[float], list[int]]:
+def _torch_decode(path: str, ids: list[int], tokens: int, repeats: int, dense_cache: bool = True
+                  ) -> tuple[list[float], list[int]]:
     import torch
 
     import gift_quant
 
-    model = gift_quant.load(path)
+    model = gift_quant.load(path, dense_cache=dense_cache)
     times, out = [], []
     with torch.no_grad():
         for _ in range(repeats):
@@ -110,7 +113,7 @@ def worker(spec: str, tokenizer_dir: str, threads: int, tokens: int, repeats: in
     if kind == "gguf":
         times, out = _llama_cpp_decode(path, ids, tokens, repeats, threads)
     else:
-        times, out = _torch_decode(path or tokenizer_dir, ids, tokens, repeats)
+        times, out = _torch_decode(path or tokenizer_dir, ids, tokens, repeats, dense_cache=kind != "lean")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"model": spec, "tokens_per_s": tokens / statistics.median(times), "seconds": times,
             "peak_rss_mb": peak, "loaded_rss_mb": peak - before, "greedy_ids": out}
@@ -150,7 +153,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", action="append", default=[], help="fp32, ckpt:PATH or gguf:DIR (repeatable)")
+    ap.add_argument("--model", action="append", default=[], help="fp32, ckpt:PATH, lean:PATH or gguf:DIR (repeatable)")
     ap.add_argument("--tokenizer", default=None, help="folder with the tokenizer (default: the default model)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tokens", type=int, default=64)

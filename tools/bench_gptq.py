@@ -2,7 +2,7 @@
 """Benchmark: gift-quant's GPTQ with K = 0 salient columns (plain GPTQ) against GPTQModel's GPTQ.
 
 Both tools quantize the same model (default: the embedded SmolLM2-135M-Instruct) on the identical
-calibration windows (``gift_quant.workflows.commands.calibration_set``) with matched settings: symmetric grid,
+calibration windows (``gift_quant.workflows.stages.calibration_set``) with matched settings: symmetric grid,
 group size 128 (or -1 = per row), no act-order (GPTQModel's ``desc_act`` and its default
 ``act_group_aware`` both off), damp 0.01, block size 128, true-sequential, fp32 weights and forward.
 Clip: gift-quant's ``clip="minmax"`` matches GPTQModel's default ``mse=0``; gift-quant's
@@ -85,7 +85,10 @@ def _block_linear_names(model) -> list[str]:
 def _unpack_gptq(qweight, qzeros, scales, g_idx, bits: int, in_f: int, out_f: int, zero_offset: int):
     from gift_quant.compare.gptqmodel_peer import dense_from_gptq
 
-    return dense_from_gptq(qweight, qzeros, scales, g_idx, bits, in_f, out_f, zero_offset)
+    w = dense_from_gptq(qweight, qzeros, scales, g_idx, bits, zero_offset)
+    if tuple(w.shape) != (out_f, in_f):
+        raise SystemExit(f"unpacked GPTQ layer has shape {tuple(w.shape)}, expected {(out_f, in_f)}")
+    return w
 
 
 # ----------------------------------------------------------------------------- workers
@@ -97,7 +100,7 @@ def worker_gift(a) -> None:
     from gift_quant.eval.perplexity import perplexity
     from gift_quant.packed.checkpoint import read_gift_config
     from gift_quant.packed.qlinear import QuantLinear
-    from gift_quant.workflows.commands import quantize_to_checkpoint
+    from gift_quant.workflows.stages import quantize_to_checkpoint
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -116,12 +119,13 @@ def worker_gift(a) -> None:
     windows = torch.load(a.calib, weights_only=True)
     cfg = QuantizeConfig(bits=a.bits, group_size=a.group_size, sym=True, act_order=False, static_groups=False,
                          clip=a.clip, damp=a.damp, block_size=a.block_size, salient=0, calib_samples=windows.shape[0],
-                         seq_len=windows.shape[1], seed=a.seed, dtype="float32")
+                         seq_len=windows.shape[1], seed=a.seed, dtype="float32",
+                         **({"calib_data": a.calib_data} if a.calib_data else {}))
     out = Path(a.ckpt)
     if out.exists():
         shutil.rmtree(out)
     # time the quantize_model stage in CPU seconds too (wall clock is noisy on a shared machine)
-    import gift_quant.workflows.commands as pipeline
+    import gift_quant.workflows.stages as pipeline  # quantize_to_checkpoint calls the stage through this module
 
     stage = {}
     inner = pipeline.quantize_model
@@ -410,7 +414,7 @@ def orchestrate(args) -> dict:
     from gift_quant.data.windows import eval_windows, fingerprint_tokens
     from gift_quant.eval.perplexity import perplexity
     from gift_quant.model.loading import default_model_dir, load_model, load_tokenizer, resolve_model_dir
-    from gift_quant.workflows.commands import calibration_set
+    from gift_quant.workflows.stages import calibration_set
 
     model_dir = resolve_model_dir(args.model) if args.model else default_model_dir()
     out_dir = Path(args.out_dir)
@@ -420,11 +424,13 @@ def orchestrate(args) -> dict:
     work.mkdir(parents=True, exist_ok=True)
 
     tok = load_tokenizer(model_dir)
-    qcfg = QuantizeConfig(calib_samples=args.calib_samples, seq_len=args.seq_len, seed=args.seed, salient=0)
+    qcfg = QuantizeConfig(calib_samples=args.calib_samples, seq_len=args.seq_len, seed=args.seed, salient=0,
+                          **({"calib_data": args.calib_data} if args.calib_data else {}))
     calib = calibration_set(tok, qcfg)
     torch.save(calib, work / "calib.pt")
-    ev = eval_windows(tok, load_documents(DEFAULT_PPL_DATA, "test"), args.eval_seq_len, max_windows=args.max_windows,
-                      source=DEFAULT_PPL_DATA)
+    ppl_data = args.ppl_data or DEFAULT_PPL_DATA
+    ev = eval_windows(tok, load_documents(ppl_data, "test"),
+                      args.eval_seq_len, max_windows=args.max_windows, source=ppl_data)
     torch.save(ev[:1].clone(), work / "check.pt")
     print(f"[bench] model {model_dir}; calibration {tuple(calib.shape)} fp {fingerprint_tokens(calib)}; "
           f"eval {tuple(ev.shape)}", flush=True)
@@ -472,6 +478,7 @@ def orchestrate(args) -> dict:
                           "--threads", str(args.threads)]
                 if tool.startswith("gift-quant"):
                     extra = ["--clip", clip, "--check-windows", str(work / "check.pt")]
+                    extra += ["--calib-data", args.calib_data] if args.calib_data else []
                     extra += ["--skip-scoring"] if tool == "gift-quant-noscore" else []
                     extra += ["--block-size", "64"] if tool == "gift-quant-bs64" else []
                 else:
@@ -549,7 +556,7 @@ def orchestrate(args) -> dict:
                      "act_order": False, "block_size": 128, "true_sequential": True, "dtype": "float32",
                      "calib_data": qcfg.calib_data, "calib_samples": args.calib_samples, "seq_len": args.seq_len,
                      "seed": args.seed, "calibration_fingerprint": fingerprint_tokens(calib),
-                     "ppl_data": DEFAULT_PPL_DATA, "eval_seq_len": args.eval_seq_len, "max_windows": args.max_windows,
+                     "ppl_data": ppl_data, "eval_seq_len": args.eval_seq_len, "max_windows": args.max_windows,
                      "ppl_eval": "dequantized weights of each tool copied into one plain fp32 model",
                      "peer_settings": "QuantizeConfig(bits, group_size, sym=True, desc_act=False, "
                                       "act_group_aware=False, static_groups=False, true_sequential=True, "
@@ -577,6 +584,7 @@ def main(argv=None) -> None:
         for f in ("--calib", "--model-dir", "--weights", "--meta", "--ckpt"):
             p.add_argument(f, required=True)
         p.add_argument("--check-windows")
+        p.add_argument("--calib-data", default=None)  # gift-quant re-draws its windows: the same text and seed
         p.add_argument("--threads", type=int, default=0)
         p.add_argument("--skip-scoring", action="store_true")
         p.add_argument("--block-size", type=int, default=128)
@@ -596,6 +604,8 @@ def main(argv=None) -> None:
     p.add_argument("--max-windows", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--calib-data", default=None, help="calibration text (default: gift-quant's, sotu)")
+    p.add_argument("--ppl-data", default=None, help="perplexity text (default: boolq-passages:test)")
     p.add_argument("--out-dir", default=str(REPO / "results" / "bench_gptq"))
     p.add_argument("--work-dir", default="/tmp/bench_gptq_work", help="scratch: weights and checkpoints")
     p.add_argument("--keep-work", action="store_true")

@@ -62,9 +62,11 @@ def gift_quant_exe() -> str:
 
 def commands(args, out_dir: Path) -> dict[str, list[str]]:
     exe = gift_quant_exe()
+    model = [args.model] if args.model else []
+    recipe = str(args.recipe)
     return {
-        "eval": [exe, "eval", "--recipe", str(RECIPE), "--max-windows", str(args.eval_windows), "--no-progress"],
-        "recover": [exe, "recover", "--recipe", str(RECIPE), "--bits", "3", "--calib-samples",
+        "eval": [exe, "eval", *model, "--recipe", recipe, "--max-windows", str(args.eval_windows), "--no-progress"],
+        "recover": [exe, "recover", *model, "--recipe", recipe, "--bits", "3", "--calib-samples",
                     str(args.calib_samples), "--steps", str(args.steps), "--max-windows", str(args.recover_windows),
                     "--out", str(out_dir), "--no-progress"],
     }
@@ -146,7 +148,7 @@ def _stage_seconds(out: Path) -> dict | None:
         return None
 
 
-def main() -> int:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", default="ABCDE", help="letters of the settings to run, in order (default ABCDE)")
     ap.add_argument("--recover-variants", default=None, help="recover runs only these (default: --variants)")
@@ -163,7 +165,9 @@ def main() -> int:
     ap.add_argument("--prepared", default=str(Path(tempfile.gettempdir()) / "bench-threads-prepared"),
                     help="the recover folder stopped where training starts (made once, then reused)")
     ap.add_argument("--prepare-only", action="store_true", help="make --prepared and stop")
-    args = ap.parse_args()
+    ap.add_argument("--model", default=None, help="model folder for both commands (default: the embedded model)")
+    ap.add_argument("--recipe", default=str(RECIPE), help="recipe of both commands (default: %(default)s)")
+    args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: the competitor and the run are stopped
 
     names = [c.strip() for c in args.commands.split(",") if c.strip()]

@@ -58,10 +58,10 @@ def worker(args) -> dict:
     model = load(args.ckpt)
     teacher = None
     if args.method.endswith("-kd"):
-        from gift_quant.model.loading import default_model_dir, load_model
+        from gift_quant.model.loading import load_model, resolve_model_dir
 
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        teacher = Teacher(load_model(default_model_dir(), dtype), device)
+        teacher = Teacher(load_model(resolve_model_dir(args.model), dtype), device)
     objective = Objective("kd" if teacher is not None else "ce")
     if args.method in ("gift", "gift-kd", "gift-dense", "gift-blockwise"):
         model = prepare_quantized(model, noise="normal", noise_bits=4, seed=0)
@@ -89,7 +89,7 @@ def worker(args) -> dict:
     model.to(device).train()
     opt = torch.optim.AdamW(params, lr=1e-4)
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 49152, (args.batch_size, args.seq_len), generator=g).to(device)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_len), generator=g).to(device)
 
     if args.method == "gift-blockwise":
         from gift_quant.model.arch import find_blocks
@@ -141,19 +141,21 @@ def worker(args) -> dict:
     return out
 
 
-def ensure_checkpoint(path: Path, calib_samples: int) -> Path:
+def ensure_checkpoint(path: Path, calib_samples: int, model: str | None = None, calib_data: str | None = None,
+                      seq_len: int = 128) -> Path:
     from gift_quant.config.settings import QuantizeConfig, Runtime
     from gift_quant.packed.checkpoint import is_checkpoint
     from gift_quant.workflows.commands import quantize_to_checkpoint
 
     if not is_checkpoint(path):
         # calibration quality does not matter for step speed: a small calibration set keeps this quick
-        quantize_to_checkpoint(None, path, QuantizeConfig(bits=3, calib_samples=calib_samples, seq_len=128),
-                               runtime=Runtime(device="cpu"))
+        extra = {"calib_data": calib_data} if calib_data else {}
+        quantize_to_checkpoint(model, path, QuantizeConfig(bits=3, calib_samples=calib_samples, seq_len=seq_len,
+                                                           **extra), runtime=Runtime(device="cpu"))
     return path
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=4)
@@ -161,15 +163,18 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--ckpt", default="/tmp/gift-bench-train-w3", help="quantized checkpoint (made if missing)")
     ap.add_argument("--calib-samples", type=int, default=16)
+    ap.add_argument("--model", default=None,
+                    help="source model folder: quantized when --ckpt is missing, the KD teacher (default: SmolLM2)")
+    ap.add_argument("--calib-data", default=None, help="calibration text when --ckpt is made (default: gift-quant's)")
     ap.add_argument("--repeats", type=int, default=2, help="interleaved runs per method; the fastest counts")
     ap.add_argument("--out", default="results/bench_train")
     ap.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.method:  # subprocess mode
         print(json.dumps(worker(args)))
         return
-    ensure_checkpoint(Path(args.ckpt), args.calib_samples)
+    ensure_checkpoint(Path(args.ckpt), args.calib_samples, args.model, args.calib_data, min(args.seq_len, 128))
     methods = [m for m in args.methods.split(",") if m]
     runs: dict[str, list[dict]] = {m: [] for m in methods}
     failed: dict[str, list[str]] = {}
@@ -177,7 +182,7 @@ def main() -> None:
         for method in methods:
             cmd = [sys.executable, __file__, "--method", method, "--steps", str(args.steps), "--batch-size",
                    str(args.batch_size), "--seq-len", str(args.seq_len), "--device", args.device,
-                   "--ckpt", args.ckpt]
+                   "--ckpt", args.ckpt, *(["--model", args.model] if args.model else [])]
             res = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if res.returncode != 0:
                 failed[method] = res.stderr.strip().splitlines()[-1:]

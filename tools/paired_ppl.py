@@ -39,17 +39,17 @@ def score(path: str, ppl_data: str, seq_len: int, max_windows: int) -> dict:
     from gift_quant.workflows.commands import run_eval_ppl
 
     cfg = EvalConfig(ppl_data=ppl_data, seq_len=seq_len, max_windows=max_windows)
-    return run_eval_ppl(None if path == "default" else path, cfg, "cpu", runtime=Runtime(device="cpu", progress=True))
+    return run_eval_ppl(None if path == "default" else path, cfg, Runtime(device="cpu"))
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="+", help="reference first, then the models to compare with it")
     ap.add_argument("--ppl-data", default="boolq-passages:test")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--max-windows", type=int, default=40)
     ap.add_argument("--out", default=None, help="JSON file to write")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     if len(a.models) < 2:
         sys.exit("paired_ppl: give a reference model and at least one model to compare with it")
     scored = {m: score(m, a.ppl_data, a.seq_len, a.max_windows) for m in a.models}

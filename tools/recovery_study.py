@@ -62,11 +62,12 @@ CONFIGS: dict[str, dict] = {
 }
 
 
-def _settings(config: str, bits: int, seed: int, steps: int):
+def _settings(config: str, bits: int, seed: int, steps: int, recipe_path: Path = RECIPE,
+              train_data: str | None = None):
     from gift_quant.config.settings import EvalConfig, QuantizeConfig, RecoverConfig, build, read_recipe
 
-    recipe = read_recipe(RECIPE)
-    spec = {**BASE, "steps": steps, **CONFIGS[config]}
+    recipe = read_recipe(recipe_path)
+    spec = {**BASE, "steps": steps, **CONFIGS[config], **({"train_data": train_data} if train_data else {})}
     spec.pop("method")
     qcfg = build(QuantizeConfig, recipe, "quantize", {"bits": bits, "seed": seed})
     fields = {f.name for f in dataclasses.fields(RecoverConfig)}
@@ -75,7 +76,10 @@ def _settings(config: str, bits: int, seed: int, steps: int):
     return qcfg, rcfg, ecfg
 
 
-def run_job(config: str, bits: int, seed: int, start: Path, out: Path, steps: int) -> dict:
+def run_job(config: str, bits: int, seed: int, start: Path, out: Path, steps: int, model: str | None = None,
+            recipe: Path = RECIPE, train_data: str | None = None) -> dict:
+    """One job's result row (cached in OUT/jobs). ``model``: the source model folder (default: the embedded
+    one); ``recipe`` / ``train_data``: the shared settings (default: the study's recipe, each config's data)."""
     from gift_quant.compare.recovery import evaluate_model, run_method
     from gift_quant.config.settings import Runtime
     from gift_quant.model.loading import load_tokenizer, resolve_model_dir
@@ -88,7 +92,7 @@ def run_job(config: str, bits: int, seed: int, start: Path, out: Path, steps: in
     if result_path.is_file():
         return json.loads(result_path.read_text())
     method = CONFIGS[config]["method"] if config not in ("fp", "start") else config
-    qcfg, rcfg, ecfg = _settings(config if config in CONFIGS else "paper", bits, seed, steps)
+    qcfg, rcfg, ecfg = _settings(config if config in CONFIGS else "paper", bits, seed, steps, recipe, train_data)
     work = out / "work" / name
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -97,7 +101,7 @@ def run_job(config: str, bits: int, seed: int, start: Path, out: Path, steps: in
     if method == "fp":
         from gift_quant.model.loading import load_model
 
-        src = resolve_model_dir(None)
+        src = resolve_model_dir(model)
         row.update(evaluate_model(load_model(src).eval(), load_tokenizer(src), ecfg, [], None, cpu))
     elif method == "start":
         from gift_quant.packed.checkpoint import load
@@ -106,7 +110,7 @@ def run_job(config: str, bits: int, seed: int, start: Path, out: Path, steps: in
     elif method == "recover":
         from gift_quant.workflows.commands import run_recover
 
-        summary = run_recover(None, work / "out", qcfg, rcfg, ecfg, runtime=cpu)
+        summary = run_recover(model, work / "out", qcfg, rcfg, ecfg, runtime=cpu)
         stages = json.loads((work / "out" / "run" / "stages.json").read_text())
         metrics = json.loads((work / "out" / "gift_quant_config.json").read_text())["layers"]
         per_block = {json.dumps(m.get("blockwise"), sort_keys=True): m.get("blockwise") for m in metrics.values()}
@@ -126,7 +130,7 @@ def run_job(config: str, bits: int, seed: int, start: Path, out: Path, steps: in
         link = root / "owq" / "ckpt"
         if not link.exists():
             link.symlink_to(Path(start).resolve())
-        res = run_method(method, None, root, qcfg, rcfg, ecfg, [], None)
+        res = run_method(method, model, root, qcfg, rcfg, ecfg, [], None)
         row.update({k: res[k] for k in ("ppl", "window_nll", "effective_bits", "seconds", "loss_curve") if k in res})
         row["recovery_seconds"] = res["seconds"].get("train")
     row["total_seconds"] = time.perf_counter() - t0
@@ -341,6 +345,9 @@ def main(argv=None) -> int:
     r.add_argument("--start", default=None, help="quantized starting point (gift-quant quantize output)")
     r.add_argument("--steps", type=int, default=60, help="end-to-end steps (the budget)")
     r.add_argument("--out", default="runs/study")
+    r.add_argument("--model", default=None, help="source model folder (default: the embedded SmolLM2)")
+    r.add_argument("--recipe", default=str(RECIPE), help="shared settings (default: %(default)s)")
+    r.add_argument("--train-data", default=None, help="training text for every config (default: each config's)")
     g = sub.add_parser("report")
     g.add_argument("--out", default="runs/study")
     g.add_argument("--results", default="results/recovery-study")
@@ -350,7 +357,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if a.cmd == "run":
-        row = run_job(a.config, a.bits, a.seed, Path(a.start) if a.start else None, Path(a.out), a.steps)
+        row = run_job(a.config, a.bits, a.seed, Path(a.start) if a.start else None, Path(a.out), a.steps, a.model,
+                      Path(a.recipe), a.train_data)
         print(json.dumps({k: v for k, v in row.items() if k not in ("window_nll", "loss_curve", "recover")}))
     elif a.cmd == "answers":
         pairs = dict(m.split("=", 1) for m in a.models)

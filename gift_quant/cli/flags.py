@@ -129,9 +129,9 @@ def add_export_flags(x: argparse.ArgumentParser) -> None:
     x.add_argument("--out", required=True, help="export folder (created; an earlier export needs --overwrite)")
     x.add_argument("--format", choices=["auto", "compressed-tensors", "gptq-lora", "dense", "gguf"], default="auto",
                    help="auto (default): compressed-tensors when it carries the checkpoint exactly, else gptq-lora, "
-                        "else dense; compressed-tensors: pack-quantized base (vLLM at 2-8 bits, transformers) + "
-                        "PEFT adapter in OUT/adapter; gptq-lora: GPTQ base (transformers/GPTQModel; vLLM at 4/8 "
-                        "bits) + the same adapter; dense: merged model; "
+                        "else dense; compressed-tensors: pack-quantized base (vLLM: 2-8 bits on GPUs, 4 on CPUs; "
+                        "transformers) + PEFT adapter in OUT/adapter; gptq-lora: GPTQ base (transformers/GPTQModel; "
+                        "vLLM at 4/8 bits) + the same adapter; dense: merged model; "
                         "gguf: llama.cpp OUT/model.gguf (Q4_0/Q8_0) + OUT/salient-lora.gguf")
     x.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="dtype of the unquantized tensors (dense: of all; compressed-tensors: also of the scales); "

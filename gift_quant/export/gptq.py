@@ -37,6 +37,11 @@ from .folder import cast_tensors, check_out, dtype_name, resolve_dtype, write_ex
 from .native import NativeCheckpoint, layer_codes, layer_zeros
 
 GPTQ_GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)  # what gptqmodel's kernels load, besides -1
+# A per-row grid is written as groups of one of these (its one scale repeated in every group), the largest
+# that divides every layer's in_features: the group sizes that both gptqmodel's CPU int4 kernel (torch's
+# _weight_int4pack_mm_for_cpu: 32, 64, 128, 256) and the GPU kernels (Marlin, ExLlama: -1, 32, 64, 128) run.
+# Group -1 (one group of in_features columns) fails the CPU int4 kernel for in_features 576 (SmolLM2).
+ROW_GROUP_SIZES = (128, 64, 32)
 _GPTQ_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx", "bias")  # GPTQ layers keep these in their own dtypes
 
 
@@ -66,6 +71,8 @@ def gptq_layer(name: str, q: QuantLinear, group_size: int) -> GPTQLayer:
     in_f, out_f = q.in_features, q.out_features
     gs = in_f if group_size <= 0 else group_size
     n_groups = -(-in_f // gs)
+    if q.n_groups == 1 and n_groups > 1:
+        return _per_row_as_groups(q, gs)
     if q.n_groups > n_groups:
         raise GiftQuantError(
             f"{name}: {q.n_groups} quantization groups do not fit GPTQ's {n_groups} groups of {gs} columns; "
@@ -95,6 +102,36 @@ def gptq_layer(name: str, q: QuantLinear, group_size: int) -> GPTQLayer:
     qweight = pack_rows(codes, q.bits)[: packed_words(in_f, q.bits)].contiguous()
     return GPTQLayer(bits=q.bits, qweight=qweight, zeros=zeros, scales=scales.contiguous(),
                      g_idx=g_idx.to(torch.int32), trivial_g_idx=bool(torch.equal(g_idx, torch.arange(in_f) // gs)))
+
+
+def _per_row_as_groups(q: QuantLinear, gs: int) -> GPTQLayer:
+    """A per-row grid as GPTQ groups of ``gs`` columns (``gs`` divides in_features), each group holding the
+    row's one scale and zero: the same dequantized weight, in a group size every kernel runs."""
+    n_groups = q.in_features // gs
+    codes = layer_codes(q)
+    zeros = layer_zeros(q).expand(n_groups, -1).contiguous()
+    codes[q.salient_idx.long()] = zeros[0]  # the base holds exactly 0 at the salient columns (already so)
+    g_idx = torch.arange(q.in_features) // gs
+    return GPTQLayer(bits=q.bits, qweight=pack_rows(codes, q.bits)[: packed_words(q.in_features, q.bits)].contiguous(),
+                     zeros=zeros, scales=q.scales.to(torch.float16).expand(n_groups, -1).contiguous(),
+                     g_idx=g_idx.to(torch.int32), trivial_g_idx=True)
+
+
+def row_group_size(nat: NativeCheckpoint) -> int:
+    """The GPTQ group size a per-row checkpoint is written with (see ROW_GROUP_SIZES), or -1 where none fits.
+
+    -1 is exact too, for the kernels that take it (gptqmodel's TorchLinear at 2/3/8 bits, Marlin); 4-bit has
+    no CPU kernel for it beyond 256 columns, so a 4-bit layer that no supported size divides is refused."""
+    sizes = [g for g in ROW_GROUP_SIZES if all(q.in_features % g == 0 for q in nat.layers.values())]
+    if sizes:
+        return sizes[0]
+    if nat.bits == 4:
+        odd = next(n for n, q in nat.layers.items() if q.in_features % ROW_GROUP_SIZES[-1])
+        raise GiftQuantError(
+            f"{odd}: in_features {nat.layers[odd].in_features} is not a multiple of 32, so this per-row 4-bit grid "
+            "has no GPTQ form that gptqmodel's CPU kernel runs (groups of 32/64/128/256); export with --format "
+            "compressed-tensors or --format dense instead")
+    return -1
 
 
 def _pack_zeros(zeros: torch.Tensor, bits: int, v1: bool, out_f: int) -> torch.Tensor:
@@ -208,8 +245,9 @@ def export_gptq_lora(ckpt: str | Path, out_dir: str | Path, dtype: str | torch.d
         raise GiftQuantError(f"checkpoint_format must be auto, gptq or gptq_v2 (got {checkpoint_format!r})")
     r = lora_rank(nat.max_salient)
     warnings = check_gptq_representable(nat)
+    per_row = nat.group_size <= 0
+    gs = row_group_size(nat) if per_row else nat.group_size
     check_out(out_dir, nat.path, overwrite)
-    gs = nat.group_size if nat.group_size > 0 else -1
     checkpoint_format = _checkpoint_format(nat, checkpoint_format, warnings)
 
     adapter = SalientAdapter(r, nat.salient_dtype)
@@ -224,6 +262,7 @@ def export_gptq_lora(ckpt: str | Path, out_dir: str | Path, dtype: str | torch.d
     targets = target_modules(nat)
     summary = {"out": str(out_dir), "format": "gptq-lora", "bits": nat.bits, "group_size": gs, "sym": nat.sym,
                "desc_act": desc_act, "checkpoint_format": checkpoint_format, "lora_rank": r,
+               "per_row_written_as_groups": per_row and gs > 0,
                "max_salient": nat.max_salient, "dtype": dtype_name(dtype), "adapter_dtype": dtype_name(adapter.dtype),
                "target_modules": targets, "warnings": warnings}
     write_export(out_dir, nat, summary, tensors, dtype, qcfg, {"quantize_config.json": json.dumps(qcfg, indent=2)},

@@ -169,6 +169,28 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32, trust_remote_code
     return model
 
 
+def enable_kv_cache(model, folder: Path | None = None):
+    """Ready ``model`` for generation with the KV cache: ``config.use_cache`` and ``generation_config.use_cache``.
+
+    ``generate`` reads ``generation_config``, which transformers derives from ``config`` when the model is
+    built (``from_config``) or loaded without a generation_config.json; a config that says ``use_cache:
+    false`` (training sets it so) would make every new token re-run the whole prefix. ``folder``: its
+    generation_config.json (end-of-turn tokens, sampling defaults) is used when present.
+    """
+    from transformers import GenerationConfig
+
+    model.config.use_cache = True
+    if folder is not None and (Path(folder) / "generation_config.json").is_file():
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(folder)
+        except (OSError, ValueError) as exc:  # JSONDecodeError is a ValueError
+            raise GiftQuantError(f"{folder}/generation_config.json cannot be read ({str(exc).splitlines()[0][:160]}); "
+                                 "fix or delete it") from None
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.use_cache = True
+    return model
+
+
 def _fields_of(config, size: int) -> str:
     """The config fields whose value is ``size`` (what a mismatched dimension is made of)."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config

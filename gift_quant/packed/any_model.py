@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..model.loading import load_model, load_tokenizer, resolve_model_dir
+from ..model.loading import enable_kv_cache, load_model, load_tokenizer, resolve_model_dir
 from ..util.errors import GiftQuantError
 from .checkpoint import is_checkpoint, load, verify_checkpoint
 from .run_folder import RUN_DIR, RUN_FILE
@@ -45,8 +45,9 @@ def load_any(path: str | None, dtype: torch.dtype = torch.float32, device="cpu",
         return model, load_tokenizer(src, trust_remote_code), verified.effective_bits, kind
     if kind.startswith(("gptq", "compressed-tensors")):
         model, bits, kind = load_served(src, dtype, device)
+        enable_kv_cache(model, src)
         return model, load_tokenizer(src, trust_remote_code), bits, kind
     model = load_model(src, dtype, trust_remote_code).to(device)
-    model.config.use_cache = True  # inference: generate() with the KV cache
+    enable_kv_cache(model, src)  # inference: generate() with the KV cache
     bits = dense_bits(src) or float(torch.finfo(dtype).bits)
     return model, load_tokenizer(src, trust_remote_code), bits, kind

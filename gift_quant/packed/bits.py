@@ -59,6 +59,11 @@ def unpack_rows(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"cannot unpack {bits}-bit codes: supported widths are {SUPPORTED_BITS}")
     m = packed.shape[1]
+    if 32 % bits == 0:  # 2, 4, 8 bits: word r holds values r*per ... r*per+per-1, one shift each (vectorized)
+        per = 32 // bits
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device).view(1, per, 1)
+        # arithmetic shifts of negative words fill with ones above the value; the mask drops them
+        return ((packed.to(torch.int32).unsqueeze(1) >> shifts) & (2**bits - 1)).reshape(-1, m)[:n]
     words = packed.to(torch.int64) & 0xFFFFFFFF
     words = words.view(-1, bits, m)
     mask = 2**bits - 1

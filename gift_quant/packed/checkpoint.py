@@ -25,12 +25,12 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_model
 from torch import nn
 
 from ..config.settings import GROUP_LAYOUTS, SALIENT_DTYPES, SPEC_FIELDS, SUPPORTED_BITS, QuantSpec
 from ..model.arch import set_module
-from ..model.loading import parse_dtype
+from ..model.loading import enable_kv_cache, parse_dtype
 from ..util.errors import GiftQuantError, writing
 from ..util.files import atomic_path, atomic_write_text, sha256_file
 from .integrity import read_spec
@@ -53,13 +53,23 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
-    """Copy the tokenizer and generation files of ``src`` into ``dst``; returns their names (sorted)."""
+    """Copy the tokenizer and generation files of ``src`` into ``dst``; returns their names (sorted). The
+    generation config's ``use_cache`` is set true: what gift-quant writes is for inference."""
     names = set()
     for pattern in _COPY_PATTERNS:
         for f in src.glob(pattern):
             if f.is_file():
                 shutil.copy2(f, dst / f.name)
                 names.add(f.name)
+    gen = dst / "generation_config.json"
+    if "generation_config.json" in names:
+        try:
+            doc = json.loads(gen.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            doc = None  # not ours to repair; transformers reports it when it reads the folder
+        if isinstance(doc, dict) and doc.get("use_cache") is False:
+            doc["use_cache"] = True
+            atomic_write_text(gen, json.dumps(doc, indent=2) + "\n")
     return sorted(names)
 
 
@@ -88,6 +98,8 @@ def save_checkpoint(model: nn.Module, out_dir: Path, source_dir: Path, gift_conf
         save_model(model, str(tmp))
     cfg = model.config.to_dict()
     cfg.pop("quantization_config", None)
+    if "use_cache" in cfg:  # training and calibration run with use_cache false; the saved model generates with it
+        cfg["use_cache"] = True
     atomic_write_text(out_dir / "config.json", json.dumps(cfg, indent=2, default=str))
     with writing(out_dir):
         copied = copy_tokenizer_files(source_dir, out_dir)
@@ -250,12 +262,28 @@ def build_quant_skeleton(model: nn.Module, layers: dict, spec: QuantSpec) -> Non
         set_module(model, name, QuantLinear.empty_like(lin, spec, info["groups"], info["salient"]))
 
 
+def _share_tied(model: nn.Module, missing: list[str]) -> list[str]:
+    """Give both modules of a tied embedding pair the one stored tensor; ``missing`` without the other's name."""
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if inp is None or out is None:
+        return missing
+    names = {id(m): n for n, m in model.named_modules()}
+    pair = {f"{names[id(inp)]}.weight", f"{names[id(out)]}.weight"}
+    stored = out.weight if inp.weight.is_meta else inp.weight
+    if stored.is_meta:
+        return missing  # neither was stored: reported as missing
+    inp.weight = out.weight = stored
+    model.tie_weights()
+    return [m for m in missing if m not in pair]
+
+
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
          trust_remote_code: bool = False, verified=None):
     """A transformers model whose quantized linears are QuantLinear modules, ready for inference.
 
     The checkpoint passes integrity.verify_checkpoint first (``verified``: its result, when the caller ran it).
     """
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
@@ -263,17 +291,23 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     doc = (verified or verify_checkpoint(path, trust_remote_code)).doc
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     model_dtype = dtype or parse_dtype(doc.get("dtype", "float32"))
-    with no_init_weights():
+    # parameters on the meta device (no memory): the stored tensors are assigned in place of them below, so a
+    # load never holds a dense fp32 copy of the model it does not keep (buffers such as rotary inv_freq stay real)
+    with init_empty_weights(include_buffers=False), no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=model_dtype, trust_remote_code=trust_remote_code)
-    # save_model stored one tensor of a tied pair; tie first so loading fills both
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
     build_quant_skeleton(model, doc["layers"], read_spec(doc))
     try:
-        missing, unexpected = load_model(model, str(path / WEIGHTS_NAME), strict=False)
+        state = load_file(str(path / WEIGHTS_NAME))
+        # assign keeps the stored dtype: cast to the module's, as a copying load would (a dtype= request included)
+        current = model.state_dict(keep_vars=True)
+        state = {k: v.to(current[k].dtype) if k in current and v.is_floating_point() and v.dtype != current[k].dtype
+                 else v for k, v in state.items()}
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     except (RuntimeError, ValueError, OSError) as exc:  # shape mismatch (e.g. bits vs packed words), bad file
         raise GiftQuantError(f"{path / WEIGHTS_NAME} does not match {CONFIG_NAME} (bits, groups or salient "
                              f"counts): {str(exc).splitlines()[0][:200]}") from None
+    if getattr(config, "tie_word_embeddings", False):
+        missing = _share_tied(model, missing)  # save_model stored one tensor of the tied pair
     # rotary inv_freq and similar non-persistent buffers are rebuilt by the constructor, not stored
     missing = [m for m in missing if not m.endswith("inv_freq")]
     if missing or unexpected:
@@ -283,5 +317,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
         model.tie_weights()
     check_loaded(model, path)
     model.eval()
-    model.config.use_cache = True  # inference: generate() with the KV cache (training passes use_cache=False)
+    # inference: generate() with the KV cache (training passes use_cache=False); checkpoints written before
+    # 2026-12 record use_cache false, and from_config derives generation_config from it
+    enable_kv_cache(model, path)
     return model.to(device)

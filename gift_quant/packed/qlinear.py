@@ -2,10 +2,14 @@
 
 Computes ``dequant(codes) x + W_s x[S]``. Because salient columns store their group's zero point the
 dequantized part is exactly zero there, so the layer equals ``F.linear(x, dequant(codes) with the
-salient columns scattered in)``; that dense weight is built once and cached on first use (inference
-on CPU or GPU through plain matmuls, no custom kernels). Buffers use the GPTQ layout (qweight packed
-along in-features, scales (groups, out) in float16, qzeros packed along out-features) so exporting to
-GPTQ is a relabelling, not a recomputation.
+salient columns scattered in)``; by default that dense weight is built once and cached on first use
+(inference on CPU or GPU through plain matmuls, no custom kernels: as fast as the full-precision model,
+and as large plus the packed buffers). With ``cache_dense = False`` (``gift_quant.load(..., dense_cache=False)``)
+nothing is cached: each forward pass dequantizes the layer's base into a temporary, multiplies, and adds
+``x[S] W_s^T`` for the salient columns, so resident memory is the packed buffers (slower: see BENCHMARKS.md).
+
+Buffers use the GPTQ layout (qweight packed along in-features, scales (groups, out) in float16, qzeros
+packed along out-features) so exporting to GPTQ is a relabelling, not a recomputation.
 
 The one model of a stored layer: ``load``, the quantization engine's resume (``empty_like``) and the
 exports (``from_buffers``) all build this class, and it dequantizes with ``pack.dequantize_packed``.
@@ -45,6 +49,8 @@ class QuantLinear(nn.Module):
         else:
             self.bias = None
         self._dense: torch.Tensor | None = None
+        self.cache_dense = True  # False: dequantize at every forward pass, keep only the packed buffers
+        self._contiguous: bool | None = None  # g_idx == j // group_size (known after loading)
 
     @property
     def bits(self) -> int:
@@ -116,7 +122,28 @@ class QuantLinear(nn.Module):
         w[:, self.salient_idx.long()] = self.salient_weight.float()
         return w.to(dtype or self.salient_weight.dtype)
 
+    def base_in_out(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """dequant(codes) as (in, out) in ``dtype``, zero on salient columns; a fresh temporary.
+
+        The same values as ``dequantized_base().T`` (scale * (code - zero) in float32, then cast), computed with
+        broadcasting instead of per-column gathers when the groups are contiguous runs (per-row or natural)."""
+        if self._contiguous is None:
+            gs = -(-self.in_features // self.n_groups)
+            self._contiguous = bool(self.in_features % gs == 0 and torch.equal(
+                self.g_idx.long(), torch.arange(self.in_features, device=self.g_idx.device) // gs))
+        if not self._contiguous:
+            return self.dequantized_base().T.to(dtype)
+        g = self.n_groups
+        w = unpack_rows(self.qweight, self.bits, self.in_features).view(g, -1, self.out_features).float()
+        w.sub_(self.zero_points().view(g, 1, -1)).mul_(self.scales.float().view(g, 1, -1))
+        return w.view(self.in_features, self.out_features).to(dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.cache_dense:  # memory-lean: the base exists only during this call
+            y = x @ self.base_in_out(x.dtype)
+            if self.n_salient:
+                y = y + x[..., self.salient_idx.long()] @ self.salient_weight.to(x.dtype).T
+            return y if self.bias is None else y + self.bias.to(x.dtype)
         # buffers only change through load_state_dict / _apply, which drop the cache
         if self._dense is None or self._dense.dtype != x.dtype or self._dense.device != x.device:
             self._dense = self.dense_weight(x.dtype).to(x.device)
@@ -125,11 +152,11 @@ class QuantLinear(nn.Module):
         return F.linear(x, w, bias)
 
     def _apply(self, fn, recurse=True):
-        self._dense = None
+        self._dense, self._contiguous = None, None
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._dense = None
+        self._dense, self._contiguous = None, None
         return super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:

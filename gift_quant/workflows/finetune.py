@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..config.settings import QuantizeConfig, RecoverConfig, Runtime
-from ..model.loading import check_lengths, load_tokenizer, resolve_device, resolve_model_dir
+from ..model.loading import check_lengths, enable_kv_cache, load_tokenizer, resolve_device, resolve_model_dir
 from ..packed.checkpoint import copy_tokenizer_files
 from ..packed.run_folder import RunFiles, Stages, claim_run, prepare_output, warn
 from ..recover.loop import state_problem
@@ -87,6 +87,7 @@ def run_finetune(model_dir: str | None, out: str | Path, qcfg: QuantizeConfig, r
     model.to(in_dtype)
     write_adapter(out / "adapter", deltas, r, sorted({n.rsplit(".", 1)[-1] for n in deltas}),
                   base_model=str(src.resolve()))
+    enable_kv_cache(model)  # the merged model is for inference: its config.json and generation config say so
     with writing(out):
         model.save_pretrained(out)
         copied = copy_tokenizer_files(src, out)
