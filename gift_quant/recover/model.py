@@ -54,6 +54,8 @@ def quant_from_salient(s: SalientLinear, bits: int | None = None, sym: bool | No
     bits = carried[0] if bits is None else bits
     sym = carried[1] if sym is None else sym
     salient_dtype = carried[2] if salient_dtype is None else salient_dtype
+    if hasattr(s, "sync_scales"):  # scaled_layer.ScaledSalientLinear: its scales trained since the last forward
+        s.sync_scales()
     q = QuantLinear.from_parts(s.codes.long(), s.scales, s.zeros, s.g_idx, s.salient_idx,
                                s.gift_salient.detach().float(), bits, sym, s.bias, salient_dtype)
     return q.to(s.delta.device).eval()
