@@ -67,7 +67,7 @@ def test_grid_linear_starts_at_gptq_codes_and_packs_back_unchanged(world, layout
         assert torch.equal(getattr(back, b), getattr(q, b)), b
 
 
-def test_rounding_offsets_and_scales_move_the_codes(world):
+def test_rounding_offsets_move_the_codes_and_scales_only_the_step(world):
     w, h = _layer_and_hessian(world["src"])
     spec = GridSpec(bits=3, sym=True, group_size=32)
     res = gptq_quantize(w, h, spec, torch.tensor([1, 2]))
@@ -87,6 +87,15 @@ def test_rounding_offsets_and_scales_move_the_codes(world):
     nonsal = torch.ones_like(inside)
     nonsal[:, res.salient_idx] = False
     torch.testing.assert_close(grid.round_offset.grad[inside & nonsal], s[inside & nonsal])
+    # a trained scale is a step size over the codes: the codes stay GPTQ's, the weight scales with it
+    grid = GridLinear(q, res.prerounded, {"scales"})
+    with torch.no_grad():
+        grid.scale_mult.fill_(1.25)
+    assert torch.equal(grid.codes().long(), res.codes.long())
+    g = res.g_idx.long()
+    expected = (res.codes.float() - res.zeros[:, g]) * (res.scales * 1.25).half().float()[:, g]
+    cols = nonsal[0]
+    torch.testing.assert_close(grid.base_weight().detach()[:, cols], expected[:, cols], rtol=0, atol=0)
 
 
 def _spy(recorded: dict):

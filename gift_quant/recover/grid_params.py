@@ -5,17 +5,24 @@ Block-wise reconstruction v2 (recover/blockwise.py) swaps each packed ``QuantLin
 non-salient weight right before GPTQ rounded it, the error compensation of earlier columns included).
 The layer computes, per output row ``o`` and input column ``j`` of group ``g = g_idx[j]``::
 
-    s     = fp16(s0 * m)                          scale: the stored scale times a trainable multiplier
-    z     = clamp(round(z_c), 0, maxq)            zero point (trainable only on asymmetric grids)
-    code  = clamp(round(P / s + v) + z, 0, maxq)  v: trainable rounding offset in [-0.5, 0.5]
+    code  = clamp(round(P / s0 + v) + z0, 0, maxq)  v: trainable rounding offset in [-0.5, 0.5]
+    s     = fp16(s0 * m)                            scale: the stored scale times a trainable multiplier
+    z     = clamp(round(z_c), 0, maxq)              zero point (trainable only on asymmetric grids)
     W     = s * (code - z)  (0 on salient columns) + the salient columns W_s (trainable)
 
-With ``m = 1`` and ``v = 0`` the codes are exactly GPTQ's (same float operations as quant/grid.py's
-``quantize_codes``), so training starts from the GPTQ model. Every rounding passes its gradient
-straight through (STE). The scales and the salient columns are rounded in the forward pass to the dtype
-the checkpoint stores them in, so the trained layer and its packed form (``to_quant``) compute with
-identical numbers. Which of (salient, scales, rounding) train is the caller's choice; the rest stay at
-their GPTQ values.
+With ``v = 0`` the codes are exactly GPTQ's (the same float operations as quant/grid.py's
+``quantize_codes`` on GPTQ's own grid ``s0, z0``), so training starts from the GPTQ model. Every
+rounding passes its gradient straight through (STE).
+
+The codes are decided on GPTQ's grid, not on the trained one: the scale is a learned step size over
+the codes (as in EfficientQAT's E2E-QP), and only the offsets move a code. Re-rounding ``P / s`` with
+the trained scale (LSQ-style, as AutoRound and Block-AP do from the original weights) undoes GPTQ's
+error compensation, which was computed for GPTQ's own rounding: on the default model's first blocks it
+made the training loss rise (results/recovery-study-v2/README.md).
+
+The scales and the salient columns are rounded in the forward pass to the dtype the checkpoint stores
+them in, so the trained layer and its packed form (``to_quant``) compute with identical numbers. Which
+of (salient, scales, rounding) train is the caller's choice; the rest stay at their GPTQ values.
 
 Ideas from the peers (read, not copied): AutoRound (intel/auto-round) learns per-weight rounding offsets
 in [-0.5, 0.5] with signed gradient descent (``SignSGD`` below; lr = 1 / steps so the offsets can cross
@@ -76,8 +83,8 @@ class GridLinear(nn.Module):
                  noise: NoiseSpec | None = None, seed: int = 0, noise_reference: torch.Tensor | None = None):
         super().__init__()
         noise = NoiseSpec("none") if noise is None else noise
-        if prerounded is None and {"scales", "rounding"} & set(train):
-            raise ValueError("training the scales or the rounding needs GPTQ's pre-rounding values")
+        if prerounded is None and "rounding" in train:
+            raise ValueError("training the rounding needs GPTQ's pre-rounding values")
         dev = q.qweight.device
         self.in_features, self.out_features = q.in_features, q.out_features
         self.bits, self.sym, self.maxq = q.bits, q.sym, 2**q.bits - 1
@@ -92,13 +99,13 @@ class GridLinear(nn.Module):
         self.register_buffer("g_idx", q.g_idx.long().to(dev))
         self.register_buffer("codes0", q.codes().to(dev).float())  # GPTQ's codes
         self.register_buffer("scales0", q.scales.T.float().contiguous())  # (out, G), float16 values
+        self.register_buffer("zeros0", q.zero_points().T.float().contiguous().to(dev))  # GPTQ's zero points
         self.register_buffer("prerounded", None if prerounded is None else prerounded.to(dev).float())
         self.register_buffer("bias", None if q.bias is None else q.bias.detach().clone())
         trains = self.train_sets.__contains__
         self.scale_mult = nn.Parameter(torch.ones_like(self.scales0), requires_grad=trains("scales"))
         # asymmetric zero points train with the scales (continuous, rounded in the forward pass)
-        self.zero = nn.Parameter(q.zero_points().T.float().contiguous().to(dev),
-                                 requires_grad=trains("scales") and not q.sym)
+        self.zero = nn.Parameter(self.zeros0.clone(), requires_grad=trains("scales") and not q.sym)
         self.round_offset = (nn.Parameter(torch.zeros(q.out_features, q.in_features, device=dev))
                              if trains("rounding") else None)
         self.salient = nn.Parameter(q.salient_weight.detach().float().clone(), requires_grad=trains("salient"))
@@ -117,17 +124,17 @@ class GridLinear(nn.Module):
         return s, z
 
     def codes(self) -> torch.Tensor:
-        """Current integer codes (out, in) as float, differentiable through STE; salient columns hold their zero."""
-        s, z = self.grid()
-        sg, zg = s[:, self.g_idx], z[:, self.g_idx]
-        if self.prerounded is None or not ({"scales", "rounding"} & self.train_sets):
+        """Current integer codes (out, in) as float, differentiable in the offsets through STE.
+
+        Decided on GPTQ's grid (``s0``, ``z0``); salient columns hold their group's current zero point.
+        """
+        _, z = self.grid()
+        if self.round_offset is None:
             codes = self.codes0
         else:
-            u = self.prerounded / sg
-            if self.round_offset is not None:
-                u = u + self.round_offset
-            codes = torch.clamp(round_ste(u) + zg, 0, self.maxq)
-        return torch.where(self.nonsalient, codes, zg)
+            u = self.prerounded / self.scales0[:, self.g_idx] + self.round_offset
+            codes = torch.clamp(round_ste(u) + self.zeros0[:, self.g_idx], 0, self.maxq)
+        return torch.where(self.nonsalient, codes, z[:, self.g_idx])
 
     def base_weight(self) -> torch.Tensor:
         """The quantized part ``s * (code - z)`` (out, in), zero on the salient columns."""
