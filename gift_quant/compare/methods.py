@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..config.settings import EvalConfig, QuantizeConfig, RecoverConfig
+from ..config.settings import E2E_TRAINABLE, EvalConfig, QuantizeConfig, RecoverConfig, trainable_sets
 from ..model.loading import load_model
 from ..packed.checkpoint import load, read_gift_config, save_checkpoint
 from ..workflows.stages import convert_recovered, prepare_recovery, quantize_to_checkpoint, train_stage
@@ -110,7 +110,7 @@ def _salient_training(noise_of: Callable[[Job], str]):
         quantized(job, job.salient_base, job.qcfg)
         rcfg = job.rcfg
         model = prepare_recovery(job.salient_base, job.src, noise_of(job), rcfg.resolved_noise_bits(job.qcfg.bits),
-                                 rcfg.seed)
+                                 rcfg.seed, train=trainable_sets(rcfg.train, E2E_TRAINABLE, "--train"))
         job.train(model)
         convert_recovered(model)
         return (model, *job.save(model, {"method": job.method}))
