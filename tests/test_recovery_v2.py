@@ -320,3 +320,6 @@ def test_trainable_names_are_checked_in_recipes_too(tmp_path):
     recipe.write_text("recover:\n  blockwise_train: salient,scale\n")
     with pytest.raises(GiftQuantError, match="unknown trainable 'scale'"):
         build(RecoverConfig, read_recipe(recipe), "recover", {})
+    recipe.write_text("recover:\n  blockwise_noise: gaussian\n")
+    with pytest.raises(GiftQuantError, match="--blockwise-noise must be one of normal, uniform, none"):
+        build(RecoverConfig, read_recipe(recipe), "recover", {})

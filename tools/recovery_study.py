@@ -60,13 +60,14 @@ CONFIGS: dict[str, dict] = {
     "ste-kd": dict(method="ste", loss="kd", train_data="sotu", lr=3e-4),
     "quik-lora-kd": dict(method="quik-lora", loss="kd", train_data="sotu", lr=3e-4),
     # recovery v2 (issue 21): the block stage trains salient columns, scales and rounding (64 steps per block
-    # by default, --blockwise-steps changes it), then 100 KD steps that also train the scales
+    # by default, --blockwise-steps changes it; no noise there: tools/blockwise_probe.py found it worse), then
+    # 100 KD steps (noise as the recipe) that also train the scales
     "bw2": dict(method="recover", steps=0, blockwise_steps=64, train_data="sotu",
-                blockwise_train="salient,scales,rounding"),
+                blockwise_train="salient,scales,rounding", blockwise_noise="none"),
     "bw2+kd": dict(method="recover", loss="kd", train_data="sotu", lr=3e-4, steps=100, blockwise_steps=64,
-                   blockwise_train="salient,scales,rounding", train="salient,scales"),
+                   blockwise_train="salient,scales,rounding", blockwise_noise="none", train="salient,scales"),
     "bw2+kd-salient": dict(method="recover", loss="kd", train_data="sotu", lr=3e-4, steps=100, blockwise_steps=64,
-                           blockwise_train="salient,scales,rounding"),
+                           blockwise_train="salient,scales,rounding", blockwise_noise="none"),
     # the default recipe's end-to-end stage alone, with the scales trained too; and on a general text mix
     "kd-scales-100": dict(method="recover", loss="kd", train_data="sotu", lr=3e-4, steps=100, train="salient,scales"),
     "kd-mix-100": dict(method="gift-post", loss="kd", train_data="sotu+boolq-passages:train", lr=3e-4, steps=100),

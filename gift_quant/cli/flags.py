@@ -94,6 +94,8 @@ def add_recover_flags(p: argparse.ArgumentParser) -> None:
                    help="block-stage linear warm-up share of the steps (default 0.05)")
     p.add_argument("--blockwise-holdout", type=float, default=None,
                    help="share of the calibration batches held out of block training, loss logged (default 0.125)")
+    p.add_argument("--blockwise-noise", choices=NOISE_KINDS, default=None,
+                   help="the block stage's noise on the non-salient weights (default: as --noise)")
     p.add_argument("--train", default=None, metavar="SETS",
                    help="what end-to-end training trains: salient (default) or salient,scales")
     p.add_argument("--scales-lr", type=float, default=None,

@@ -157,6 +157,7 @@ class RecoverConfig:
     blockwise_rounding_lr: float | None = None  # signed-gradient lr of the rounding offsets; None: 1 / steps
     blockwise_warmup_ratio: float = 0.05  # linear warm-up share of the block steps, then cosine decay
     blockwise_holdout: float = 0.125  # share of the calibration batches held out of block training (loss logged)
+    blockwise_noise: str | None = None  # the block stage's noise (normal | uniform | none); None: --noise
 
     def __post_init__(self):
         if self.variant not in ("post", "pre"):
@@ -222,6 +223,8 @@ def check_recovery_v2(cfg: RecoverConfig) -> None:
             raise GiftQuantError(f"--{name.replace('_', '-')} must be a positive finite learning rate (got {v})")
     if not 0 <= cfg.blockwise_warmup_ratio < 1:
         raise GiftQuantError(f"--blockwise-warmup-ratio must be in [0, 1) (got {cfg.blockwise_warmup_ratio})")
+    if cfg.blockwise_noise is not None and cfg.blockwise_noise not in NOISE_KINDS:
+        raise GiftQuantError(f"--blockwise-noise must be one of {', '.join(NOISE_KINDS)} (got {cfg.blockwise_noise!r})")
     if not 0 <= cfg.blockwise_holdout <= 0.5:
         raise GiftQuantError(f"--blockwise-holdout must be in [0, 0.5] (got {cfg.blockwise_holdout})")
     if "scales" in train and cfg.variant == "pre":

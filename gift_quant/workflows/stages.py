@@ -80,7 +80,8 @@ def blockwise_reconstructor(rcfg: RecoverConfig, qcfg: QuantizeConfig, noise_bit
     from ..recover.blockwise import reconstruct_block
 
     return functools.partial(
-        reconstruct_block, steps=rcfg.blockwise_steps, noise=rcfg.noise, noise_bits=noise_bits, seed=rcfg.seed,
+        reconstruct_block, steps=rcfg.blockwise_steps, noise=rcfg.blockwise_noise or rcfg.noise, noise_bits=noise_bits,
+        seed=rcfg.seed,
         train=trainable_sets(rcfg.blockwise_train, BLOCKWISE_TRAINABLE, "--blockwise-train"), lr=rcfg.blockwise_lr,
         scales_lr=rcfg.blockwise_scales_lr, rounding_lr=rcfg.blockwise_rounding_lr,
         warmup_ratio=rcfg.blockwise_warmup_ratio, holdout=rcfg.blockwise_holdout, max_grad_norm=rcfg.max_grad_norm)
