@@ -43,8 +43,9 @@ def _quantize(src, qcfg, rcfg, run_dir):
 @pytest.mark.parametrize("target", ["fp-prefix", "quant-prefix"])
 def test_blockwise_lowers_every_block_error_and_only_moves_salient_columns(setup, tmp_path, target):
     root, src, qcfg = setup
+    # two calibration batches: nothing held out (one held batch would leave one to train on)
     rcfg = RecoverConfig(steps=0, blockwise_steps=12, blockwise_lr=3e-3, blockwise_target=target,
-                         blockwise_train="salient")
+                         blockwise_train="salient", blockwise_holdout=0.0)
     plain, _ = _quantize(src, qcfg, None, None)
     model, report = _quantize(src, qcfg, rcfg, tmp_path / "run")
     recs = {json.dumps(m["blockwise"], sort_keys=True): m["blockwise"] for m in report.layers.values()}

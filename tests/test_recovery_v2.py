@@ -113,7 +113,8 @@ def test_packed_checkpoint_reproduces_the_trained_blocks(world, tmp_path, monkey
     """recover --steps 0 --blockwise-steps N: the checkpoint computes what the trained GridLinear blocks computed."""
     recorded: dict = {}
     monkeypatch.setattr(blockwise, "reconstruct_block", _spy(recorded))
-    rcfg = RecoverConfig(steps=0, blockwise_steps=6, noise="none", blockwise_lr=3e-3,
+    # no hold-out: the final trained state is kept whatever it scores, so the grid has surely moved
+    rcfg = RecoverConfig(steps=0, blockwise_steps=6, noise="none", blockwise_lr=3e-3, blockwise_holdout=0.0,
                          blockwise_train="salient,scales,rounding", train_data=str(world["root"] / "train.txt"))
     ecfg = EvalConfig(ppl_data=str(world["root"] / "eval.txt"), seq_len=32, max_windows=4)
     run_recover(str(world["src"]), tmp_path / "out", world["qcfg"], rcfg, ecfg, progress=False)
@@ -148,6 +149,9 @@ def test_block_stage_v2_resumes_per_block_and_reports_held_out_loss(world, tmp_p
     assert rec["holdout_batches"] == 1 and rec["train_batches"] == 3  # 16 windows / 4 per batch, a quarter held
     assert [s for s, _ in rec["holdout_curve"]] == [0, 1, 2, 3, 4]
     assert math.isfinite(rec["holdout_after"]) and rec["holdout_before"] == rec["holdout_curve"][0][1]
+    # the kept checkpoint is the curve's minimum, and the packed block scores exactly that
+    assert rec["holdout_after"] == min(v for _, v in rec["holdout_curve"])
+    assert (rec["kept_step"], rec["holdout_after"]) in [tuple(c) for c in rec["holdout_curve"]]
     again, _ = quantize()  # every block is loaded from the run folder: the same packed tensors
     a, b = dict(first.named_modules()), dict(again.named_modules())
     for n, m in a.items():
@@ -156,11 +160,36 @@ def test_block_stage_v2_resumes_per_block_and_reports_held_out_loss(world, tmp_p
                 assert torch.equal(getattr(m, buf), getattr(b[n], buf)), (n, buf)
 
 
+def test_a_block_stage_that_only_hurts_returns_gptqs_block(world, tmp_path):
+    """Signed steps of half a code at once scramble the rounding: the held-out check keeps GPTQ's state."""
+    from gift_quant.data.sources import load_documents
+    from gift_quant.data.windows import calibration_windows
+    from gift_quant.quant.engine import quantize_model
+    from gift_quant.workflows.stages import blockwise_reconstructor
+
+    qcfg = world["qcfg"]
+    windows = calibration_windows(load_tokenizer(world["src"]), load_documents(qcfg.calib_data),
+                                  qcfg.calib_samples, qcfg.seq_len, 0)
+    rcfg = RecoverConfig(steps=0, blockwise_steps=4, noise="none", blockwise_train="rounding",
+                         blockwise_rounding_lr=0.5, blockwise_holdout=0.25)
+    plain = load_model(world["src"])
+    quantize_model(plain, windows, qcfg, torch.device("cpu"), None, progress=False)
+    model = load_model(world["src"])
+    report = quantize_model(model, windows, qcfg, torch.device("cpu"), None, progress=False,
+                            reconstruct=blockwise_reconstructor(rcfg, qcfg, 4))
+    rec = report.layers["model.layers.0.self_attn.q_proj"]["blockwise"]
+    assert rec["kept_step"] == 0 and max(v for _, v in rec["holdout_curve"]) > rec["holdout_before"], rec
+    a, b = dict(plain.named_modules()), dict(model.named_modules())
+    for n in a:
+        if n.startswith("model.layers.0.") and isinstance(a[n], QuantLinear):
+            assert torch.equal(a[n].qweight, b[n].qweight) and torch.equal(a[n].scales, b[n].scales)
+
+
 def test_summary_before_is_the_untrained_gptq_model_and_the_block_share_has_its_own_line(world, tmp_path):
     root, qcfg = world["root"], world["qcfg"]
     ecfg = EvalConfig(ppl_data=str(root / "eval.txt"), seq_len=32, max_windows=4)
     rcfg = RecoverConfig(loss="kd", steps=2, batch_size=2, seq_len=32, train_data=str(root / "train.txt"),
-                         blockwise_steps=3, save_every=2, train="salient,scales")
+                         blockwise_steps=3, save_every=2, train="salient,scales", blockwise_holdout=0.0)
     summary = run_recover(str(world["src"]), tmp_path / "rec", qcfg, rcfg, ecfg, progress=False)
     run_quantize(str(world["src"]), tmp_path / "plain", qcfg, progress=False)
     plain = run_eval_ppl(str(tmp_path / "plain"), ecfg, "cpu", progress=False)["perplexity"]

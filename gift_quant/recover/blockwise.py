@@ -19,7 +19,10 @@ Targets (``blockwise_target``):
 
 One optimizer step uses one calibration batch (``--calib-batch-size`` windows, the batch the captured
 attention masks were recorded for), visited in seeded epochs; the last ``holdout`` share of the
-batches never trains, and its loss is logged (before, during and after) so that overfitting shows.
+batches never trains, and its loss is logged (before, at four checkpoints, after) so that overfitting
+shows. The checkpoint with the lowest held-out loss is kept, GPTQ's own state (step 0) included, so the
+stage never returns a block that is worse than GPTQ's on the held-out windows (AutoRound keeps its best
+iteration the same way, by training loss).
 Schedule: linear warm-up, then cosine decay, for every group; AdamW groups have their gradient norm
 clipped separately (sign steps need no clipping). The loss is the relative squared error
 ``||block(x) - y||^2 / ||y||^2`` of a batch.
@@ -132,6 +135,8 @@ def train_block(index: int, block: nn.Module, fp_block: nn.Module, inputs: list[
     if "rounding" in train:
         optimizers.append(SignSGD([m.round_offset for m in layers], lr=rounding_lr or 1.0 / max(steps, 1)))
     schedules = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: _factor(s, steps, warmup_ratio)) for o in optimizers]
+    trained = [p for m in layers for p in m.parameters() if p.requires_grad]
+    best = (held_curve[0][1], 0, [p.detach().clone() for p in trained]) if n_held else None
     order: list[int] = []
     rng = random.Random(seed * 7_919 + index)
     check_every = max(1, steps // 4)
@@ -162,12 +167,19 @@ def train_block(index: int, block: nn.Module, fp_block: nn.Module, inputs: list[
             if n_held and ((step + 1) % check_every == 0 or step + 1 == steps):
                 block.eval()
                 held_curve.append((step + 1, relative_mse(block, held_x, held_y, kwargs)))
+                if held_curve[-1][1] < best[0]:
+                    best = (held_curve[-1][1], step + 1, [p.detach().clone() for p in trained])
+    if best is not None:  # keep the checkpoint (GPTQ's own state included) with the lowest held-out loss
+        with torch.no_grad():
+            for p, kept in zip(trained, best[2]):
+                p.copy_(kept)
     changes = [m.changes() for m in layers]
     block.eval().requires_grad_(False)
     return {"relative_mse_before": before, "relative_mse_after": relative_mse(block, inputs, targets, kwargs),
             "steps": steps, "train": sorted(train), "train_batches": len(fit), "holdout_batches": n_held,
             "holdout_before": held_curve[0][1] if held_curve else None,
-            "holdout_after": held_curve[-1][1] if held_curve else None, "holdout_curve": held_curve,
+            "holdout_after": best[0] if best else None, "holdout_curve": held_curve,
+            "kept_step": best[1] if best else steps,
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
             "codes_changed": sum(c["codes_changed"] for c in changes) / max(len(changes), 1),
             "scale_shift": sum(c["scale_shift"] for c in changes) / max(len(changes), 1),
