@@ -109,22 +109,52 @@ def _spy(recorded: dict):
     return reconstruct
 
 
-def test_packed_checkpoint_reproduces_the_trained_blocks(world, tmp_path, monkeypatch):
-    """recover --steps 0 --blockwise-steps N: the checkpoint computes what the trained GridLinear blocks computed."""
+@pytest.fixture(scope="module")
+def v2_run(world, tmp_path_factory):
+    """recover --steps 0 --blockwise-steps 6 (all three trainable), recording each trained block before packing."""
     recorded: dict = {}
-    monkeypatch.setattr(blockwise, "reconstruct_block", _spy(recorded))
+    out = tmp_path_factory.mktemp("v2run") / "out"
     # no hold-out: the final trained state is kept whatever it scores, so the grid has surely moved
     rcfg = RecoverConfig(steps=0, blockwise_steps=6, noise="none", blockwise_lr=3e-3, blockwise_holdout=0.0,
                          blockwise_train="salient,scales,rounding", train_data=str(world["root"] / "train.txt"))
     ecfg = EvalConfig(ppl_data=str(world["root"] / "eval.txt"), seq_len=32, max_windows=4)
-    run_recover(str(world["src"]), tmp_path / "out", world["qcfg"], rcfg, ecfg, progress=False)
-    model = load(tmp_path / "out")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(blockwise, "reconstruct_block", _spy(recorded))
+        run_recover(str(world["src"]), out, world["qcfg"], rcfg, ecfg, progress=False)
+    return out, recorded
+
+
+def test_packed_checkpoint_reproduces_the_trained_blocks(v2_run):
+    """The checkpoint computes what the trained GridLinear blocks computed (fp16 scales and salient columns)."""
+    out, recorded = v2_run
+    model = load(out)
     assert sorted(recorded) == [0, 1]
     for i, (inputs, kwargs, outs, changes) in recorded.items():
         assert any(c["codes_changed"] > 0 for c in changes) and any(c["scale_shift"] > 0 for c in changes)
         again = run_block(model.model.layers[i], inputs, kwargs)
         for a, b in zip(again, outs):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_v2_checkpoint_exports_to_gptq_lora_and_runs_in_transformers_peft(v2_run, tmp_path):
+    """Learned codes and scales are ordinary GPTQ tensors: the export's logits are the native checkpoint's."""
+    pytest.importorskip("optimum")
+    pytest.importorskip("gptqmodel")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, GPTQConfig
+
+    from gift_quant.export import ADAPTER_DIR, export_gptq_lora
+
+    out, _ = v2_run
+    export_gptq_lora(out, tmp_path / "export")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.float32, device_map="cpu",
+                                                quantization_config=GPTQConfig(bits=2, backend="torch"))
+    peft_model = PeftModel.from_pretrained(base, str(tmp_path / "export" / ADAPTER_DIR))
+    ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = load(out)(ids).logits
+        got = peft_model(ids).logits
+    assert ((got - ref).norm() / ref.norm()) < 1e-3
 
 
 def test_block_stage_v2_resumes_per_block_and_reports_held_out_loss(world, tmp_path):

@@ -164,8 +164,10 @@ class GridLinear(nn.Module):
 
     @torch.no_grad()
     def clamp_offsets(self) -> None:
+        """Offsets back into [-0.5, 0.5]; scale multipliers kept positive (a stored scale must be > 0)."""
         if self.round_offset is not None:
             self.round_offset.clamp_(-0.5, 0.5)
+        self.scale_mult.clamp_(min=1e-3)
 
     # ------------------------------------------------------------------ back to the packed form
 
