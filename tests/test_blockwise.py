@@ -43,7 +43,9 @@ def _quantize(src, qcfg, rcfg, run_dir):
 @pytest.mark.parametrize("target", ["fp-prefix", "quant-prefix"])
 def test_blockwise_lowers_every_block_error_and_only_moves_salient_columns(setup, tmp_path, target):
     root, src, qcfg = setup
-    rcfg = RecoverConfig(steps=0, blockwise_steps=12, blockwise_lr=3e-3, blockwise_target=target)
+    # two calibration batches: nothing held out (one held batch would leave one to train on)
+    rcfg = RecoverConfig(steps=0, blockwise_steps=12, blockwise_lr=3e-3, blockwise_target=target,
+                         blockwise_train="salient", blockwise_holdout=0.0)
     plain, _ = _quantize(src, qcfg, None, None)
     model, report = _quantize(src, qcfg, rcfg, tmp_path / "run")
     recs = {json.dumps(m["blockwise"], sort_keys=True): m["blockwise"] for m in report.layers.values()}
@@ -77,8 +79,10 @@ def test_recover_with_kd_on_plain_text_and_blockwise_end_to_end(setup, tmp_path)
     assert [m["step"] for m in metrics] == [1, 2, 3] and all(m["loss"] >= 0 for m in metrics)
     stages = json.loads((out / "run" / "stages.json").read_text())
     assert stages["recover"]["teacher_mb"] > 0
-    assert summary["ppl_fp"] > 0 and summary["gap_closed"] == pytest.approx(
-        (summary["ppl_before"] - summary["ppl_after"]) / (summary["ppl_before"] - summary["ppl_fp"]))
+    fp, before, after = summary["ppl_fp"], summary["ppl_before"], summary["ppl_after"]
+    # a random tiny model can score better quantized than in full precision: then there is no gap to close
+    expected = pytest.approx((before - after) / (before - fp)) if before > fp else None
+    assert fp > 0 and summary["gap_closed"] == expected
     md = (out / "summary.md").read_text()
     assert f"{summary['ppl_after']:.3f}" in md and "loss kd" in md and "block-wise 2 steps per block" in md
     model = load(out)  # the packed result loads like any checkpoint
@@ -110,7 +114,8 @@ def test_blockwise_only_recover_skips_end_to_end_training(setup, tmp_path):
     ecfg = EvalConfig(ppl_data=str(root / "eval.txt"), seq_len=32, max_windows=4)
     summary = run_recover(str(src), tmp_path / "out", qcfg, rcfg, ecfg, runtime=QUIET_CPU)
     assert not (tmp_path / "out" / "run" / "recover" / "metrics.jsonl").exists()
-    assert summary["ppl_after"] == pytest.approx(summary["ppl_before"], rel=1e-5)  # same model, evaluated twice
+    # the block stage's result is the final model (evaluated twice); "before" is the untrained GPTQ model
+    assert summary["ppl_after"] == pytest.approx(summary["ppl_after_blockwise"], rel=1e-5)
 
 
 def test_plain_text_training_leaves_out_calibration_documents(setup):

@@ -48,3 +48,24 @@ def test_report_computes_gap_closed_against_each_start(tmp_path):
     assert rows["paper"]["window_low"] == pytest.approx(0.1)  # identical windows: no spread
     assert (tmp_path / "results" / "gap_closed.png").stat().st_size > 1000
     assert "kd-text" in (tmp_path / "results" / "study.md").read_text()
+
+
+def test_report_scores_the_second_domain_against_its_own_start_and_fp(tmp_path):
+    study = _tool()
+    jobs = tmp_path / "runs" / "jobs"
+    jobs.mkdir(parents=True)
+
+    def job(name, **row):
+        (jobs / f"{name}.json").write_text(json.dumps(row))
+
+    job("fp", config="fp", bits=3, seed=0, ppl=20.0, ppl_2=10.0)
+    job("start", config="start", bits=3, seed=0, ppl=40.0, ppl_2=30.0, window_nll=[math.log(40.0)] * 4,
+        window_nll_2=[math.log(30.0)] * 4)
+    # Wikipedia: 40 -> 30 closes 50 %; speeches: 30 -> 25 closes 25 % of 30 -> 10
+    job("bw2", config="bw2+kd", bits=3, seed=0, ppl=30.0, ppl_2=25.0, window_nll=[math.log(30.0)] * 4,
+        window_nll_2=[math.log(25.0)] * 4)
+    row = study.report(tmp_path / "runs", tmp_path / "results")[0]
+    assert row["gap_mean"] == pytest.approx(0.5) and row["gap2_mean"] == pytest.approx(0.25)
+    assert row["window2_low"] == pytest.approx(0.25)
+    line = next(ln for ln in (tmp_path / "results" / "study.md").read_text().splitlines() if "bw2+kd" in ln)
+    assert "25.0 % (windows: 25.0 to 25.0)" in line and "50.0 %" in line

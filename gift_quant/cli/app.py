@@ -140,11 +140,15 @@ def cmd_recover(a) -> dict:
     _check_run(a, qcfg, rcfg, ecfg)
     res = run_recover(a.model_dir, a.out, qcfg, rcfg, ecfg, overwrite=a.overwrite, runtime=_runtime(a, recipe),
                       keep_intermediate=a.keep_intermediate)
-    before = "after block-wise reconstruction" if rcfg.blockwise_steps else "before recovery"
     gap = "" if res.get("gap_closed") is None else f", {100 * res['gap_closed']:.1f} % of the gap closed"
+    block = ""
+    if res.get("ppl_after_blockwise") is not None:
+        share = res.get("gap_closed_blockwise")
+        block = (f" -> {res['ppl_after_blockwise']:.3f} after the block stage"
+                 + ("" if share is None else f" ({100 * share:.1f} % of the gap)"))
     print(f"wrote {res['out']}: GIFT-SW {res['variant']} w{res['bits']} ({res['effective_bits']:.3f} bits/weight), "
-          f"loss {rcfg.loss}, perplexity {res['ppl_before']:.3f} {before} -> {res['ppl_after']:.3f} after "
-          f"(full precision {res['ppl_fp']:.3f}{gap}); summary in {res['out']}/summary.md")
+          f"loss {rcfg.loss}, perplexity {res['ppl_before']:.3f} before recovery{block} -> {res['ppl_after']:.3f} "
+          f"after (full precision {res['ppl_fp']:.3f}{gap}); summary in {res['out']}/summary.md")
     return res
 
 
@@ -327,7 +331,11 @@ def _recover_overrides(a) -> dict:
             "gradient_checkpointing": a.gradient_checkpointing, "seed": a.seed, "loss": a.loss,
             "kd_temperature": a.kd_temperature, "ce_weight": a.ce_weight, "teacher_device": a.teacher_device,
             "blockwise_steps": a.blockwise_steps, "blockwise_lr": a.blockwise_lr,
-            "blockwise_target": a.blockwise_target}
+            "blockwise_target": a.blockwise_target, "blockwise_train": a.blockwise_train,
+            "blockwise_scales_lr": a.blockwise_scales_lr, "blockwise_rounding_lr": a.blockwise_rounding_lr,
+            "blockwise_warmup_ratio": a.blockwise_warmup_ratio, "blockwise_holdout": a.blockwise_holdout,
+            "blockwise_noise": a.blockwise_noise,
+            "train": a.train, "scales_lr": a.scales_lr}
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -79,9 +79,27 @@ def add_recover_flags(p: argparse.ArgumentParser) -> None:
                    help="where the full-precision teacher runs (cpu keeps it off the accelerator)")
     p.add_argument("--blockwise-steps", type=int, default=None,
                    help="block-wise reconstruction steps per block right after its GPTQ (0 = off)")
-    p.add_argument("--blockwise-lr", type=float, default=None, help="block-wise learning rate (default 1e-3)")
+    p.add_argument("--blockwise-lr", type=float, default=None,
+                   help="block-wise learning rate of the salient columns (default 1e-3)")
     p.add_argument("--blockwise-target", choices=["fp-prefix", "quant-prefix"], default=None,
                    help="block-wise targets: fp block on fp inputs (default) or on the quantized prefix's")
+    p.add_argument("--blockwise-train", default=None, metavar="SETS",
+                   help="what the block stage trains: a comma list of salient, scales, rounding "
+                        "(default all three)")
+    p.add_argument("--blockwise-scales-lr", type=float, default=None,
+                   help="block-stage lr of the scale multipliers (and asymmetric zeros; default 5e-3)")
+    p.add_argument("--blockwise-rounding-lr", type=float, default=None,
+                   help="block-stage signed-gradient lr of the rounding offsets (default 1 / --blockwise-steps)")
+    p.add_argument("--blockwise-warmup-ratio", type=float, default=None,
+                   help="block-stage linear warm-up share of the steps (default 0.05)")
+    p.add_argument("--blockwise-holdout", type=float, default=None,
+                   help="share of the calibration batches held out of block training, loss logged (default 0.125)")
+    p.add_argument("--blockwise-noise", choices=NOISE_KINDS, default=None,
+                   help="the block stage's noise on the non-salient weights (default: as --noise)")
+    p.add_argument("--train", default=None, metavar="SETS",
+                   help="what end-to-end training trains: salient (default) or salient,scales")
+    p.add_argument("--scales-lr", type=float, default=None,
+                   help="end-to-end lr of the scale multipliers (default 1e-4)")
     p.add_argument("--steps", type=int, default=None,
                    help="end-to-end optimizer steps (default 100; 0 = block-wise only)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default 3e-4)")
@@ -89,7 +107,8 @@ def add_recover_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per step")
     p.add_argument("--warmup-ratio", type=float, default=None)
     p.add_argument("--train-data", default=None,
-                   help="named dataset, file or HF name (default sotu for recover, natural-instructions for finetune)")
+                   help="named dataset, file or HF name (default sotu for recover, natural-instructions for "
+                        "finetune); join several with + for an even mix, e.g. sotu+boolq-passages:train")
     p.add_argument("--eval-data", default=None, help="held-out text for periodic eval during training")
     p.add_argument("--save-every", type=int, default=None, help="save resumable state every N steps")
     p.add_argument("--gradient-checkpointing", action="store_true", default=None)

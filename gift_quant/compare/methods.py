@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..config.settings import EvalConfig, QuantizeConfig, RecoverConfig, Runtime
+from ..config.settings import E2E_TRAINABLE, EvalConfig, QuantizeConfig, RecoverConfig, Runtime, trainable_sets
 from ..model.loading import load_model, resolve_device
 from ..packed.checkpoint import load, read_gift_config, save_checkpoint
 from ..workflows.stages import convert_recovered, prepare_recovery, quantize_to_checkpoint, train_stage
@@ -155,8 +155,10 @@ def _salient_training(noise_of: Callable[[Job], str]):
     """Post-training recovery of the salient columns (GIFT-SW post; without noise: salient fine-tuning)."""
     def build(job: Job):
         quantized(job, job.salient_base, job.qcfg)
-        noise = dataclasses.replace(job.rcfg, noise=noise_of(job)).noise_spec(job.qcfg.bits)
-        model = prepare_recovery(job.salient_base, job.src, noise.kind, noise.bits, job.rcfg.seed)
+        rcfg = dataclasses.replace(job.rcfg, noise=noise_of(job))
+        noise = rcfg.noise_spec(job.qcfg.bits)
+        model = prepare_recovery(job.salient_base, job.src, noise.kind, noise.bits, rcfg.seed, runtime=job.runtime,
+                                 train=trainable_sets(rcfg.train, E2E_TRAINABLE, "--train"))
         job.train(model)
         convert_recovered(model)
         return (model, *job.save(model, {"method": job.method}))

@@ -257,6 +257,15 @@ class RecoverConfig:
     blockwise_steps: int = 0  # 0: off
     blockwise_lr: float = 1e-3  # one step = one calibration batch (--calib-batch-size windows)
     blockwise_target: str = "fp-prefix"  # fp-prefix: fp block on fp inputs; quant-prefix: fp block on quantized inputs
+    # --- recovery v2 (issue 21): what trains in each stage, each group at its own learning rate ---
+    train: str = "salient"  # end-to-end trainable sets, comma-separated from E2E_TRAINABLE
+    scales_lr: float = 1e-4  # end-to-end lr of the scale multipliers (scale = stored scale x multiplier)
+    blockwise_train: str = "salient,scales,rounding"  # block-stage trainable sets, from BLOCKWISE_TRAINABLE
+    blockwise_scales_lr: float = 5e-3  # block-stage lr (AdamW) of the scale multipliers and asymmetric zeros
+    blockwise_rounding_lr: float | None = None  # signed-gradient lr of the rounding offsets; None: 1 / steps
+    blockwise_warmup_ratio: float = 0.05  # linear warm-up share of the block steps, then cosine decay
+    blockwise_holdout: float = 0.125  # share of the calibration batches held out of block training (loss logged)
+    blockwise_noise: str | None = None  # the block stage's noise (normal | uniform | none); None: --noise
 
     def __post_init__(self):
         if self.variant not in ("post", "pre"):
@@ -291,6 +300,7 @@ class RecoverConfig:
             raise GiftQuantError("--variant pre trains the full-precision model first: give --steps > 0")
         if self.steps == 0 and self.blockwise_steps == 0:
             raise GiftQuantError("nothing to train: give --steps > 0 (end-to-end) and/or --blockwise-steps > 0")
+        check_recovery_v2(self)
 
     def noise_spec(self, target_bits: int) -> NoiseSpec:
         """The noise of this run when quantizing to ``target_bits``: the one place it is decided.
@@ -305,6 +315,42 @@ class RecoverConfig:
         if self.variant == "pre":
             return target_bits
         return 4 if self.noise_bits is None else self.noise_bits
+
+
+# What can train in each stage (recover/grid_params.py): the salient columns, the grid's scales (and zero
+# points when asymmetric), and the rounding of the non-salient weights (block stage only: end to end the codes
+# stay fixed, as in EfficientQAT's E2E-QP).
+E2E_TRAINABLE = ("salient", "scales")
+BLOCKWISE_TRAINABLE = ("salient", "scales", "rounding")
+
+
+def trainable_sets(text: str, known: tuple[str, ...], flag: str) -> frozenset[str]:
+    """``"salient,scales"`` -> its names, each checked against ``known``; an empty list or unknown name is an error."""
+    names = [n.strip() for n in str(text).split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        got = f"unknown trainable {unknown[0]!r}" if unknown else "no trainable set given"
+        raise GiftQuantError(f"{flag} {text!r}: {got}; choose a comma list of {', '.join(known)}")
+    return frozenset(names)
+
+
+def check_recovery_v2(cfg: RecoverConfig) -> None:
+    """Recovery v2's settings (issue 21): trainable names, learning rates, hold-out share; one-line errors."""
+    train = trainable_sets(cfg.train, E2E_TRAINABLE, "--train")
+    trainable_sets(cfg.blockwise_train, BLOCKWISE_TRAINABLE, "--blockwise-train")
+    for name in ("lr", "blockwise_lr", "scales_lr", "blockwise_scales_lr", "blockwise_rounding_lr"):
+        v = getattr(cfg, name)
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise GiftQuantError(f"--{name.replace('_', '-')} must be a positive finite learning rate (got {v})")
+    if not 0 <= cfg.blockwise_warmup_ratio < 1:
+        raise GiftQuantError(f"--blockwise-warmup-ratio must be in [0, 1) (got {cfg.blockwise_warmup_ratio})")
+    if cfg.blockwise_noise is not None and cfg.blockwise_noise not in NOISE_KINDS:
+        raise GiftQuantError(f"--blockwise-noise must be one of {', '.join(NOISE_KINDS)} (got {cfg.blockwise_noise!r})")
+    if not 0 <= cfg.blockwise_holdout <= 0.5:
+        raise GiftQuantError(f"--blockwise-holdout must be in [0, 0.5] (got {cfg.blockwise_holdout})")
+    if "scales" in train and cfg.variant == "pre":
+        raise GiftQuantError("--train scales needs a quantized model to train: --variant pre trains the "
+                             "full-precision model, which has no grid yet; use --variant post")
 
 
 SECTIONS = {"quantize": QuantizeConfig, "eval": EvalConfig, "recover": RecoverConfig, "runtime": Runtime}
@@ -377,7 +423,8 @@ def build(cls: type, recipe: dict[str, dict[str, Any]], section: str, overrides:
         raise GiftQuantError(f"bad {section} settings: {exc}") from exc
 
 
-__all__ = ["DEFAULT_CALIB_DATA", "DEFAULT_PEFT_TRAIN_DATA", "DEFAULT_PPL_DATA", "DEFAULT_TRAIN_DATA", "DTYPE_NAMES",
-           "GRID_BITS", "GROUP_LAYOUTS", "NOISE_KINDS", "SALIENT_DTYPES", "SECTIONS", "SPEC_FIELDS", "SUPPORTED_BITS",
-           "EvalConfig", "NoiseSpec", "QuantSpec", "QuantizeConfig", "RecoverConfig", "Runtime", "build", "check_type",
-           "read_recipe"]
+__all__ = ["BLOCKWISE_TRAINABLE", "DEFAULT_CALIB_DATA", "DEFAULT_PEFT_TRAIN_DATA", "DEFAULT_PPL_DATA",
+           "DEFAULT_TRAIN_DATA", "DTYPE_NAMES", "E2E_TRAINABLE", "GRID_BITS", "GROUP_LAYOUTS", "NOISE_KINDS",
+           "SALIENT_DTYPES", "SECTIONS", "SPEC_FIELDS", "SUPPORTED_BITS", "EvalConfig", "NoiseSpec", "QuantSpec",
+           "QuantizeConfig", "RecoverConfig", "Runtime", "build", "check_recovery_v2", "check_type", "read_recipe",
+           "trainable_sets"]

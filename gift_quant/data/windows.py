@@ -1,7 +1,8 @@
 """Documents -> fixed-length token windows for calibration (seeded random offsets) and perplexity (consecutive).
 
-Both read the documents as one token stream, each document followed by EOS. Calibration shuffles the
+All read the documents as one token stream, each document followed by EOS. Calibration shuffles the
 documents with the seed, tokenizes only as much as its draw needs, and cuts windows at seeded offsets;
+plain-text training (`random_windows`) cuts them at seeded offsets across every document;
 `calibration_documents` names the documents such a draw read, so training on the same source can
 leave them out. Evaluation cuts the stream, in order, into non-overlapping windows (the GPTQ paper's
 protocol). Training windows, with prompts masked out of the labels, are data/examples.py's.
@@ -61,6 +62,25 @@ def calibration_windows(tokenizer, docs: list[str], n_samples: int, seq_len: int
 def calibration_documents(tokenizer, docs: list[str], n_samples: int, seq_len: int, seed: int) -> list[str]:
     """The documents a calibration draw reads: training on the same source must leave these out."""
     return _calibration_stream(tokenizer, docs, n_samples, seq_len, seed)[1]
+
+
+def random_windows(tokenizer, docs: list[str], n_windows: int, seq_len: int, seed: int,
+                   source: str = "training data") -> torch.Tensor:
+    """(n_windows, seq_len) windows at seeded random offsets of ALL the documents' token stream (training text).
+
+    Unlike consecutive packing, which reads the first few shuffled documents and stops, every position of
+    every document is equally likely to be drawn, so a short run still sees the whole source's variety.
+    Windows may overlap when more tokens are asked for than the source holds.
+    """
+    if n_windows <= 0 or seq_len <= 0:
+        raise GiftQuantError(f"{source}: need a positive number of windows and length (got {n_windows}, {seq_len})")
+    ids = _token_stream(tokenizer, docs, None)
+    if len(ids) < seq_len:
+        raise GiftQuantError(f"{source} is too short: {len(ids)} tokens for one training window of {seq_len}; "
+                             "give more text or a smaller --seq-len")
+    rng = random.Random(seed)
+    starts = [rng.randrange(0, len(ids) - seq_len + 1) for _ in range(n_windows)]
+    return torch.tensor([ids[s : s + seq_len] for s in starts], dtype=torch.long)
 
 
 def eval_windows(tokenizer, docs: list[str], seq_len: int, max_windows: int | None = None,

@@ -39,7 +39,7 @@ _STATE = r"(recover|train)/(metrics\.jsonl|state/(trainable\.safetensors|optimiz
          r"step\.json|sha256\.json))"
 RUN_LAYOUT = (r"(run|stages|files)\.json", r"salient\.(safetensors|tmp)",
               r"blocks/block_\d{3}\.(safetensors|json|tmp)", r"sensitivity/block_\d{3}\.(safetensors|tmp)", _STATE,
-              *(rf"(quantized|recovered)/{n}" for n in (*_HF_WEIGHTS, r"gift_quant_config\.json")),
+              *(rf"(quantized|recovered|start)/{n}" for n in (*_HF_WEIGHTS, r"gift_quant_config\.json")),
               *(rf"trained/{n}" for n in _HF_WEIGHTS))
 # an export folder, when its record predates the ``files`` list
 EXPORT_LAYOUT = (*_HF_WEIGHTS, r"quantize_config\.json", r"model\.gguf", r"salient-lora\.gguf", _ADAPTER,
@@ -61,11 +61,11 @@ def _tokenizer_file(rel: str) -> bool:
 
 def _ours_in_run(rel: str) -> bool:
     """``rel``: a path under run/ (stage checkpoints nest their own run/: ``quantized/run/blocks/...``)."""
-    for stage in ("quantized/run/", "recovered/run/"):
+    for stage in ("quantized/run/", "recovered/run/", "start/run/"):
         if rel.startswith(stage):
             return _ours_in_run(rel[len(stage):])
     head, _, tail = rel.partition("/")
-    if head in ("quantized", "recovered", "trained") and _tokenizer_file(tail):
+    if head in ("quantized", "recovered", "trained", "start") and _tokenizer_file(tail):
         return True
     return _matches(rel, RUN_LAYOUT)
 

@@ -80,10 +80,11 @@ def score_layer(linear: nn.Linear, stats: ColumnStats, cfg: QuantizeConfig, name
 
 
 def quantize_layer(linear: nn.Linear, stats: ColumnStats, hessian: torch.Tensor, cfg: QuantizeConfig, name: str,
-                   fixed_salient: torch.Tensor | None = None):
+                   fixed_salient: torch.Tensor | None = None, prerounded: dict | None = None):
     """Score, select and GPTQ one linear -> (QuantLinear, scores, salient, metrics dict).
 
-    ``fixed_salient`` skips the selection (pre-GIFT-SW quantizes with the columns it trained).
+    ``fixed_salient`` skips the selection (pre-GIFT-SW quantizes with the columns it trained);
+    ``prerounded`` (a dict) receives ``name`` -> GPTQ's values right before rounding (GPTQResult.prerounded).
     """
     spec = GridSpec(bits=cfg.bits, sym=cfg.sym, group_size=cfg.group_size, clip=cfg.clip)
     weight = linear.weight.detach().float()
@@ -104,6 +105,8 @@ def quantize_layer(linear: nn.Linear, stats: ColumnStats, hessian: torch.Tensor,
     res.salient_weight = res.salient_weight.to(sal_dtype).float()
     qlin = QuantLinear.from_parts(res.codes, res.scales, res.zeros, res.g_idx, res.salient_idx,
                                   res.salient_weight, cfg.spec, linear.bias)
+    if prerounded is not None:
+        prerounded[name] = res.prerounded
     ref = layer_error(weight, torch.zeros_like(weight), hessian)
     err = layer_error(weight, res.dequantized(), hessian)
     metrics = {
@@ -157,11 +160,13 @@ def _load_block(run_dir: Path, i: int, block: nn.Module, cfg: QuantizeConfig) ->
 
 
 def _quantize_block(block: nn.Module, qualifier: str, inputs, kwargs, cfg: QuantizeConfig, device: torch.device,
-                    report: QuantizeReport, score_only: bool, fixed_salient: dict[str, torch.Tensor] | None):
+                    report: QuantizeReport, score_only: bool, fixed_salient: dict[str, torch.Tensor] | None,
+                    prerounded: dict | None = None):
     """GPTQ every linear of one block in sequential groups (in place) -> (qlins, scores, salient, metrics).
 
     Members of a group share one input, whose statistics are accumulated once; each group sees the
     outputs of the groups quantized before it. ``score_only`` fills ``report.salient`` and changes nothing.
+    ``prerounded`` (a dict) receives each linear's (block-local name) pre-rounding values.
     """
     qlins, scores, salient, metrics = {}, {}, {}, {}
     for group in sequential_groups(block, inputs[0], kwargs):
@@ -175,7 +180,9 @@ def _quantize_block(block: nn.Module, qualifier: str, inputs, kwargs, cfg: Quant
                 _, report.salient[qualified] = score_layer(lin, stats, cfg, qualified)
                 continue
             fixed = None if fixed_salient is None else fixed_salient[qualified]
-            q, s, sal, m = quantize_layer(lin, stats, hessian, cfg, qualified, fixed)
+            q, s, sal, m = quantize_layer(lin, stats, hessian, cfg, qualified, fixed, prerounded)
+            if prerounded is not None:
+                prerounded[name] = prerounded.pop(qualified)
             set_module(block, name, q)
             qlins[name], scores[name], salient[name], metrics[name] = q, s, sal, m
             report.salient[qualified] = sal
@@ -192,10 +199,11 @@ def quantize_model(model: nn.Module, windows: torch.Tensor, cfg: QuantizeConfig,
     ``score_only``: only select salient columns (``report.salient``), leave the weights untouched;
     ``fixed_salient``: qualified name -> salient indices to use instead of selecting them.
     ``run_dir`` None disables the per-block artifacts (and so resuming).
-    ``reconstruct(i, block, fp_block, inputs, targets, kwargs) -> metrics``: called right after block i is
-    quantized, before it is saved and its outputs feed block i + 1 (block-wise reconstruction,
-    recover/blockwise.py). ``targets`` are the full-precision block's outputs on the full-precision
-    model's inputs (``fp-prefix``) or on the quantized prefix's (``quant-prefix``).
+    ``reconstruct(i, block, fp_block, inputs, targets, kwargs, prerounded=...) -> metrics``: called right after
+    block i is quantized, before it is saved and its outputs feed block i + 1 (block-wise reconstruction,
+    recover/blockwise.py); ``prerounded``: block-local linear name -> GPTQ's values right before rounding.
+    ``targets`` are the full-precision block's outputs on the full-precision model's inputs (``fp-prefix``)
+    or on the quantized prefix's (``quant-prefix``).
     """
     t0 = time.perf_counter()
     prefix, blocks = find_blocks(model)
@@ -216,11 +224,13 @@ def quantize_model(model: nn.Module, windows: torch.Tensor, cfg: QuantizeConfig,
             for name, q in qlins.items():
                 set_module(block, name, q.to(device))
         else:
+            pre = {} if reconstruct is not None and not score_only else None
             qlins, scores, salient, metrics = _quantize_block(block, f"{prefix}.{i}", inputs, kwargs, cfg, device,
-                                                              report, score_only, fixed_salient)
+                                                              report, score_only, fixed_salient, pre)
             if reconstruct is not None and not score_only:
                 targets = run_block(fp_block, fp_inputs if fp_prefix else inputs, kwargs)
-                rec = reconstruct(i, block, fp_block, inputs, targets, kwargs)
+                rec = reconstruct(i, block, fp_block, inputs, targets, kwargs, prerounded=pre)
+                del pre
                 qlins = dict(block_linears(block))
                 for name in metrics:
                     metrics[name]["blockwise"] = rec

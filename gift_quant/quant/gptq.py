@@ -34,6 +34,10 @@ class GPTQResult:
     salient_idx: torch.Tensor  # (K,) int64, ascending
     salient_weight: torch.Tensor  # (out, K) float32, GPTQ-compensated values
     loss: float  # GPTQ's own objective: sum over rounded columns of err^2 / (2 d^2)
+    # (out, in) float32: each rounded column's value right before GPTQ rounded it (error updates included),
+    # the salient columns' final values elsewhere; ``quantize_codes(prerounded, scale, zero)`` gives ``codes``.
+    # Block-wise reconstruction learns the rounding from here (recover/grid_params.py).
+    prerounded: torch.Tensor | None = None
 
     def dequantized(self) -> torch.Tensor:
         """The effective weight: dequantized codes with the salient columns inserted."""
@@ -114,12 +118,16 @@ def _gptq(weight, hessian, spec, salient_idx, act_order, static_groups, block_si
 
     Wp = W[:, order]
     Hinv = damped_inverse_cholesky(H[order][:, order], damp)
-    codes_p, loss = _round_columns(Wp, Hinv, n_rounded, g_pos, fit_width, spec, scales, zeros, block_size)
+    pre_p = torch.empty_like(Wp)
+    codes_p, loss = _round_columns(Wp, Hinv, n_rounded, g_pos, fit_width, spec, scales, zeros, block_size, pre_p)
+    pre_p[:, n_rounded:] = Wp[:, n_rounded:]
 
     codes = torch.empty(out_f, in_f, dtype=torch.int32, device=dev)
     codes[:, order[:n_rounded]] = codes_p.to(torch.int32)
     salient_cols = order[n_rounded:]
     codes[:, salient_cols] = zeros[:, plan.g_idx[salient_cols].long()].to(torch.int32)
+    prerounded = torch.empty(out_f, in_f, dtype=torch.float32, device=dev)
+    prerounded[:, order] = pre_p.float()
     return GPTQResult(
         codes=codes,
         scales=scales,
@@ -128,6 +136,7 @@ def _gptq(weight, hessian, spec, salient_idx, act_order, static_groups, block_si
         salient_idx=salient_cols.cpu(),
         salient_weight=Wp[:, n_rounded:].float().contiguous(),
         loss=loss,
+        prerounded=prerounded,
     )
 
 
@@ -142,10 +151,11 @@ def _fit_groups_upfront(W, sal, plan, spec, scales, zeros) -> None:
             scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
 
 
-def _round_columns(Wp, Hinv, n_rounded, g_pos, fit_width, spec, scales, zeros, block_size):
+def _round_columns(Wp, Hinv, n_rounded, g_pos, fit_width, spec, scales, zeros, block_size, pre_p=None):
     """GPTQ's loop over the first ``n_rounded`` columns of ``Wp`` (processing order), updating Wp in place.
 
-    Returns (codes of those columns, GPTQ's loss). ``fit_width`` (lazy fitting) is the group's width at
+    Returns (codes of those columns, GPTQ's loss); ``pre_p`` (when given) receives each column's value
+    right before it is rounded. ``fit_width`` (lazy fitting) is the group's width at
     the group's first position, else 0; None when every grid was fitted upfront.
     """
     dtype = Wp.dtype
@@ -171,6 +181,8 @@ def _round_columns(Wp, Hinv, n_rounded, g_pos, fit_width, spec, scales, zeros, b
             c = quantize_codes(w, s_g, z_g, spec.maxq)
             q = dequantize(c, s_g, z_g)
             codes_p[:, pos] = c
+            if pre_p is not None:
+                pre_p[:, pos] = w
             loss += ((w - q) ** 2).sum().double() / (2 * d * d).double()
             err = (w - q) / d
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)

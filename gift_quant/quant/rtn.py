@@ -35,4 +35,4 @@ def rtn_quantize(weight: torch.Tensor, spec: GridSpec, salient_idx: torch.Tensor
         codes[:, cols] = quantize_codes(w[:, cols], s, z, spec.maxq).to(torch.int32)
     codes[:, sal] = zeros[:, plan.g_idx[sal].long()].to(torch.int32)
     return GPTQResult(codes=codes, scales=scales, zeros=zeros, g_idx=plan.g_idx, salient_idx=sal,
-                      salient_weight=w[:, sal].contiguous(), loss=float("nan"))
+                      salient_weight=w[:, sal].contiguous(), loss=float("nan"), prerounded=w.clone())

@@ -28,6 +28,7 @@ from ..util.errors import GiftQuantError, writing
 from ..util.files import atomic_dir, atomic_write_text, sha256_file
 from .model import set_noise_key, trainable_state
 from .objective import Objective, Teacher, objective_loss
+from .scaled_layer import param_groups
 
 
 def warmup_cosine_schedule(optimizer, total_steps: int, warmup_ratio: float):
@@ -173,7 +174,8 @@ class _Loop:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("no trainable gift_ parameters: the model has no salient columns (K = 0)")
-        self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=settings.weight_decay)
+        groups = param_groups(model, settings.lr, settings.scales_lr)  # scale multipliers at their own lr
+        self.optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
         self.scheduler = warmup_cosine_schedule(self.optimizer, settings.steps, settings.warmup_ratio)
         self.objective = objective_of(settings)
         if self.objective.needs_teacher and teacher is None:

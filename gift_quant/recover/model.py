@@ -48,6 +48,8 @@ def quant_from_salient(s: SalientLinear, spec: QuantSpec | None = None) -> Quant
 
     The storage spec defaults to the one the layer carries from the packed layer it was built from.
     """
+    if hasattr(s, "sync_scales"):  # scaled_layer.ScaledSalientLinear: its scales trained since the last forward
+        s.sync_scales()
     spec = spec or s.spec
     if spec is None:
         raise TypeError("this SalientLinear was not built from a packed layer: give its QuantSpec")

@@ -1,8 +1,10 @@
 """The training stage shared by ``recover``, ``finetune`` and both ``compare`` modes.
 
 It turns the recovery settings into training and held-out windows, loads the full-precision teacher
-when the objective needs one, and runs `train`. Plain text from the same source as the calibration
-set is trained on with the calibration documents left out, so the two never share text.
+when the objective needs one, and runs `train`. The training text may be a mix of sources (``a+b``,
+even shares); plain text is cut at random offsets across all of a source's documents. Plain text from
+the same source as the calibration set is trained on with the calibration documents left out, so the
+two never share text.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 from ..config.settings import QuantizeConfig, RecoverConfig, Runtime
 from ..data.examples import pack_examples
 from ..data.sources import load_documents, load_records
-from ..data.windows import calibration_documents
+from ..data.windows import calibration_documents, random_windows
 from ..util.errors import GiftQuantError
 from .loop import train
 from .objective import Teacher
@@ -28,33 +30,69 @@ def _same_source(a: str, b: str, default_a: str, default_b: str) -> bool:
     return a == b
 
 
-def training_windows(tokenizer, rcfg: RecoverConfig, n_windows: int, qcfg: QuantizeConfig | None = None):
-    """((ids, labels), (held-out ids, labels) or None) for the recovery settings.
+def mix_parts(spec: str) -> list[str]:
+    """The sources of a training mix: ``"sotu+boolq-passages:train"`` -> both; an existing path is one source."""
+    if Path(spec).exists():
+        return [spec]
+    parts = [p.strip() for p in spec.split("+")]
+    if not all(parts):
+        raise GiftQuantError(f"--train-data {spec!r}: an empty source in the mix; join sources with +, "
+                             "e.g. sotu+boolq-passages:train")
+    return parts
 
-    With ``qcfg``, documents of its calibration draw are removed from training text of the same source.
-    """
-    from ..data import named
 
-    # a few records per window is plenty for instructions; named sets are stored shuffled, so the
-    # first N are a fair sample (plain-text documents give many windows each)
-    records = load_records(rcfg.train_data, default_split="train", limit=max(2000, 8 * n_windows))
-    if qcfg is not None and _same_source(rcfg.train_data, qcfg.calib_data, "train", "train"):
+def even_shares(n: int, k: int) -> list[int]:
+    """``n`` split into ``k`` near-equal counts (the first ones one larger when it does not divide)."""
+    return [n // k + (1 if i < n % k else 0) for i in range(k)]
+
+
+def _is_plain_text(records: list[dict]) -> bool:
+    return all("text" in r and not ({"prompt", "response", "messages"} & set(r)) for r in records)
+
+
+def _source_windows(tokenizer, spec: str, n_windows: int, rcfg: RecoverConfig, seed: int,
+                    qcfg: QuantizeConfig | None):
+    """(ids, labels) of one source: plain text at random offsets across every document, instructions packed."""
+    records = load_records(spec, default_split="train", limit=max(20_000, 8 * n_windows))
+    if qcfg is not None and _same_source(spec, qcfg.calib_data, "train", "train"):
         calib = set(calibration_documents(tokenizer, load_documents(qcfg.calib_data, default_split="train"),
                                           qcfg.calib_samples, qcfg.seq_len, qcfg.seed))
         records = [r for r in records if r.get("text") not in calib]
         if not records:
-            raise GiftQuantError(f"--train-data {rcfg.train_data}: every document is used for calibration; "
+            raise GiftQuantError(f"--train-data {spec}: every document is used for calibration; "
                                  "train on another source or split")
-    train = pack_examples(tokenizer, records, rcfg.seq_len, n_windows, rcfg.seed, source=rcfg.train_data)
+    if records and _is_plain_text(records):  # every token trains: cut windows anywhere in the source
+        docs = [str(r["text"]) for r in records if str(r["text"]).strip()]
+        ids = random_windows(tokenizer, docs, n_windows, rcfg.seq_len, seed, source=spec)
+        return ids, ids.clone()
+    return pack_examples(tokenizer, records, rcfg.seq_len, n_windows, seed, source=spec)
+
+
+def training_windows(tokenizer, rcfg: RecoverConfig, n_windows: int, qcfg: QuantizeConfig | None = None):
+    """((ids, labels), (held-out ids, labels) or None) for the recovery settings.
+
+    ``rcfg.train_data`` may be a mix (``a+b``): each source gives an even share of the windows. Plain text
+    is cut at seeded random offsets across all its documents; instruction records are packed with their
+    prompts masked. With ``qcfg``, documents of its calibration draw are removed from training text of the
+    same source. Held-out windows come from ``rcfg.eval_data``, else from each named source's validation split.
+    """
+    from ..data import named
+
+    parts = mix_parts(rcfg.train_data)
+    pieces = [_source_windows(tokenizer, spec, n, rcfg, rcfg.seed + 7_919 * k, qcfg)
+              for k, (spec, n) in enumerate(zip(parts, even_shares(n_windows, len(parts)))) if n > 0]
+    train = torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])
+    limit = max(200, 8 * rcfg.eval_windows)
     if rcfg.eval_data is not None:
-        held = load_records(rcfg.eval_data, default_split="validation", limit=max(200, 8 * rcfg.eval_windows))
-    elif named.is_named(rcfg.train_data):
-        held = load_records(rcfg.train_data.split(":")[0] + ":validation", default_split="validation",
-                            limit=max(200, 8 * rcfg.eval_windows))
+        held_parts = [(rcfg.eval_data, rcfg.eval_windows)]
+    elif all(named.is_named(p) for p in parts):
+        held_parts = [(p.split(":")[0] + ":validation", n)
+                      for p, n in zip(parts, even_shares(rcfg.eval_windows, len(parts))) if n > 0]
     else:
         return train, None
-    held_out = pack_examples(tokenizer, held, rcfg.seq_len, rcfg.eval_windows, rcfg.seed + 1, source="held-out data")
-    return train, held_out
+    held = [pack_examples(tokenizer, load_records(spec, default_split="validation", limit=limit), rcfg.seq_len, n,
+                          rcfg.seed + 1, source="held-out data") for spec, n in held_parts]
+    return train, (torch.cat([h[0] for h in held]), torch.cat([h[1] for h in held]))
 
 
 def load_teacher(src: Path | None, rcfg: RecoverConfig, device: torch.device,

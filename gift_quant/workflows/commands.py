@@ -14,10 +14,10 @@ import sys
 import time
 from pathlib import Path
 
-from ..config.settings import EvalConfig, QuantizeConfig, RecoverConfig, Runtime
+from ..config.settings import E2E_TRAINABLE, EvalConfig, QuantizeConfig, RecoverConfig, Runtime, trainable_sets
 from ..model.loading import check_lengths, load_model, load_tokenizer, parse_dtype, resolve_device, resolve_model_dir
 from ..packed.any_model import evaluable, load_any
-from ..packed.checkpoint import load, read_gift_config, save_checkpoint, verify_checkpoint
+from ..packed.checkpoint import is_checkpoint, load, read_gift_config, save_checkpoint, verify_checkpoint
 from ..packed.run_folder import (
     RUN_DIR,
     RunFiles,
@@ -28,7 +28,7 @@ from ..packed.run_folder import (
     remove_intermediate,
     warn,
 )
-from ..util.errors import writing
+from ..util.errors import GiftQuantError, writing
 from ..util.files import atomic_save_tensors, atomic_write_text
 from .stages import (
     blockwise_reconstructor,
@@ -82,6 +82,28 @@ def run_recover(model_dir: str | None, out: str | Path, qcfg: QuantizeConfig, rc
     return summary
 
 
+def check_source_model(src: Path, rcfg: RecoverConfig) -> None:
+    """Refuse a gift-quant checkpoint as ``recover``'s model before any work, saying where its source model is.
+
+    The block stage re-runs GPTQ block by block against the full-precision block's outputs, and the
+    distillation teacher is the full-precision model: both need the source model, which a checkpoint is not.
+    """
+    if not is_checkpoint(src):
+        return
+    try:
+        provenance = read_gift_config(src).get("provenance")
+        source = provenance.get("source_model") if isinstance(provenance, dict) else None
+    except (OSError, GiftQuantError):
+        source = None
+    where = (f"pass its source model folder {source}" if source and Path(source).is_dir()
+             else "its source model (provenance.source_model in its gift_quant_config.json"
+                  f"{': ' + str(source) if source else ''}) is not recorded or no longer exists: pass the "
+                  "full-precision model folder it was made from")
+    stage = (f"the block stage (--blockwise-steps {rcfg.blockwise_steps}) trains against the full-precision model"
+             if rcfg.blockwise_steps > 0 else "recover starts from the full-precision model")
+    raise GiftQuantError(f"{src} is a gift-quant checkpoint: {stage}; {where}")
+
+
 class _RecoverRun:
     """One ``recover`` run: its settings, run folder and stage record, and one method per stage."""
 
@@ -91,11 +113,13 @@ class _RecoverRun:
         self.out, self.qcfg, self.rcfg, self.ecfg = out, qcfg, rcfg, ecfg
         self.overwrite, self.runtime, self.trust = overwrite, runtime, runtime.trust_remote_code
         self.src = resolve_model_dir(model_dir)
+        check_source_model(self.src, rcfg)
         self.device = resolve_device(runtime.device)
         check_lengths(self.src, {"--seq-len": qcfg.seq_len, "recover.seq_len": rcfg.seq_len,
                                  "--ppl-seq-len": ecfg.seq_len}, self.trust)
         self.dtype = parse_dtype(qcfg.dtype)
         self.noise_bits = rcfg.resolved_noise_bits(qcfg.bits)
+        self.blockwise = rcfg.variant == "post" and rcfg.blockwise_steps > 0
         # Under torchrun / accelerate launch there is one process per rank: rank 0 alone claims the run and
         # runs every stage before training (the others wait, then find those stages finished and only load);
         # all ranks train; rank 0 alone writes the trained model, packs and evaluates.
@@ -115,10 +139,14 @@ class _RecoverRun:
             self.stages = Stages(self.run_dir)
             self._check_artifacts()
             self.salient = None if self.rcfg.variant == "post" else self._select(model)
+            if self.blockwise:  # the study's "before": GPTQ + salient columns with no recovery at all
+                self._quantize("start", self._fresh(), blockwise=False)
             self._quantize("quantized", model if self.rcfg.variant == "post" else self._fresh(),
                            blockwise=self.rcfg.variant == "post")
             del model
-            self._evaluate("eval_before", self.run_dir / "quantized", "ppl before")
+            self._evaluate("eval_before", self.run_dir / ("start" if self.blockwise else "quantized"), "ppl before")
+            if self.blockwise:
+                self._evaluate("eval_blockwise", self.run_dir / "quantized", "ppl after block stage")
             self._evaluate("eval_fp", None, "ppl full precision")
             self._say_before()
         trained = self._train()
@@ -147,6 +175,8 @@ class _RecoverRun:
             checks.append(("select", files.problem([self.run_dir / "salient.safetensors"])))
         if done("quantized") and not (done("eval_before") and (not post or done("recover"))):
             checks.append(("quantized", check_stage_checkpoint(self.run_dir / "quantized")))
+        if self.blockwise and done("start") and not done("eval_before"):
+            checks.append(("start", check_stage_checkpoint(self.run_dir / "start")))
         if not done("pack"):
             if post and done("recover"):
                 checks.append(("recover", check_stage_checkpoint(self.run_dir / "recovered")))
@@ -199,9 +229,11 @@ class _RecoverRun:
         """The first number a user waits for, as soon as it is known (training takes most of the run)."""
         if self.dist.is_main_process:
             before, fp = self.stages.done["eval_before"]["perplexity"], self.stages.done["eval_fp"]["perplexity"]
-            stage = "after block-wise reconstruction" if self.rcfg.blockwise_steps else "quantized, before training"
-            print(f"gift-quant: perplexity {before:.3f} {stage} (full precision {fp:.3f}); now training "
-                  f"{self.rcfg.steps} steps ({self.rcfg.loss})", file=sys.stderr, flush=True)
+            block = ""
+            if self.blockwise:
+                block = f", {self.stages.done['eval_blockwise']['perplexity']:.3f} after the block stage"
+            print(f"gift-quant: perplexity {before:.3f} quantized, before any recovery{block} (full precision "
+                  f"{fp:.3f}); now training {self.rcfg.steps} steps ({self.rcfg.loss})", file=sys.stderr, flush=True)
 
     def _train(self):
         """post: train the packed model's salient columns; pre: the full-precision model's. Returns the latter."""
@@ -221,7 +253,7 @@ class _RecoverRun:
         t0 = time.perf_counter()
         if rcfg.variant == "post":
             model = prepare_recovery(qpath, self.src, rcfg.noise, self.noise_bits, rcfg.seed, self.dtype, self.runtime,
-                                     fit_device=self.device)
+                                     fit_device=self.device, train=trainable_sets(rcfg.train, E2E_TRAINABLE, "--train"))
         else:
             model = prepare_dense(self._fresh(), self.salient, noise=rcfg.noise, noise_bits=self.noise_bits,
                                   seed=rcfg.seed)
@@ -267,6 +299,9 @@ class _RecoverRun:
                    "ppl_fp": done["eval_fp"]["perplexity"], "ppl_data": self.ecfg.ppl_data, "seconds": timings}
         fp, before, after = summary["ppl_fp"], summary["ppl_before"], summary["ppl_after"]
         summary["gap_closed"] = (before - after) / (before - fp) if before > fp else None
+        if self.blockwise:  # the block stage's share of the gap, on its own
+            block = summary["ppl_after_blockwise"] = done["eval_blockwise"]["perplexity"]
+            summary["gap_closed_blockwise"] = (before - block) / (before - fp) if before > fp else None
         atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=1))
         atomic_write_text(self.out / "summary.md", summary_markdown(summary, self.qcfg, self.rcfg))
         return summary
@@ -275,7 +310,13 @@ class _RecoverRun:
 def summary_markdown(s: dict, qcfg: QuantizeConfig, rcfg: RecoverConfig) -> str:
     """The run's result in a few lines a person reads: settings, size, perplexity and the gap closed."""
     gap = "" if s["gap_closed"] is None else f" ({100 * s['gap_closed']:.1f} % of the gap to full precision closed)"
-    before = "after block-wise reconstruction" if s["blockwise_steps"] else "quantized, before training"
+    before = "quantized (GPTQ + salient columns), before any recovery"
+    block = []
+    if "ppl_after_blockwise" in s:
+        share = s.get("gap_closed_blockwise")
+        block = [f"| after the block stage | {s['ppl_after_blockwise']:.3f}"
+                 + ("" if share is None else f" ({100 * share:.1f} % of the gap closed by the block stage alone)")
+                 + " |"]
     noise = "" if s["noise"] == "none" else f" at {s['noise_bits']} bits"
     lines = [f"# gift-quant recover: {s['out']}", "",
              f"- {s['bits']}-bit {'symmetric' if qcfg.sym else 'asymmetric'} "
@@ -284,11 +325,13 @@ def summary_markdown(s: dict, qcfg: QuantizeConfig, rcfg: RecoverConfig) -> str:
              f"- recovery: GIFT-SW {s['variant']}, loss {rcfg.loss} on {rcfg.train_data}, {rcfg.steps} steps of "
              f"{rcfg.batch_size * rcfg.grad_accum} x {rcfg.seq_len} tokens, lr {rcfg.lr:g}, noise {s['noise']}"
              f"{noise}"
-             + (f", block-wise {s['blockwise_steps']} steps per block" if s["blockwise_steps"] else ""),
+             + (f", block-wise {s['blockwise_steps']} steps per block ({rcfg.blockwise_train})"
+                if s["blockwise_steps"] else "")
+             + (f", end to end {rcfg.train} (scales lr {rcfg.scales_lr:g})" if "scales" in rcfg.train else ""),
              "", f"Perplexity on {s['ppl_data']} (lower is better):", "",
              "| model | perplexity |", "|---|---|",
              f"| full precision (the source model) | {s['ppl_fp']:.3f} |",
-             f"| {before} | {s['ppl_before']:.3f} |",
+             f"| {before} | {s['ppl_before']:.3f} |", *block,
              f"| recovered | {s['ppl_after']:.3f}{gap} |", "",
              "Seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in s["seconds"].items() if v is not None), ""]
     return "\n".join(lines)

@@ -45,7 +45,7 @@ from ..packed.run_folder import (
     tool_version,
 )
 from ..quant.engine import check_finite, quantize_model, validate_salient_counts
-from ..recover.model import convert_to_quant, linear_weights, prepare_quantized
+from ..recover.model import convert_to_quant, linear_weights, prepare_quantized, salient_layers
 from ..recover.training import train_stage
 from ..util.errors import writing
 
@@ -129,10 +129,15 @@ def blockwise_reconstructor(rcfg: RecoverConfig, qcfg: QuantizeConfig, noise_bit
     """The engine's per-block hook for ``--blockwise-steps`` (recover/blockwise.py), or None when off."""
     if rcfg.blockwise_steps <= 0:
         return None
+    from ..config.settings import BLOCKWISE_TRAINABLE, trainable_sets
     from ..recover.blockwise import reconstruct_block
 
-    return functools.partial(reconstruct_block, steps=rcfg.blockwise_steps, lr=rcfg.blockwise_lr, noise=rcfg.noise,
-                             noise_bits=noise_bits, seed=rcfg.seed)
+    return functools.partial(
+        reconstruct_block, steps=rcfg.blockwise_steps, noise=rcfg.blockwise_noise or rcfg.noise, noise_bits=noise_bits,
+        seed=rcfg.seed,
+        train=trainable_sets(rcfg.blockwise_train, BLOCKWISE_TRAINABLE, "--blockwise-train"), lr=rcfg.blockwise_lr,
+        scales_lr=rcfg.blockwise_scales_lr, rounding_lr=rcfg.blockwise_rounding_lr,
+        warmup_ratio=rcfg.blockwise_warmup_ratio, holdout=rcfg.blockwise_holdout, max_grad_norm=rcfg.max_grad_norm)
 
 
 def quantize_stage(model, windows: torch.Tensor, qcfg: QuantizeConfig, src: Path, identity: dict, out: Path,
@@ -180,8 +185,10 @@ def quantize_to_checkpoint(model_dir: str | None, out: str | Path, cfg: Quantize
 
 def prepare_recovery(qckpt: Path, src: Path, noise: str, noise_bits: int, seed: int,
                      dtype: torch.dtype = torch.float32, runtime: Runtime = Runtime(),
-                     fit_device: torch.device | str = "cpu"):
+                     fit_device: torch.device | str = "cpu", train: frozenset[str] = frozenset({"salient"})):
     """The packed checkpoint as a model whose salient columns train, the noise step fitted on ``src``'s weights.
+
+    ``train``: what trains, from ``E2E_TRAINABLE`` (``scales``: the grid's scales, recover/scaled_layer.py).
 
     The paper's code fits the step on the full-precision weights; fitting it on the quantized ones locks
     the clip search onto a sub-grid of the codes and gives 20-33 % less noise. The weights are read one
@@ -193,7 +200,17 @@ def prepare_recovery(qckpt: Path, src: Path, noise: str, noise_bits: int, seed: 
     reference = source_weights(Path(src), names, fit_device)
     if reference is None:
         reference = linear_weights(load_model(Path(src), dtype, runtime.trust_remote_code))
-    return prepare_quantized(model, noise=noise, noise_bits=noise_bits, seed=seed, reference=reference)
+    model = prepare_quantized(model, noise=noise, noise_bits=noise_bits, seed=seed, reference=reference)
+    if "scales" in train:
+        from ..recover.model import freeze_all_but_gift
+        from ..recover.scaled_layer import enable_scale_training
+
+        enable_scale_training(model)
+        freeze_all_but_gift(model)
+    if "salient" not in train:
+        for m in salient_layers(model).values():
+            m.gift_salient.requires_grad_(False)
+    return model
 
 
 def convert_recovered(model):
