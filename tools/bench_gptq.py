@@ -3,7 +3,8 @@
 
 Both tools quantize the same model (default: the embedded SmolLM2-135M-Instruct) on the identical
 calibration windows (``gift_quant.workflows.stages.calibration_set``) with matched settings: symmetric grid,
-group size 128 (or -1 = per row), no act-order (GPTQModel's ``desc_act`` and its default
+group size 64 (or -1 = per row; gift-quant takes only sizes that divide every linear's inputs, which 128
+does not on SmolLM2's 576 columns), no act-order (GPTQModel's ``desc_act`` and its default
 ``act_group_aware`` both off), damp 0.01, block size 128, true-sequential, fp32 weights and forward.
 Clip: gift-quant's ``clip="minmax"`` matches GPTQModel's default ``mse=0``; gift-quant's
 ``clip="mse"`` (grid search, 100 steps, shrink to 0.2, |err|^2) matches GPTQModel's ``mse=2.0``
@@ -32,7 +33,7 @@ not disturbed; children run one at a time.
 Usage::
 
     GPTQMODEL_CPU_WORKERS=2 GPTQMODEL_DISABLE_PACK_EXT=1 \
-        python tools/bench_gptq.py --bits 3 4 --calib-samples 128 --seq-len 256 --max-windows 40
+        python tools/bench_gptq.py --bits 3 4 --group-size 64 --calib-samples 128 --seq-len 256 --max-windows 40
 """
 
 from __future__ import annotations
@@ -436,6 +437,12 @@ def orchestrate(args) -> dict:
           f"eval {tuple(ev.shape)}", flush=True)
 
     model = load_model(model_dir, torch.float32)
+    from gift_quant.model.arch import model_linears
+
+    odd = [n for n, lin in model_linears(model).items() if args.group_size > 0 and lin.in_features % args.group_size]
+    if odd:  # gift-quant refuses such groups: say so now, not after the Hessians
+        raise SystemExit(f"--group-size {args.group_size} does not divide the inputs of {odd[0]}: gift-quant needs a "
+                         "divisor of every linear's inputs (e.g. 64 or 32 on SmolLM2), or -1")
     t0 = time.perf_counter()
     hess, alias = fp_hessians(model, calib)
     hess_s = time.perf_counter() - t0
@@ -594,7 +601,8 @@ def main(argv=None) -> None:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bits", type=int, nargs="+", default=[3, 4])
-    p.add_argument("--group-size", type=int, default=128, help="-1: one grid per output row")
+    p.add_argument("--group-size", type=int, default=64,
+                   help="-1: one grid per output row; must divide every linear's inputs (576 and 1536 on SmolLM2)")
     p.add_argument("--clip", nargs="+", default=["minmax", "mse"], choices=["minmax", "mse"],
                    help="gift-quant clip settings; each is paired with GPTQModel mse=0 (minmax) or mse=2.0 (mse)")
     p.add_argument("--damp", type=float, default=0.01)
