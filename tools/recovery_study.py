@@ -169,7 +169,7 @@ def run_job(config: str, bits: int, seed: int, start: Path, out: Path, steps: in
 
         ckpt = root / method / "ckpt"
         if (ckpt / "gift_quant_config.json").is_file():
-            row.update(_second_domain(load(ckpt).eval(), load_tokenizer(resolve_model_dir(None)), ecfg))
+            row.update(_second_domain(load(ckpt).eval(), load_tokenizer(resolve_model_dir(model)), ecfg))
         row["recovery_seconds"] = res["seconds"].get("train")
     row["total_seconds"] = time.perf_counter() - t0
     result_path.parent.mkdir(parents=True, exist_ok=True)
