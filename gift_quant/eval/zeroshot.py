@@ -26,6 +26,7 @@ so the headline mean (``mean``) takes ``acc_norm`` where lm-eval reports it and 
 from __future__ import annotations
 
 import json
+import os
 import re
 import tempfile
 import time
@@ -296,10 +297,20 @@ def evaluate_tasks(model, tokenizer, tasks, limit: int | None = None, batch_size
         write_task_configs(folder, names)
         manager = task_manager(folder)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        raw = lm_eval.simple_evaluate(
-            model=lm, tasks=[TASK_PREFIX + t for t in names], limit=limit, task_manager=manager,
-            log_samples=log_samples, bootstrap_iters=BOOTSTRAP_ITERS, random_seed=seed,
-            numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+        # lm-eval bootstraps LAMBADA's stderr in a forked multiprocessing pool; a fork taken while another thread
+        # of this process holds a lock deadlocks the worker (seen under pytest). 1000 resamples are cheap in-process.
+        previous = os.environ.get("DISABLE_MULTIPROC")
+        os.environ["DISABLE_MULTIPROC"] = "1"
+        try:
+            raw = lm_eval.simple_evaluate(
+                model=lm, tasks=[TASK_PREFIX + t for t in names], limit=limit, task_manager=manager,
+                log_samples=log_samples, bootstrap_iters=BOOTSTRAP_ITERS, random_seed=seed,
+                numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+        finally:
+            if previous is None:
+                os.environ.pop("DISABLE_MULTIPROC", None)
+            else:
+                os.environ["DISABLE_MULTIPROC"] = previous
     if raw is None:  # only non-zero ranks of a distributed run get None
         raise GiftQuantError("lm-eval returned no results (run zero-shot evaluation in a single process)")
     out = summarize(raw, names)
