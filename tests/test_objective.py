@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from tiny import tiny_config
 from transformers import AutoModelForCausalLM
 
-from gift_quant.config.settings import RecoverConfig
+from gift_quant.config.settings import NoiseSpec, RecoverConfig
 from gift_quant.recover.loop import warmup_cosine_schedule
 from gift_quant.recover.model import prepare_dense
 from gift_quant.recover.objective import Objective, Teacher, objective_loss
@@ -23,7 +23,7 @@ def _pair(arch="llama", seed=0, perturb=0.05):
     for name, mod in student.named_modules():
         if isinstance(mod, torch.nn.Linear) and ".layers." in name:
             salient[name] = torch.arange(0, mod.in_features, 5)
-    prepare_dense(student, salient, noise="none", seed=seed)
+    prepare_dense(student, salient, noise=NoiseSpec("none"), seed=seed)
     with torch.no_grad():
         for p in student.parameters():
             if p.requires_grad:

@@ -49,6 +49,7 @@ def _rss_mb() -> float:
 
 
 def worker(args) -> dict:
+    from gift_quant.config.settings import NoiseSpec
     from gift_quant.packed.checkpoint import load
     from gift_quant.recover.model import convert_to_dense, freeze_all_but_gift, prepare_quantized
     from gift_quant.recover.objective import Objective, Teacher, objective_loss
@@ -64,7 +65,7 @@ def worker(args) -> dict:
         teacher = Teacher(load_model(default_model_dir(), dtype), device)
     objective = Objective("kd" if teacher is not None else "ce")
     if args.method in ("gift", "gift-kd", "gift-dense", "gift-blockwise"):
-        model = prepare_quantized(model, noise="normal", noise_bits=4, seed=0)
+        model = prepare_quantized(model, noise=NoiseSpec("normal", 4), seed=0)
         if args.method == "gift-dense":
             from gift_quant.model.arch import model_linears as named_block_linears
             from gift_quant.recover.model import prepare_dense
@@ -72,14 +73,14 @@ def worker(args) -> dict:
             salient = {n: m.salient_idx.clone() for n, m in named_block_linears(model).items()}
             trained = {n: m.gift_salient.detach().clone() for n, m in named_block_linears(model).items()}
             convert_to_dense(model)
-            prepare_dense(model, salient, noise="normal", noise_bits=4, seed=0)
+            prepare_dense(model, salient, noise=NoiseSpec("normal", 4), seed=0)
             for n, m in named_block_linears(model).items():
                 m.gift_salient.data.copy_(trained[n])
         params = freeze_all_but_gift(model)
     else:
         from peft import LoraConfig, get_peft_model
 
-        model = convert_to_dense(prepare_quantized(model, noise="none"))  # fp32 nn.Linear with salient merged
+        model = convert_to_dense(prepare_quantized(model, noise=NoiseSpec("none")))  # fp32 Linear, salient merged
         for p in model.parameters():
             p.requires_grad_(False)
         cfg = LoraConfig(r=64, lora_alpha=64, lora_dropout=0.0, bias="none",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..config.settings import EvalConfig, QuantizeConfig, RecoverConfig
+from ..config.settings import EvalConfig, NoiseSpec, QuantizeConfig, RecoverConfig
 from ..model.loading import load_model
 from ..packed.checkpoint import load, read_gift_config, save_checkpoint
 from ..workflows.stages import convert_recovered, prepare_recovery, quantize_to_checkpoint, train_stage
@@ -108,9 +108,8 @@ def _salient_training(noise_of: Callable[[Job], str]):
     """Post-training recovery of the salient columns (GIFT-SW post; without noise: salient fine-tuning)."""
     def method(job: Job):
         quantized(job, job.salient_base, job.qcfg)
-        rcfg = job.rcfg
-        model = prepare_recovery(job.salient_base, job.src, noise_of(job), rcfg.resolved_noise_bits(job.qcfg.bits),
-                                 rcfg.seed)
+        rcfg = dataclasses.replace(job.rcfg, noise=noise_of(job))
+        model = prepare_recovery(job.salient_base, job.src, rcfg.noise_spec(job.qcfg.bits), rcfg.seed)
         job.train(model)
         convert_recovered(model)
         return (model, *job.save(model, {"method": job.method}))
@@ -133,7 +132,7 @@ def quik_lora(job: Job):
     from ..recover.model import convert_to_dense, prepare_quantized
 
     base_bits = quantized(job, job.salient_base, job.qcfg)
-    model = convert_to_dense(prepare_quantized(load(job.salient_base), noise="none"))
+    model = convert_to_dense(prepare_quantized(load(job.salient_base), noise=NoiseSpec("none")))
     model.requires_grad_(False)
     layers = read_gift_config(job.salient_base)["layers"]
     targets = sorted({n.rsplit(".", 1)[-1] for n in layers})

@@ -95,8 +95,8 @@ def run_peft_method(method: str, lr: float, model_dir, root: Path, qcfg: Quantiz
     targets = sorted({n.rsplit(".", 1)[-1] for n in salient})
     rank = matched_lora_rank(model, salient)
     if method in ("gift", "gift-no-noise"):
-        prepare_dense(model, salient, noise="none" if method == "gift-no-noise" else rcfg.noise,
-                      noise_bits=rcfg.noise_bits or 4, seed=rcfg.seed)
+        run = dataclasses.replace(rcfg, noise="none") if method == "gift-no-noise" else rcfg
+        prepare_dense(model, salient, noise=run.noise_spec(None), seed=rcfg.seed)  # no quantization follows
     elif method in ("lora", "dora"):
         model = peft_baseline(model, rank, targets, dora=method == "dora", seed=rcfg.seed)
     elif method == "full":

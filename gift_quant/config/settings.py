@@ -143,6 +143,9 @@ class RecoverConfig:
     save_every: int = 10
     seed: int = 0
     gradient_checkpointing: bool = False
+    # memory (MB) for training's speed caches (recover/caches.py): None = a quarter of the free memory, 0 = none.
+    # Training is bit-identical with any value, so it is no part of a run's identity (identity()).
+    cache_mb: int | None = None
     # block-wise reconstruction (recover/blockwise.py): right after GPTQ of each block, train its salient
     # columns (same noise) to match the full-precision block's outputs on the calibration windows
     blockwise_steps: int = 0  # 0: off
@@ -174,15 +177,25 @@ class RecoverConfig:
             raise GiftQuantError("nothing to train: give --steps > 0 (end-to-end) and/or --blockwise-steps > 0")
         if not 0 <= self.warmup_ratio < 1:
             raise GiftQuantError(f"warmup_ratio must be in [0, 1) (got {self.warmup_ratio})")
+        if self.cache_mb is not None and self.cache_mb < 0:
+            raise GiftQuantError(f"--cache-mb must be >= 0 (got {self.cache_mb}); 0 turns the training caches off")
 
-    def noise_spec(self, target_bits: int) -> NoiseSpec:
-        """The noise of this run when quantizing to ``target_bits``."""
+    def identity(self) -> dict[str, Any]:
+        """The settings that decide the trained result (what a resumed run must match): all but cache_mb."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "cache_mb"}
+
+    def noise_spec(self, target_bits: int | None) -> NoiseSpec:
+        """The noise of this run when quantizing to ``target_bits``; built once, handed to every training layer.
+
+        ``target_bits`` None: nothing is quantized afterwards (PEFT fine-tuning of a full-precision model),
+        so the post variant's default step applies.
+        """
         return NoiseSpec(self.noise, self.resolved_noise_bits(target_bits))
 
-    def resolved_noise_bits(self, target_bits: int) -> int:
+    def resolved_noise_bits(self, target_bits: int | None) -> int:
         if self.noise_bits is not None:
             return self.noise_bits
-        return 4 if self.variant == "post" else target_bits
+        return 4 if self.variant == "post" or target_bits is None else target_bits
 
 
 SECTIONS = {"quantize": QuantizeConfig, "eval": EvalConfig, "recover": RecoverConfig}

@@ -27,6 +27,7 @@ import time
 import torch
 from torch import nn
 
+from ..config.settings import NoiseSpec
 from ..model.arch import block_linears, set_module
 from ..model.capture import run_block
 from ..packed.qlinear import QuantLinear
@@ -46,8 +47,8 @@ def relative_mse(block: nn.Module, inputs: list[torch.Tensor], targets: list[tor
 
 
 def reconstruct_block(index: int, block: nn.Module, fp_block: nn.Module, inputs: list[torch.Tensor],
-                      targets: list[torch.Tensor], kwargs: dict, *, steps: int, lr: float, noise: str,
-                      noise_bits: int, seed: int = 0) -> dict:
+                      targets: list[torch.Tensor], kwargs: dict, *, steps: int, lr: float, noise: NoiseSpec,
+                      seed: int = 0) -> dict:
     """Train ``block``'s salient columns in place (QuantLinear -> SalientLinear -> QuantLinear); returns metrics."""
     t0 = time.perf_counter()
     block.eval()
@@ -57,7 +58,7 @@ def reconstruct_block(index: int, block: nn.Module, fp_block: nn.Module, inputs:
         if not isinstance(q, QuantLinear):
             raise TypeError(f"block {index}: {name} is {type(q).__name__}, expected a QuantLinear")
         layer_seed = (seed * 1_009 + index) * 100_003 + j
-        set_module(block, name, salient_from_quant(q, noise, noise_bits, layer_seed, fp_linears[name].weight))
+        set_module(block, name, salient_from_quant(q, noise, layer_seed, fp_linears[name].weight))
     params = freeze_all_but_gift(block)
     layers = [m for m in block.modules() if isinstance(m, SalientLinear)]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)

@@ -26,6 +26,8 @@ from tqdm.auto import tqdm
 from ..config.settings import RecoverConfig
 from ..util.errors import GiftQuantError, writing
 from ..util.files import atomic_dir, atomic_write_text, sha256_file
+from ..util.threads import cpu_threads
+from .caches import plan_caches, release_caches
 from .model import set_noise_key, trainable_state
 from .objective import Objective, Teacher, objective_loss
 
@@ -183,6 +185,10 @@ class _Loop:
         # scheduler are explicit: accelerate's scheduler wrapper steps once per process under DDP, which
         # would make N processes diverge from one.
         self.wrapped = accel.prepare(model)
+        # after every move of the model (a move drops them): the caches live where the model trains
+        plan = plan_caches(model, settings.cache_mb, accel.device)
+        if plan is not None and self.rank == 0:
+            print(plan.line(), file=sys.stderr, flush=True)
         if self.rank == 0 and self.metrics_path.exists():  # drop lines logged after the state we resume from
             lines = self.metrics_path.read_text().splitlines()
             kept = [ln for ln in lines if (s := _logged_step(ln)) is not None and s <= self.start]
@@ -228,7 +234,10 @@ class _Loop:
             for k in parts:
                 parts[k] += got[k] / micro
             step_tokens += int(windows[mb].numel())
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, settings.max_grad_norm)
+        # one thread: a norm is a reduction whose rounding depends on how threads split it, and the
+        # clipped step must not depend on the thread count (a resumed run may get another one)
+        with cpu_threads(1, accel.device.type == "cpu"):
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, settings.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -273,6 +282,7 @@ def train(model, windows: torch.Tensor, labels: torch.Tensor, settings: RecoverC
             shown["held_out"] = f"{last_eval:.4f}"
         bar.set_postfix(shown)
     model.eval()
+    release_caches(model)
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_disable()
     return {"steps": settings.steps, "resumed_from": loop.start, "history": loop.history, "world_size": loop.world}

@@ -87,7 +87,7 @@ class _RecoverRun:
         self.src = resolve_model_dir(model_dir)
         self.device = resolve_device(qcfg.device)
         self.dtype = parse_dtype(qcfg.dtype)
-        self.noise_bits = rcfg.resolved_noise_bits(qcfg.bits)
+        self.noise = rcfg.noise_spec(qcfg.bits)  # built once; every training layer carries this object
         # Under torchrun / accelerate launch there is one process per rank: rank 0 alone claims the run and
         # runs every stage before training (the others wait, then find those stages finished and only load);
         # all ranks train; rank 0 alone writes the trained model, packs and evaluates.
@@ -99,7 +99,7 @@ class _RecoverRun:
             prepare_output(self.out, self.overwrite and main, lock=main)
             self.tokenizer, model, self.windows, self.identity = load_source(self.src, self.qcfg, self.dtype,
                                                                               self.trust)
-            self.identity.update(recover=dataclasses.asdict(self.rcfg), eval=dataclasses.asdict(self.ecfg))
+            self.identity.update(recover=self.rcfg.identity(), eval=dataclasses.asdict(self.ecfg))
             self.run_dir = claim_run(self.out, self.identity)
             self.stages = Stages(self.run_dir)
             self._check_artifacts()
@@ -172,7 +172,7 @@ class _RecoverRun:
         path = self.run_dir / name
         if not self.stages.finished(name):
             t0 = time.perf_counter()
-            rec = blockwise_reconstructor(self.rcfg, self.qcfg, self.noise_bits) if blockwise else None
+            rec = blockwise_reconstructor(self.rcfg, self.noise) if blockwise else None
             report = quantize_stage(source_model, self.windows, self.qcfg, self.src, self.identity, path, self.device,
                                     self.progress, fixed_salient=self.salient, reconstruct=rec,
                                     reconstruct_target=self.rcfg.blockwise_target)
@@ -208,15 +208,14 @@ class _RecoverRun:
                 with writing(self.run_dir / "recovered"):
                     shutil.copytree(qpath, self.run_dir / "recovered", dirs_exist_ok=True,
                                     ignore=shutil.ignore_patterns(RUN_DIR))
-                self.stages.mark("recover", {"seconds": 0.0, "noise_bits": self.noise_bits, "final_loss": None})
+                self.stages.mark("recover", {"seconds": 0.0, "noise_bits": self.noise.bits, "final_loss": None})
             return None
         t0 = time.perf_counter()
         if rcfg.variant == "post":
-            model = prepare_recovery(qpath, self.src, rcfg.noise, self.noise_bits, rcfg.seed, self.dtype, self.trust,
+            model = prepare_recovery(qpath, self.src, self.noise, rcfg.seed, self.dtype, self.trust,
                                      fit_device=self.device)
         else:
-            model = prepare_dense(self._fresh(), self.salient, noise=rcfg.noise, noise_bits=self.noise_bits,
-                                  seed=rcfg.seed)
+            model = prepare_dense(self._fresh(), self.salient, noise=self.noise, seed=rcfg.seed)
         summary = train_stage(model, self.tokenizer, rcfg, self.run_dir / "recover", self.device, self.progress,
                               teacher_src=self.src, qcfg=self.qcfg, trust_remote_code=self.trust)
         if not self.dist.is_main_process:
@@ -231,7 +230,7 @@ class _RecoverRun:
                 model.save_pretrained(self.run_dir / "trained")
             RunFiles(self.run_dir).record(sorted(p for p in (self.run_dir / "trained").glob("*") if p.is_file()))
         history = summary["history"]
-        self.stages.mark("recover", {"seconds": time.perf_counter() - t0, "noise_bits": self.noise_bits,
+        self.stages.mark("recover", {"seconds": time.perf_counter() - t0, "noise_bits": self.noise.bits,
                                      "final_loss": history[-1]["loss"] if history else None,
                                      "train_tokens": summary.get("train_tokens"),
                                      "teacher_mb": summary.get("teacher_mb")})
@@ -252,7 +251,7 @@ class _RecoverRun:
         done = self.stages.done
         timings = {k: v.get("seconds") for k, v in done.items() if isinstance(v, dict) and "seconds" in v}
         summary = {"out": str(self.out), "variant": self.rcfg.variant, "bits": self.qcfg.bits,
-                   "noise": self.rcfg.noise, "noise_bits": self.noise_bits, "loss": self.rcfg.loss,
+                   "noise": self.noise.kind, "noise_bits": self.noise.bits, "loss": self.rcfg.loss,
                    "blockwise_steps": self.rcfg.blockwise_steps,
                    "effective_bits": read_gift_config(self.out)["effective_bits"],
                    "ppl_before": done["eval_before"]["perplexity"], "ppl_after": done["eval_after"]["perplexity"],

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..config.settings import EvalConfig, QuantizeConfig, RecoverConfig
+from ..config.settings import EvalConfig, NoiseSpec, QuantizeConfig, RecoverConfig
 from ..data.sources import load_documents
 from ..data.windows import calibration_windows, eval_windows, fingerprint_tokens
 from ..eval.perplexity import perplexity
@@ -72,14 +72,14 @@ def select_salient(model, windows: torch.Tensor, cfg: QuantizeConfig, device, pr
     return {k: v.contiguous() for k, v in report.salient.items()}
 
 
-def blockwise_reconstructor(rcfg: RecoverConfig, qcfg: QuantizeConfig, noise_bits: int):
+def blockwise_reconstructor(rcfg: RecoverConfig, noise: NoiseSpec):
     """The engine's per-block hook for ``--blockwise-steps`` (recover/blockwise.py), or None when off."""
     if rcfg.blockwise_steps <= 0:
         return None
     from ..recover.blockwise import reconstruct_block
 
-    return functools.partial(reconstruct_block, steps=rcfg.blockwise_steps, lr=rcfg.blockwise_lr, noise=rcfg.noise,
-                             noise_bits=noise_bits, seed=rcfg.seed)
+    return functools.partial(reconstruct_block, steps=rcfg.blockwise_steps, lr=rcfg.blockwise_lr, noise=noise,
+                             seed=rcfg.seed)
 
 
 def quantize_stage(model, windows: torch.Tensor, qcfg: QuantizeConfig, src: Path, identity: dict, out: Path,
@@ -123,7 +123,7 @@ def quantize_to_checkpoint(model_dir: str | None, out: str | Path, cfg: Quantize
                    / len(report.layers)}
 
 
-def prepare_recovery(qckpt: Path, src: Path, noise: str, noise_bits: int, seed: int,
+def prepare_recovery(qckpt: Path, src: Path, noise: NoiseSpec, seed: int,
                      dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
                      fit_device: torch.device | str = "cpu"):
     """The packed checkpoint as a model whose salient columns train, the noise step fitted on ``src``'s weights.
@@ -138,7 +138,7 @@ def prepare_recovery(qckpt: Path, src: Path, noise: str, noise_bits: int, seed: 
     reference = source_weights(Path(src), names, fit_device)
     if reference is None:
         reference = linear_weights(load_model(Path(src), dtype, trust_remote_code))
-    return prepare_quantized(model, noise=noise, noise_bits=noise_bits, seed=seed, reference=reference)
+    return prepare_quantized(model, noise=noise, seed=seed, reference=reference)
 
 
 def convert_recovered(model):
