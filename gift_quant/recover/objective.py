@@ -45,7 +45,7 @@ class Objective:
     loss: str = "ce"
     temperature: float = 1.0
     ce_weight: float = 1.0  # weight of the CE term in kd+ce
-    chunk_tokens: int = 512
+    chunk_tokens: int = 128  # positions per head chunk: memory only (the head runs 3 times per position at any size)
 
     @property
     def needs_teacher(self) -> bool:

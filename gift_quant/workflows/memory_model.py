@@ -154,7 +154,7 @@ def blockwise_memory(shape: Shape, n_samples: int, seq: int, *, calib_batch: int
 
 def recover_memory(shape: Shape, *, batch: int, seq: int, k: int | None = 128, bits: int = 3,
                    checkpointing: bool = True, teacher: str | None = None, base: str = "uint8",
-                   weight_bytes: int = 2, act_bytes: int = 2, param_bytes: int = 4, chunk_tokens: int = 512,
+                   weight_bytes: int = 2, act_bytes: int = 2, param_bytes: int = 4, chunk_tokens: int = 128,
                    teacher_bytes: int | None = None) -> dict:
     """Peak device (and host) memory of one end-to-end training step (recover/train.py's _Loop.step).
 
