@@ -39,6 +39,7 @@ from .stages import (
     quantize_stage,
     quantize_to_checkpoint,
     select_salient,
+    source_perplexity,
     train_stage,
 )
 
@@ -182,10 +183,17 @@ class _RecoverRun:
 
     def _evaluate(self, name: str, path: Path | None, desc: str) -> None:
         """Perplexity of the checkpoint at ``path`` (None: the full-precision source) on the held-out text."""
-        if not self.stages.finished(name):
-            model = self._fresh() if path is None else load(path)
-            self.stages.mark(name, evaluate_perplexity(model, self.tokenizer, self.ecfg, self.device,
-                                                       self.progress, desc))
+        if self.stages.finished(name):
+            return
+        if path is None:  # the source's depends only on it and the evaluation settings: cached across runs
+            result = source_perplexity(self._fresh, self.identity["model"], self.tokenizer, self.ecfg, self.dtype,
+                                       self.device, self.progress, desc)
+            if result["cached"] and self.dist.is_main_process:
+                print(f"gift-quant: {desc} {result['perplexity']:.3f}, cached from an earlier run ({result['cached']})",
+                      file=sys.stderr, flush=True)
+        else:
+            result = evaluate_perplexity(load(path), self.tokenizer, self.ecfg, self.device, self.progress, desc)
+        self.stages.mark(name, result)
 
     def _say_before(self) -> None:
         """The first number a user waits for, as soon as it is known (training takes most of the run)."""

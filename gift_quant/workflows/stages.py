@@ -4,7 +4,8 @@
 * `select_salient`: sensitivity scores -> salient column indices of every block linear (no quantization);
 * `quantize_stage`: salient-aware GPTQ (optionally with block-wise reconstruction) -> native checkpoint;
 * `prepare_recovery` + `train_stage` (recover/stage.py) + `convert_recovered`: prepare -> train -> convert;
-* `evaluate_perplexity`: held-out perplexity of an in-memory model.
+* `evaluate_perplexity`: held-out perplexity of an in-memory model; `source_perplexity`: the full-precision
+  source's, cached across runs.
 
 Each is resumable through the run folder it is given; none knows about the commands that call it.
 """
@@ -40,8 +41,9 @@ from ..recover.model import convert_to_quant, linear_weights, prepare_quantized
 from ..recover.training import train_stage
 from ..util.errors import writing
 
-__all__ = ["calibration_set", "convert_recovered", "evaluate_perplexity", "load_source", "prepare_recovery",
-           "quantize_stage", "quantize_to_checkpoint", "select_salient", "train_stage"]
+__all__ = ["calibration_set", "convert_recovered", "evaluate_perplexity", "load_source", "perplexity_windows",
+           "prepare_recovery", "quantize_stage", "quantize_to_checkpoint", "select_salient", "source_perplexity",
+           "train_stage"]
 
 
 def calibration_set(tokenizer, cfg: QuantizeConfig) -> torch.Tensor:
@@ -146,11 +148,24 @@ def convert_recovered(model):
     return convert_to_quant(model.cpu())  # each layer carries its bits, grid and salient dtype
 
 
+def perplexity_windows(tokenizer, ecfg: EvalConfig) -> torch.Tensor:
+    docs = load_documents(ecfg.ppl_data, default_split="test")
+    return eval_windows(tokenizer, docs, ecfg.seq_len, ecfg.max_windows, source=ecfg.ppl_data)
+
+
 def evaluate_perplexity(model, tokenizer, ecfg: EvalConfig, device, progress: bool = True,
                         desc: str = "perplexity") -> dict:
-    docs = load_documents(ecfg.ppl_data, default_split="test")
-    windows = eval_windows(tokenizer, docs, ecfg.seq_len, ecfg.max_windows, source=ecfg.ppl_data)
-    return perplexity(model.to(device), windows, device, progress=progress, desc=desc)
+    return perplexity(model.to(device), perplexity_windows(tokenizer, ecfg), device, progress=progress, desc=desc)
+
+
+def source_perplexity(load, fingerprint: str, tokenizer, ecfg: EvalConfig, dtype: torch.dtype, device,
+                      progress: bool = True, desc: str = "perplexity") -> dict:
+    """The full-precision source model's perplexity, from the cache when the same inputs were evaluated before
+    (eval/reference_cache.py); ``load()`` gives the model on a miss only."""
+    from ..eval.reference_cache import cached_perplexity
+
+    return cached_perplexity(load, fingerprint, perplexity_windows(tokenizer, ecfg), dtype, torch.device(device),
+                             progress, desc)
 
 
 def gift_config(cfg: QuantizeConfig, report, src: Path, identity: dict, windows: torch.Tensor) -> dict:
