@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..config.settings import RecoverConfig
+from ..util.cpu_policy import apply_for_training
 from ..util.errors import GiftQuantError, writing
 from ..util.files import atomic_dir, atomic_write_text, sha256_file
 from ..util.threads import cpu_threads
@@ -168,6 +169,12 @@ class _Loop:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.state_dir, self.metrics_path = run_dir / "state", run_dir / "metrics.jsonl"
         torch.manual_seed(settings.seed)
+        if accel.device.type == "cpu" and self.world == 1:  # the cores idle now; the result does not depend on it
+            line = apply_for_training()
+        else:
+            line = f"gift-quant: training data-parallel in {self.world} processes" if self.world > 1 else None
+        if line and self.rank == 0:
+            print(line, file=sys.stderr, flush=True)
         model.to(accel.device)
         if settings.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

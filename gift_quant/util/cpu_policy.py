@@ -13,6 +13,11 @@ Policy, for the commands that compute (quantize, recover, finetune, compare, eva
    process may run on (sched_getaffinity), at least 1. One line on stderr says so when that is fewer
    than the cores. Where /proc/stat cannot be read the thread count is left to torch.
 
+Training re-applies rule 3 when it starts (``training_threads``), minutes after the launch measured: it
+uses the cores idle then, and says so in one line. One process with that many threads measured faster than
+data-parallel processes for the default recipe (BENCHMARKS.md), and gives the same trained result at any
+thread count (tests/test_train_caches.py), so a resumed run may use another count.
+
 Everything goes through the environment, so OpenMP, MKL and the subprocesses of ``compare`` read the same
 settings. Only the ``gift-quant`` command applies it: importing gift_quant (or calling cli.main from
 Python) keeps the caller's settings, except that an explicit ``--threads`` is honoured there too.
@@ -140,6 +145,35 @@ def decide(argv: Sequence[str], env: Mapping[str, str], cores: int,
     return out
 
 
+# True once apply_at_launch chose the thread count by rule 3 (neither --threads nor the user's OMP_NUM_THREADS)
+_CHOSEN_BY_POLICY = False
+
+
+def training_threads(current: int, cores: int, chosen_by_policy: bool, measure: Callable[[], float | None]
+                     ) -> tuple[int, str]:
+    """(threads for training, the one line saying so). ``current``: the process's thread count now;
+    ``measure`` (idle cores now) is called only when rule 3 applies."""
+    idle = measure() if chosen_by_policy else None
+    if idle is None:
+        why = "set at launch" if chosen_by_policy else "--threads / OMP_NUM_THREADS or the caller's setting"
+        n = current
+    else:
+        n = threads_for(idle, cores)
+        why = f"{int(idle + 0.5)} of {cores} cores idle; --threads N to override"
+    s = "" if n == 1 else "s"
+    return n, f"gift-quant: training with {n} thread{s} in one process ({why})"
+
+
+def apply_for_training() -> str:
+    """Set torch's thread count for the training loop (rule 3 again, when it chose at launch); the line to show."""
+    import torch
+
+    cpus = allowed_cpus()
+    n, line = training_threads(torch.get_num_threads(), len(cpus), _CHOSEN_BY_POLICY, lambda: measure_idle(cpus))
+    torch.set_num_threads(n)
+    return line
+
+
 def launched_as_command() -> bool:
     """True in the ``gift-quant`` console script and in ``python -m gift_quant.cli``."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
@@ -155,6 +189,8 @@ def apply_at_launch() -> None:
         return
     cpus = allowed_cpus()
     d = decide(sys.argv[1:], os.environ, len(cpus), lambda: measure_idle(cpus))
+    global _CHOSEN_BY_POLICY
+    _CHOSEN_BY_POLICY = "OMP_NUM_THREADS" in d.env and scan_argv(sys.argv[1:])[1] is None
     os.environ.update(d.env)
     if d.message:
         print(d.message, file=sys.stderr)
