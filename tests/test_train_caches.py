@@ -50,14 +50,14 @@ def world(tmp_path_factory):
     return {"root": root, "src": src, "ids": ids}
 
 
-def _train(world, run, *, cache_mb, threads=1, seed=0, stop_at=None) -> str | None:
+def _train(world, run, *, cache_mb, threads=1, seed=0, stop_at=None, lanes=2) -> str | None:
     """Train (KD, noise on) into ``run``; the sha256 of the packed result, or None when stopped at ``stop_at``."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         model = prepare_quantized(load(world["root"] / "q"), noise=NoiseSpec("normal", 4), seed=seed)
         settings = RecoverConfig(loss="kd", steps=STEPS, lr=1e-2, batch_size=2, save_every=2, warmup_ratio=0.0,
-                                 eval_every=0, seed=seed, cache_mb=cache_mb)
+                                 eval_every=0, seed=seed, cache_mb=cache_mb, cpu_lanes=lanes)
         teacher = Teacher(load_model(world["src"]), "cpu")
         real_step = loop._Loop.step
         if stop_at is not None:
@@ -87,7 +87,9 @@ def test_caches_threads_and_resume_give_the_same_checkpoint(world, tmp_path, cap
     err = capsys.readouterr().err
     assert "noisy weights kept for backward in 14/14 layers" in err and "dense base in 14/14 layers" in err, err
     assert cached == plain
+    # two threads: both lanes of each micro-batch at once (one thread above: one after the other)
     assert _train(world, tmp_path / "two-threads", cache_mb=None, threads=2) == plain
+    assert "training 2 lanes of each micro-batch in parallel" in capsys.readouterr().err
     # resume: the first half without caches on one thread, the rest with both caches on two
     assert _train(world, tmp_path / "resumed", cache_mb=0, stop_at=3) is None
     assert (tmp_path / "resumed" / "state" / "step.json").is_file()

@@ -283,7 +283,8 @@ def parse_variant(spec: str) -> dict:
 
 def run_variant(v: dict, args, port: int) -> dict:
     code = Path(args.old_code).resolve() if v["old"] else HERE.parents[1]
-    env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": str(v["threads"])}
+    # as the gift-quant command runs (util/cpu_policy.py): waiting OpenMP threads sleep instead of spinning
+    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": str(v["threads"])}
     tool = HERE  # this worker for both sides: only the package on the path differs
     common = ["--method", v["method"], "--steps", str(args.steps), "--batch-size", str(args.batch_size),
               "--seq-len", str(args.seq_len), "--device", args.device, "--ckpt", args.ckpt,

@@ -220,7 +220,7 @@ def free(device: torch.device) -> None:
 
     # SalientLinear's shared scratch buffers outlive a model; left allocated they would be charged to
     # whichever row runs next, or missing from a GIFT-SW row that found them already there.
-    getattr(layer, "_SCRATCH", {}).clear()
+    layer.release_scratch()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -143,6 +143,9 @@ class RecoverConfig:
     save_every: int = 10
     seed: int = 0
     gradient_checkpointing: bool = False
+    # on a CPU, each micro-batch's sequences in this many parts trained in parallel threads (recover/lanes.py);
+    # the result depends on it (at rounding level) but not on how many run at once; 1: the micro-batch in one pass
+    cpu_lanes: int = 2
     # memory (MB) for training's speed caches (recover/caches.py): None = a quarter of the free memory, 0 = none.
     # Training is bit-identical with any value, so it is no part of a run's identity (identity()).
     cache_mb: int | None = None
@@ -162,7 +165,7 @@ class RecoverConfig:
             raise GiftQuantError(f"--teacher-device must be auto or cpu (got {self.teacher_device!r})")
         if self.blockwise_target not in ("fp-prefix", "quant-prefix"):
             raise GiftQuantError(f"blockwise_target must be fp-prefix or quant-prefix (got {self.blockwise_target!r})")
-        for name in ("batch_size", "grad_accum", "seq_len", "save_every"):
+        for name in ("batch_size", "grad_accum", "seq_len", "save_every", "cpu_lanes"):
             if getattr(self, name) <= 0:
                 raise GiftQuantError(f"{name} must be positive (got {getattr(self, name)})")
         for name in ("lr", "kd_temperature", "blockwise_lr"):

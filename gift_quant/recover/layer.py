@@ -27,12 +27,15 @@ Two caches trade memory for that rebuild, each per layer and each bit-identical 
   pass reads it back, so the noise is drawn once per pass instead of twice (drawing it is ~8x the cost of
   the dequantization: BENCHMARKS.md). The buffer is tagged with the pass; a backward whose pass's weight
   was overwritten meanwhile (two forwards before one backward) rebuilds it from the seed as before.
+  Lanes (recover/loop.py: parts of one micro-batch in parallel threads, all with the micro-batch's noise)
+  find the weight already built for the same seed and salient values, and share it.
 * ``cache_base``: ``B`` dequantized once and kept in float32 instead of recomputed from the codes.
 """
 
 from __future__ import annotations
 
 import itertools
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +62,7 @@ class SalientLinear(nn.Module):
         self.keep_weight = False
         self._kept: torch.Tensor | None = None
         self._kept_pass: int | None = None
+        self._kept_content: tuple | None = None
         self._base_cache: torch.Tensor | None = None
         # the layer carries the run's noise spec (built once from the settings: RecoverConfig.noise_spec) and,
         # when built from a packed layer (model.salient_from_quant), its storage settings, so converting it
@@ -118,7 +122,7 @@ class SalientLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         # a move (``.to(device)``) would leave the caches behind: drop them (recover/caches.py plans them
         # after the model is where it trains)
-        self._base_cache = self._kept = self._kept_pass = None
+        self._base_cache = self._kept = self._kept_pass = self._kept_content = None
         return super()._apply(fn, recurse)
 
     # ------------------------------------------------------------------ numerics
@@ -194,12 +198,20 @@ class SalientLinear(nn.Module):
         return w.index_copy_(1, self.salient_idx, salient.detach().float())
 
     def kept_weight(self, noise_seed: int | None, salient: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """``effective_weight`` written into the layer's own buffer for the backward pass, and the pass's tag."""
-        shape = (self.out_features, self.in_features)
-        if self._kept is None or self._kept.device != self.delta.device:
-            self._kept = torch.empty(shape, device=self.delta.device)
-        self._kept_pass = next(_PASSES)
-        return self.effective_weight(noise_seed, salient, out=self._kept), self._kept_pass
+        """``effective_weight`` in the layer's own buffer for the backward pass, and the tag of its content.
+
+        Built once per content: a pass with the same noise seed and the same salient values (another lane
+        of the micro-batch) reuses it. Lanes only build between their micro-batches' backward passes and the
+        next forward, so a built weight is never rewritten while a lane still reads it.
+        """
+        content = (noise_seed, salient._version, salient.data_ptr())
+        with _KEPT_LOCK:
+            if self._kept is not None and self._kept_content == content and self._kept.device == self.delta.device:
+                return self._kept, self._kept_pass
+            if self._kept is None or self._kept.device != self.delta.device:
+                self._kept = torch.empty(self.out_features, self.in_features, device=self.delta.device)
+            self._kept_pass, self._kept_content = next(_PASSES), content
+            return self.effective_weight(noise_seed, salient, out=self._kept), self._kept_pass
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         seed = self._pass_seed() if self.training and self.noise_spec.kind != "none" else None
@@ -222,22 +234,29 @@ class SalientLinear(nn.Module):
 
 # ------------------------------------------------------------------ fused matmul and its scratch buffers
 
-_SCRATCH: dict[tuple[str, torch.device], torch.Tensor] = {}
+_LOCAL = threading.local()  # each thread (lane) its own scratch buffers
 _PASSES = itertools.count()  # tags of kept weights: a backward uses a kept weight only if it is its pass's
+_KEPT_LOCK = threading.Lock()
 
 
 def _scratch(name: str, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """A (rows, cols) float32 view of a buffer shared by all layers, grown to the largest layer seen.
+    """A (rows, cols) float32 view of a buffer shared by all layers, grown to the largest layer seen; one per thread.
 
     Reusing one buffer matters on CPU: a fresh allocation of a layer-sized tensor is fresh pages from the
     kernel on every pass, which costs about as much as the dequantization itself.
     """
+    buffers = _LOCAL.__dict__.setdefault("buffers", {})
     key = (name, torch.device(device))
     numel = shape[0] * shape[1]
-    buf = _SCRATCH.get(key)
+    buf = buffers.get(key)
     if buf is None or buf.numel() < numel:
-        buf = _SCRATCH[key] = torch.empty(numel, device=device)
+        buf = buffers[key] = torch.empty(numel, device=device)
     return buf[:numel].view(shape)
+
+
+def release_scratch() -> None:
+    """Free this thread's scratch buffers (they outlive the models that used them)."""
+    _LOCAL.__dict__.pop("buffers", None)
 
 
 class _SalientMatmul(torch.autograd.Function):

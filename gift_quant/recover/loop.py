@@ -29,6 +29,7 @@ from ..util.errors import GiftQuantError, writing
 from ..util.files import atomic_dir, atomic_write_text, sha256_file
 from ..util.threads import cpu_threads
 from .caches import plan_caches, release_caches
+from .lanes import Lanes
 from .model import set_noise_key, trainable_state
 from .objective import Objective, Teacher, objective_loss
 
@@ -169,10 +170,12 @@ class _Loop:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.state_dir, self.metrics_path = run_dir / "state", run_dir / "metrics.jsonl"
         torch.manual_seed(settings.seed)
-        if accel.device.type == "cpu" and self.world == 1:  # the cores idle now; the result does not depend on it
-            line = apply_for_training()
-        else:
-            line = f"gift-quant: training data-parallel in {self.world} processes" if self.world > 1 else None
+        self.lanes = None
+        line = f"gift-quant: training data-parallel in {self.world} processes" if self.world > 1 else None
+        if accel.device.type == "cpu" and self.world == 1:  # lanes and threads: the result does not depend on them
+            lanes = min(settings.cpu_lanes, settings.batch_size)
+            workers, line = apply_for_training(lanes)
+            self.lanes = Lanes(lanes, workers) if lanes > 1 else None
         if line and self.rank == 0:
             print(line, file=sys.stderr, flush=True)
         model.to(accel.device)
@@ -233,11 +236,17 @@ class _Loop:
             mb = local[a * settings.batch_size:(a + 1) * settings.batch_size]
             set_noise_key(self.model, step * micro * self.world + self.rank * micro + a)
             sync = contextlib.nullcontext() if a == micro - 1 or self.world == 1 else accel.no_sync(self.wrapped)
-            with sync, accel.autocast():
-                loss, got = objective_loss(self.wrapped, windows[mb].to(accel.device), labels[mb].to(accel.device),
-                                           self.objective, self.teacher, check=step == self.start and a == 0)
-                accel.backward(loss / micro)
-            step_loss += float(loss.detach()) / micro
+            check = step == self.start and a == 0
+            if self.lanes is not None:  # one process on a CPU: the micro-batch's parts in parallel threads
+                loss, got = self.lanes.backward(self.wrapped, windows[mb], labels[mb], self.objective, self.teacher,
+                                                self.params, 1.0 / micro, check)
+            else:
+                with sync, accel.autocast():
+                    loss, got = objective_loss(self.wrapped, windows[mb].to(accel.device),
+                                               labels[mb].to(accel.device), self.objective, self.teacher, check=check)
+                    accel.backward(loss / micro)
+                loss = float(loss.detach())
+            step_loss += loss / micro
             for k in parts:
                 parts[k] += got[k] / micro
             step_tokens += int(windows[mb].numel())
@@ -290,6 +299,8 @@ def train(model, windows: torch.Tensor, labels: torch.Tensor, settings: RecoverC
         bar.set_postfix(shown)
     model.eval()
     release_caches(model)
+    if loop.lanes is not None:
+        loop.lanes.close()
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_disable()
     return {"steps": settings.steps, "resumed_from": loop.start, "history": loop.history, "world_size": loop.world}
