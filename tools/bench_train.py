@@ -20,6 +20,8 @@ A variant is ``METHOD[@old][:tN][:cCACHE][:ddpN]``:
   ../gift-quant-old bf306ad``) with that checkout first on the path: today's code against the previous
   one on the same start, in the same run;
 * ``:tN``: N intra-op threads (default 1);
+* ``:lN``: N lanes of the batch trained in parallel threads (recover/lanes.py; what ``recover`` does on a
+  CPU), N threads, each with the ``:t`` intra-op threads;
 * ``:cCACHE``: training caches (recover/caches.py): ``auto`` (the default budget), ``0`` (off), ``keep``
   (noisy weights kept for backward only), ``base`` (dense base only), or a budget in MB;
 * ``:ddpN``: N data-parallel processes (torchrun, gloo), one thread each, the batch split between them.
@@ -169,6 +171,16 @@ def worker(args) -> dict | None:
             (out - target).pow(2).mean().backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+    elif args.lanes > 1:
+        from gift_quant.recover.lanes import Lanes
+
+        lanes = Lanes(args.lanes, args.lanes)
+
+        def step():
+            set_noise_key(model, next(keys))
+            lanes.backward(model, ids, ids, objective, teacher, params, 1.0, False)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
     else:
         def step():
             set_noise_key(model, next(keys) * world + rank)  # as the training loop keys it
@@ -268,10 +280,12 @@ def parse_variant(spec: str) -> dict:
     method, _, code = method.partition("@")
     if method not in METHODS or code not in ("", "old"):
         raise SystemExit(f"unknown variant {spec!r}: METHOD[@old][:tN][:cCACHE][:ddpN], METHOD in {METHODS}")
-    v = {"spec": spec, "method": method, "old": code == "old", "threads": 1, "cache": "auto", "procs": 1}
+    v = {"spec": spec, "method": method, "old": code == "old", "threads": 1, "cache": "auto", "procs": 1, "lanes": 1}
     for m in mods:
         if m.startswith("ddp"):
             v["procs"] = int(m[3:])
+        elif m.startswith("l"):
+            v["lanes"] = int(m[1:])
         elif m.startswith("t"):
             v["threads"] = int(m[1:])
         elif m.startswith("c"):
@@ -288,7 +302,7 @@ def run_variant(v: dict, args, port: int) -> dict:
     tool = HERE  # this worker for both sides: only the package on the path differs
     common = ["--method", v["method"], "--steps", str(args.steps), "--batch-size", str(args.batch_size),
               "--seq-len", str(args.seq_len), "--device", args.device, "--ckpt", args.ckpt,
-              "--threads", str(v["threads"]), "--cache", v["cache"], "--variant", v["spec"]]
+              "--threads", str(v["threads"]), "--cache", v["cache"], "--variant", v["spec"], "--lanes", str(v["lanes"])]
     if v["procs"] > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(v["procs"]),
                "--master_port", str(port), str(tool), *common]
@@ -301,7 +315,7 @@ def run_variant(v: dict, args, port: int) -> dict:
         return {"variant": v["spec"], "failed": (res.stderr.strip().splitlines() or ["?"])[-1], "load_before": load}
     row = json.loads(lines[-1])
     row.update(variant=v["spec"], method=v["method"], code="old" if v["old"] else "new", threads=v["threads"],
-               cache=None if v["old"] else v["cache"], load_before=load)
+               lanes=v["lanes"], cache=None if v["old"] else v["cache"], load_before=load)
     return row
 
 
@@ -323,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--cache", default="auto", help=argparse.SUPPRESS)
+    ap.add_argument("--lanes", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.method:
@@ -354,13 +369,13 @@ def main(argv: list[str] | None = None) -> int:
               "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps, "repeats": args.repeats,
               "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
               "rows": rows, "all_runs": runs}
-    lines = ["| variant | code | threads x processes | caches | trainable params | s/step | CPU s/step | tokens/s | "
-             "peak memory (MB) | growth in training (MB) | load avg before |", "|---" * 11 + "|"]
+    lines = ["| variant | code | lanes x threads x processes | caches | trainable params | s/step | CPU s/step | "
+             "tokens/s | peak memory (MB) | growth in training (MB) | load avg before |", "|---" * 11 + "|"]
     for r in rows:
         if "failed" in r:
             lines.append(f"| {r['variant']} | failed: {r['failed']} |" + " |" * 8)
             continue
-        lines.append(f"| {r['variant']} | {r['code']} | {r['threads']} x {r.get('processes', 1)} | "
+        lines.append(f"| {r['variant']} | {r['code']} | {r['lanes']} x {r['threads']} x {r.get('processes', 1)} | "
                      f"{r['cache'] or '-'} | {r['trainable_params']:,} | {r['seconds_per_step']:.2f} | "
                      f"{r['cpu_seconds_per_step']:.2f} | {r['tokens_per_s']:.0f} | {r[peak]:.0f} | {r[growth]:.0f} | "
                      f"{r['load_before']:.1f} |")

@@ -9,8 +9,9 @@ Each SalientLinear can trade float32 copies of its weight for work a step repeat
 
 Both give bit-identical training (tests/test_train_caches.py), so the budget is a speed/memory choice
 only and a resumed run may change it. The budget is filled layer by layer in that order; ``None`` (the
-default) allows a quarter of the memory free on the training device when training starts, i.e. the
-caches are on whenever the model is small next to the free memory; 0 turns both off (the leanest run).
+default) allows a quarter of the memory still free on the training device after the first step (the
+training loop plans the caches then, so the step's own activations count as used), i.e. the caches are
+on whenever the model is small next to the free memory; 0 turns both off (the leanest run).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class CachePlan(dict):
 
     def line(self) -> str:
         """One line for the user."""
-        how = "auto: 1/4 of the free memory" if self["auto"] else "--cache-mb"
+        how = "auto: 1/4 of the free memory" if self["auto"] else "--cache-mb"  # free after the first step
         if not self["kept_layers"] and not self["base_layers"]:
             return (f"gift-quant: training caches off ({self['budget_mb']:.0f} MB allowed, {how}): the noise is drawn "
                     "again and the base rebuilt in each backward pass")

@@ -195,14 +195,21 @@ class _Loop:
         # scheduler are explicit: accelerate's scheduler wrapper steps once per process under DDP, which
         # would make N processes diverge from one.
         self.wrapped = accel.prepare(model)
-        # after every move of the model (a move drops them): the caches live where the model trains
-        plan = plan_caches(model, settings.cache_mb, accel.device)
-        if plan is not None and self.rank == 0:
-            print(plan.line(), file=sys.stderr, flush=True)
+        self.caches_planned = False  # after the first step (_plan_caches)
         if self.rank == 0 and self.metrics_path.exists():  # drop lines logged after the state we resume from
             lines = self.metrics_path.read_text().splitlines()
             kept = [ln for ln in lines if (s := _logged_step(ln)) is not None and s <= self.start]
             atomic_write_text(self.metrics_path, "".join(k + "\n" for k in kept))  # a kill must not lose lines
+
+    def _plan_caches(self) -> None:
+        """The speed caches, sized once the first step has run: the memory its activations took is in use then.
+
+        After every move of the model (a move drops them), where it trains; the result is the same with them.
+        """
+        self.caches_planned = True
+        plan = plan_caches(self.model, self.settings.cache_mb, self.accelerator.device)
+        if plan is not None and self.rank == 0:
+            print(plan.line(), file=sys.stderr, flush=True)
 
     def _resume(self) -> tuple[int, list]:
         if not (self.state_dir / "step.json").is_file():
@@ -257,6 +264,8 @@ class _Loop:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if not self.caches_planned:
+            self._plan_caches()
         set_noise_key(self.model, None)
         step_loss = float(accel.reduce(torch.tensor(step_loss, device=accel.device), "mean"))
         return {"step": step + 1, "loss": step_loss, "ce": parts["ce"], "lr": self.scheduler.get_last_lr()[0],

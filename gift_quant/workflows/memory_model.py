@@ -162,7 +162,9 @@ def recover_memory(shape: Shape, *, batch: int, seq: int, k: int | None = 128, b
     weight, what the checkpoint stores and a packed training base would need. ``teacher``: None (``--loss
     ce``), ``gpu`` (bf16 next to the student) or ``cpu`` (``--teacher-device cpu``: fp32 in host memory, as
     recover/stage.load_teacher loads it). ``param_bytes``: the salient columns' dtype (float32 in
-    SalientLinear, with autocast computing in bf16).
+    SalientLinear, with autocast computing in bf16). The training caches (recover/caches.py) are left out:
+    by default they take at most a quarter of the memory still free after the first step, so they never
+    decide whether a run fits.
     """
     tokens = batch * seq
     chunk = min(chunk_tokens, batch * (seq - 1))  # the loss's rows: positions with a next token
