@@ -34,7 +34,7 @@ def _quantize(src, qcfg, rcfg, run_dir):
     model = load_model(src)
     tok = load_tokenizer(src)
     windows = calibration_windows(tok, load_documents(qcfg.calib_data), qcfg.calib_samples, qcfg.seq_len, 0)
-    rec = blockwise_reconstructor(rcfg, qcfg, 4) if rcfg is not None else None
+    rec = blockwise_reconstructor(rcfg, rcfg.noise_spec(qcfg.bits)) if rcfg is not None else None
     report = quantize_model(model, windows, qcfg, torch.device("cpu"), run_dir, progress=False, reconstruct=rec,
                             reconstruct_target=rcfg.blockwise_target if rcfg else "fp-prefix")
     return model, report

@@ -17,7 +17,7 @@ import pytest
 import torch
 from tiny import tiny_config
 
-from gift_quant.config.settings import QuantSpec
+from gift_quant.config.settings import NoiseSpec, QuantSpec
 from gift_quant.packed.qlinear import QuantLinear
 from gift_quant.quant.gptq import gptq_quantize
 from gift_quant.quant.grid import GridSpec
@@ -61,7 +61,7 @@ def _salient_case(device):
     from gift_quant.recover.model import salient_from_quant
 
     q = _packed(seed=2, sym=True, group_size=-1)
-    layer = salient_from_quant(q, "normal", 4, seed=3).to(device).train()
+    layer = salient_from_quant(q, NoiseSpec("normal", 4), seed=3).to(device).train()
     layer.noise_key = 7
     g = torch.Generator().manual_seed(4)
     x = torch.randn(2, 24, q.in_features, generator=g)
@@ -98,7 +98,7 @@ def _kd_case(device):
     student = copy.deepcopy(teacher)
     salient = {n: torch.arange(0, m.in_features, 5) for n, m in student.named_modules()
                if isinstance(m, torch.nn.Linear) and ".layers." in n}
-    prepare_dense(student, salient, noise="none")
+    prepare_dense(student, salient, noise=NoiseSpec("none"))
     with torch.no_grad():
         for p in student.parameters():
             if p.requires_grad:

@@ -21,7 +21,7 @@ import pytest
 import torch
 from tiny import ARCHS, QUIET_CPU, corpus, make_model_dir, make_tokenizer, tiny_config
 
-from gift_quant.config.settings import QuantizeConfig
+from gift_quant.config.settings import NoiseSpec, QuantizeConfig
 from gift_quant.export import (
     ADAPTER_DIR,
     EXPORT_INFO,
@@ -357,7 +357,7 @@ def test_recovered_checkpoint_exports(src, calib, ids, tmp_path, no_compile):
     cfg = QuantizeConfig(calib_data=str(calib), calib_samples=4, seq_len=32, bits=3, group_size=32,
                          salient=5, salient_dtype="float32")
     quantize_to_checkpoint(str(src), tmp_path / "q", cfg, runtime=QUIET_CPU)
-    model = prepare_quantized(load(tmp_path / "q"), noise="none")
+    model = prepare_quantized(load(tmp_path / "q"), noise=NoiseSpec("none"))
     with torch.no_grad():
         for layer in salient_layers(model).values():
             layer.gift_salient.add_(0.05 * torch.randn_like(layer.gift_salient))

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from tiny import tiny_config
 from transformers import AutoModelForCausalLM
 
-from gift_quant.config.settings import RecoverConfig
+from gift_quant.config.settings import NoiseSpec, RecoverConfig
 from gift_quant.recover.loop import warmup_cosine_schedule
 from gift_quant.recover.model import prepare_dense
 from gift_quant.recover.objective import Objective, Teacher, objective_loss
@@ -23,7 +23,7 @@ def _pair(arch="llama", seed=0, perturb=0.05):
     for name, mod in student.named_modules():
         if isinstance(mod, torch.nn.Linear) and ".layers." in name:
             salient[name] = torch.arange(0, mod.in_features, 5)
-    prepare_dense(student, salient, noise="none", seed=seed)
+    prepare_dense(student, salient, noise=NoiseSpec("none"), seed=seed)
     with torch.no_grad():
         for p in student.parameters():
             if p.requires_grad:
@@ -133,3 +133,36 @@ def test_recover_settings_are_validated():
     with pytest.raises(Exception, match="nothing to train"):
         RecoverConfig(steps=0, blockwise_steps=0)
     assert RecoverConfig(steps=0, blockwise_steps=5).blockwise_steps == 5
+
+
+@pytest.mark.parametrize("loss,per_chunk", [("kd", 3), ("kd+ce", 3), ("ce", 2)])
+def test_head_runs_the_fewest_times(loss, per_chunk):
+    """Per chunk: the student's head, the teacher's head (distillation) and the gradient's matmul, nothing
+    recomputed in backward; the log-softmaxes once each. Counted at the dispatcher, whatever calls them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    student, teacher = _pair(seed=5)
+    vocab = student.get_output_embeddings().weight.shape[0]
+    counts = {"head": 0, "log_softmax": 0}
+    ids = torch.randint(0, 300, (2, 11), generator=torch.Generator().manual_seed(6))
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            mats = [a for a in args if isinstance(a, torch.Tensor) and a.dim() == 2]
+            # a vocabulary-sized matmul over more rows than the batch: the model's own forward also runs the
+            # head on each sequence's last position (logits_to_keep=1), one row per sequence, not counted
+            if name in ("mm", "addmm") and any(vocab in m.shape for m in mats) and mats[-2].shape[0] > len(ids):
+                counts["head"] += 1
+            if name == "_log_softmax":
+                counts["log_softmax"] += 1
+            return out
+
+    obj = Objective(loss, chunk_tokens=8)  # 20 positions: 3 chunks
+    tch = Teacher(teacher, "cpu") if obj.needs_teacher else None
+    with Count():
+        got, _ = objective_loss(student, ids, ids.clone(), obj, tch)
+        got.backward()
+    assert counts["head"] == 3 * per_chunk
+    assert counts["log_softmax"] == 3 * (2 if obj.needs_teacher else 1)

@@ -36,7 +36,7 @@ def _driver(argv: list[str]) -> None:
 
     from safetensors.torch import load_file, save_file
 
-    from gift_quant.config.settings import RecoverConfig
+    from gift_quant.config.settings import NoiseSpec, RecoverConfig
     from gift_quant.packed.checkpoint import load
     from gift_quant.recover.loop import train
     from gift_quant.recover.model import prepare_quantized, trainable_state
@@ -55,7 +55,7 @@ def _driver(argv: list[str]) -> None:
     from gift_quant.recover.objective import Teacher
 
     for name, (noise, loss) in RUNS.items():
-        model = prepare_quantized(load(a.ckpt), noise=noise, noise_bits=4, seed=0)
+        model = prepare_quantized(load(a.ckpt), noise=NoiseSpec(noise, 4), seed=0)
         init = trainable_state(model)
         settings = RecoverConfig(loss=loss, steps=STEPS, lr=LR, batch_size=BATCH, grad_accum=a.grad_accum,
                                  warmup_ratio=0.0, save_every=STEPS, seed=0)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gift_quant.config.settings import QuantSpec
+from gift_quant.config.settings import NoiseSpec, QuantSpec
 from gift_quant.packed.qlinear import QuantLinear
 from gift_quant.quant.gptq import gptq_quantize
 from gift_quant.quant.grid import GridSpec, step_sizes
@@ -45,9 +45,9 @@ def _salient(q, **kw):
 def test_noise_off_equals_packed_layer(sym, group_size):
     q, _ = _quant_linear(sym=sym, group_size=group_size)
     x = torch.randn(3, 5, q.in_features)
-    s = _salient(q, noise="normal").eval()
+    s = _salient(q, noise=NoiseSpec("normal")).eval()
     torch.testing.assert_close(s(x), q(x), rtol=1e-6, atol=1e-6)
-    s_train_no_noise = _salient(q, noise="none").train()
+    s_train_no_noise = _salient(q, noise=NoiseSpec("none")).train()
     torch.testing.assert_close(s_train_no_noise(x), q(x), rtol=1e-6, atol=1e-6)
     # convert back: identical buffers, identical outputs
     model = prepare_quantized(Wrap(q))
@@ -74,7 +74,7 @@ def test_gradients_reach_only_gift_parameters():
 
 def test_noise_statistics():
     q, _ = _quant_linear(out_f=64, in_f=96, k=6)
-    s = _salient(q, noise="normal", noise_bits=4, seed=3).train()
+    s = _salient(q, noise=NoiseSpec("normal", 4), seed=3).train()
     base = s.base_weight()
     expected_delta = step_sizes(base[:, s.nonsalient_mask], GridSpec(bits=4, sym=True))
     torch.testing.assert_close(s.delta, expected_delta)
@@ -95,7 +95,7 @@ def test_noise_statistics():
 
 def test_uniform_noise_range_and_keyed_noise_repeats():
     q, _ = _quant_linear()
-    s = _salient(q, noise="uniform", noise_bits=4).train()
+    s = _salient(q, noise=NoiseSpec("uniform", 4)).train()
     d = torch.stack([s.sample_noise() for _ in range(50)])
     bound = (s.delta / 2).view(1, -1, 1)
     assert torch.all(d.abs() <= bound + 1e-7)
@@ -136,7 +136,7 @@ def test_qat_layer_starts_at_the_quantized_layer_and_converts_back():
 def test_fused_matmul_matches_plain_autograd(sym, group_size, act_order):
     """The memory-lean Function (weight rebuilt in backward) equals autograd on the explicit weight."""
     q, _ = _quant_linear(sym=sym, group_size=group_size)
-    s = _salient(q, noise="normal", noise_bits=4, seed=5).train()
+    s = _salient(q, noise=NoiseSpec("normal", 4), seed=5).train()
     if act_order:  # a permuted g_idx exercises the gather path of the dequantization
         perm = torch.randperm(q.in_features, generator=torch.Generator().manual_seed(0))
         s.g_idx = s.g_idx[perm].clone()
@@ -161,7 +161,7 @@ def test_fused_matmul_matches_plain_autograd(sym, group_size, act_order):
 def test_fused_matmul_rebuilds_the_forward_noise_in_backward():
     """Unkeyed noise: backward must use the pass's own noise, not a fresh draw (grad_x would be wrong)."""
     q, _ = _quant_linear()
-    s = _salient(q, noise="normal", noise_bits=2, seed=1).train()  # 2-bit noise: large, so a mix-up shows
+    s = _salient(q, noise=NoiseSpec("normal", 2), seed=1).train()  # 2-bit noise: large, so a mix-up shows
     x = torch.randn(4, q.in_features, requires_grad=True)
     seeds = []
     orig = s._pass_seed

@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny import QUIET_CPU, corpus, make_model_dir
 
-from gift_quant.config.settings import QuantizeConfig, RecoverConfig, read_recipe
+from gift_quant.config.settings import NoiseSpec, QuantizeConfig, RecoverConfig, read_recipe
 from gift_quant.packed.checkpoint import load, read_gift_config, read_spec, save_checkpoint
 from gift_quant.recover.loop import eval_loss, train
 from gift_quant.recover.model import convert_to_quant, prepare_quantized, salient_layers
@@ -37,7 +37,7 @@ def _windows(tok_seed, n=32, L=32, vocab=300):
 @pytest.mark.parametrize("noise", ["normal", "none"])
 def test_loss_decreases_and_checkpoint_reproduces_trained_model(quantized, tmp_path, noise):
     root, src = quantized
-    model = prepare_quantized(load(root / "q"), noise=noise, noise_bits=4, seed=0)
+    model = prepare_quantized(load(root / "q"), noise=NoiseSpec(noise, 4), seed=0)
     ids, labels = _windows(0)
     before = eval_loss(model, ids[:4], labels[:4], "cpu")
     start = {n: s.gift_salient.detach().clone() for n, s in salient_layers(model).items()}
@@ -81,7 +81,7 @@ def test_fsdp_launch_is_refused_with_advice(quantized, tmp_path, monkeypatch):
 
     monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
     root, _ = quantized
-    model = prepare_quantized(load(root / "q"), noise="normal", noise_bits=4, seed=0)
+    model = prepare_quantized(load(root / "q"), noise=NoiseSpec("normal", 4), seed=0)
     ids, labels = _windows(0, n=4)
     with pytest.raises(GiftQuantError, match="does not support FSDP.*torchrun"):
         train(model, ids, labels, RecoverConfig(loss="ce", steps=1, batch_size=2), tmp_path / "run", progress=False)

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tiny import QUIET_CPU, corpus, make_model_dir
 
-from gift_quant.config.settings import QuantizeConfig
+from gift_quant.config.settings import NoiseSpec, QuantizeConfig
 from gift_quant.model.loading import load_model
 from gift_quant.model.source_weights import source_weights
 from gift_quant.packed.checkpoint import load
@@ -48,8 +48,8 @@ def test_lazy_reference_equals_loading_the_model(src, ckpt, tmp_path):
     for name, w in full.items():
         assert torch.equal(lazy[name], w.float()), name
     # the noise steps of the recovery model are those of the old whole-model path
-    old = deltas(prepare_quantized(load(ckpt), noise="normal", noise_bits=4, seed=0, reference=full))
-    new = deltas(prepare_recovery(ckpt, src, "normal", 4, 0))
+    old = deltas(prepare_quantized(load(ckpt), noise=NoiseSpec("normal", 4), seed=0, reference=full))
+    new = deltas(prepare_recovery(ckpt, src, NoiseSpec("normal", 4), 0))
     assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old)
 
     # a sharded folder with an index reads the same tensors

@@ -127,7 +127,7 @@ def worker_step(args) -> dict:
 
     import torch
 
-    from gift_quant.config.settings import QuantizeConfig
+    from gift_quant.config.settings import NoiseSpec, QuantizeConfig
     from gift_quant.quant.engine import quantize_model
     from gift_quant.recover.model import freeze_all_but_gift, linear_weights, prepare_quantized, set_noise_key
     from gift_quant.recover.objective import Objective, Teacher, objective_loss
@@ -140,7 +140,7 @@ def worker_step(args) -> dict:
     calib = torch.randint(0, VOCAB, (4, 64), generator=torch.Generator().manual_seed(1))
     cfg = QuantizeConfig(bits=3, algorithm="rtn", salient=args.k, calib_samples=4, seq_len=64)
     quantize_model(model, calib, cfg, torch.device("cpu"), None, progress=False)
-    prepare_quantized(model, noise="normal", noise_bits=4, seed=0, reference=reference)
+    prepare_quantized(model, noise=NoiseSpec("normal", 4), seed=0, reference=reference)
     del reference
     params = freeze_all_but_gift(model)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

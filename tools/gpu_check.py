@@ -220,7 +220,7 @@ def free(device: torch.device) -> None:
 
     # SalientLinear's shared scratch buffers outlive a model; left allocated they would be charged to
     # whichever row runs next, or missing from a GIFT-SW row that found them already there.
-    getattr(layer, "_SCRATCH", {}).clear()
+    layer.release_scratch()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -370,10 +370,11 @@ def _salient_pass(layer, x: torch.Tensor, gy: torch.Tensor, bf16: bool):
 
 
 def check_salient_matmul(device: torch.device) -> dict:
+    from gift_quant.config.settings import NoiseSpec
     from gift_quant.recover.model import salient_from_quant
 
     q = small_packed_layer(seed=2, sym=True, group_size=-1)
-    cpu_layer = salient_from_quant(q, "normal", 4, seed=5)
+    cpu_layer = salient_from_quant(q, NoiseSpec("normal", 4), seed=5)
     layer = copy.deepcopy(cpu_layer).to(device).train()
     layer.noise_key = 11  # as the training loop sets it: the noise is a function of (seed, key) only
     g = torch.Generator().manual_seed(3)
@@ -485,10 +486,11 @@ def _grad_comparison(got: dict, want: dict, rel: float, reference: str) -> dict:
 
 
 def check_kd_loss(device: torch.device, tiny: Tiny) -> dict:
+    from gift_quant.config.settings import NoiseSpec
     from gift_quant.recover.model import prepare_quantized
     from gift_quant.recover.objective import Objective
 
-    student = prepare_quantized(copy.deepcopy(tiny.packed), noise="none", seed=0)
+    student = prepare_quantized(copy.deepcopy(tiny.packed), noise=NoiseSpec("none"), seed=0)
     ids = random_tokens(2, 24, CPU_SHAPES.vocab, seed=5)
     labels = ids.clone()
     labels[0, :5] = -100  # a masked prompt: those positions carry no loss
@@ -664,6 +666,7 @@ def section_prepare(models: Models, shapes: Shapes, device: torch.device) -> dic
     the loaded checkpoint on the CPU, where the clip search runs on one thread: timed here on one
     slice and scaled to the 7B model's weights.
     """
+    from gift_quant.config.settings import NoiseSpec
     from gift_quant.quant.grid import GridSpec, step_sizes
     from gift_quant.recover.model import prepare_quantized
     from gift_quant.util.threads import cpu_threads
@@ -672,7 +675,7 @@ def section_prepare(models: Models, shapes: Shapes, device: torch.device) -> dic
     layers = list(range(models.quantized))
     with depth_view(models.packed, layers, device), torch.device(device):
         t0 = time.perf_counter()
-        prepare_quantized(models.packed, noise="normal", noise_bits=4, seed=0)
+        prepare_quantized(models.packed, noise=NoiseSpec("normal", 4), seed=0)
         sync(device)
         on_device = time.perf_counter() - t0
     rows = min(1024, shapes.hidden)

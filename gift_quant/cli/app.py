@@ -328,7 +328,7 @@ def _recover_overrides(a) -> dict:
     return {"variant": a.variant, "noise": a.noise, "noise_bits": a.noise_bits, "steps": a.steps, "lr": a.lr,
             "batch_size": a.batch_size, "grad_accum": a.grad_accum, "warmup_ratio": a.warmup_ratio,
             "seq_len": a.seq_len, "train_data": a.train_data, "eval_data": a.eval_data, "save_every": a.save_every,
-            "gradient_checkpointing": a.gradient_checkpointing, "seed": a.seed, "loss": a.loss,
+            "gradient_checkpointing": a.gradient_checkpointing, "cache_mb": a.cache_mb, "seed": a.seed, "loss": a.loss,
             "kd_temperature": a.kd_temperature, "ce_weight": a.ce_weight, "teacher_device": a.teacher_device,
             "blockwise_steps": a.blockwise_steps, "blockwise_lr": a.blockwise_lr,
             "blockwise_target": a.blockwise_target, "blockwise_train": a.blockwise_train,

@@ -112,6 +112,9 @@ def add_recover_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-data", default=None, help="held-out text for periodic eval during training")
     p.add_argument("--save-every", type=int, default=None, help="save resumable state every N steps")
     p.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    p.add_argument("--cache-mb", type=int, default=None, metavar="MB",
+                   help="memory for training's speed caches (noisy weights kept for backward, dense base); "
+                        "default: a quarter of the free memory; 0: off. The trained result is the same either way")
     p.add_argument("--ppl-data", default=None, help="perplexity text (default boolq-passages:test)")
     p.add_argument("--ppl-seq-len", type=int, default=None, help="perplexity window (default 512)")
     p.add_argument("--max-windows", type=int, default=None, help="perplexity windows (default 40)")

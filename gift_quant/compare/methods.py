@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..config.settings import E2E_TRAINABLE, EvalConfig, QuantizeConfig, RecoverConfig, Runtime, trainable_sets
+from ..config.settings import E2E_TRAINABLE, EvalConfig, NoiseSpec, QuantizeConfig, RecoverConfig, Runtime, trainable_sets
 from ..model.loading import load_model, resolve_device
 from ..packed.checkpoint import load, read_gift_config, save_checkpoint
 from ..workflows.stages import convert_recovered, prepare_recovery, quantize_to_checkpoint, train_stage
@@ -156,9 +156,8 @@ def _salient_training(noise_of: Callable[[Job], str]):
     def build(job: Job):
         quantized(job, job.salient_base, job.qcfg)
         rcfg = dataclasses.replace(job.rcfg, noise=noise_of(job))
-        noise = rcfg.noise_spec(job.qcfg.bits)
-        model = prepare_recovery(job.salient_base, job.src, noise.kind, noise.bits, rcfg.seed, runtime=job.runtime,
-                                 train=trainable_sets(rcfg.train, E2E_TRAINABLE, "--train"))
+        model = prepare_recovery(job.salient_base, job.src, rcfg.noise_spec(job.qcfg.bits), rcfg.seed,
+                                 runtime=job.runtime, train=trainable_sets(rcfg.train, E2E_TRAINABLE, "--train"))
         job.train(model)
         convert_recovered(model)
         return (model, *job.save(model, {"method": job.method}))
@@ -203,7 +202,7 @@ def quik_lora(job: Job):
     from ..recover.model import convert_to_dense, prepare_quantized
 
     base_bits = quantized(job, job.salient_base, job.qcfg)
-    model = convert_to_dense(prepare_quantized(load(job.salient_base), noise="none"))
+    model = convert_to_dense(prepare_quantized(load(job.salient_base), noise=NoiseSpec("none")))
     model.requires_grad_(False)
     layers = read_gift_config(job.salient_base)["layers"]
     targets = sorted({n.rsplit(".", 1)[-1] for n in layers})

@@ -41,8 +41,8 @@ def _gift(noise_of: Callable[[RecoverConfig], str]):
     def prepare(model, salient, rank, targets, rcfg: RecoverConfig):
         from ..recover.model import prepare_dense
 
-        noise = dataclasses.replace(rcfg, noise=noise_of(rcfg)).noise_spec(4)  # no quantization: post's noise grid
-        prepare_dense(model, salient, noise=noise.kind, noise_bits=noise.bits, seed=rcfg.seed)
+        noise = dataclasses.replace(rcfg, noise=noise_of(rcfg)).noise_spec(None)  # no quantization follows
+        prepare_dense(model, salient, noise=noise, seed=rcfg.seed)
         return model
     return prepare
 

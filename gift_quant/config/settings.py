@@ -252,6 +252,12 @@ class RecoverConfig:
     save_every: int = 10
     seed: int = 0
     gradient_checkpointing: bool = False
+    # on a CPU, each micro-batch's sequences in this many parts trained in parallel threads (recover/lanes.py);
+    # the result depends on it (at rounding level) but not on how many run at once; 1: the micro-batch in one pass
+    cpu_lanes: int = 2
+    # memory (MB) for training's speed caches (recover/caches.py): None = a quarter of the free memory, 0 = none.
+    # Training is bit-identical with any value, so it is no part of a run's identity (identity()).
+    cache_mb: int | None = None
     # block-wise reconstruction (recover/blockwise.py): right after GPTQ of each block, train its salient
     # columns (same noise) to match the full-precision block's outputs on the calibration windows
     blockwise_steps: int = 0  # 0: off
@@ -278,7 +284,8 @@ class RecoverConfig:
         if self.blockwise_target not in ("fp-prefix", "quant-prefix"):
             raise GiftQuantError(f"blockwise_target must be fp-prefix or quant-prefix (got {self.blockwise_target!r})")
         for flag, value in (("--batch-size", self.batch_size), ("--grad-accum", self.grad_accum),
-                            ("--save-every", self.save_every), ("recover.eval_windows", self.eval_windows)):
+                            ("--save-every", self.save_every), ("recover.eval_windows", self.eval_windows),
+                            ("recover.cpu_lanes", self.cpu_lanes)):
             _count(flag, value, 1)
         for flag, value in (("--steps", self.steps), ("--blockwise-steps", self.blockwise_steps),
                             ("recover.eval_every", self.eval_every)):
@@ -300,19 +307,31 @@ class RecoverConfig:
             raise GiftQuantError("--variant pre trains the full-precision model first: give --steps > 0")
         if self.steps == 0 and self.blockwise_steps == 0:
             raise GiftQuantError("nothing to train: give --steps > 0 (end-to-end) and/or --blockwise-steps > 0")
+        if self.cache_mb is not None and self.cache_mb < 0:
+            raise GiftQuantError(f"--cache-mb must be >= 0 (got {self.cache_mb}); 0 turns the training caches off")
         check_recovery_v2(self)
 
-    def noise_spec(self, target_bits: int) -> NoiseSpec:
+    def identity(self) -> dict[str, Any]:
+        """The settings that decide the trained result (what a resumed run must match): all but cache_mb."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "cache_mb"}
+
+    def noise_spec(self, target_bits: int | None) -> NoiseSpec:
         """The noise of this run when quantizing to ``target_bits``: the one place it is decided.
 
         post: ``noise_bits`` (the paper: always 4). pre: the target bits, whatever ``noise_bits`` says
         (pre-GIFT-SW trains the full-precision model to withstand the quantization it will get), so
         ``recover --variant pre`` and compare's ``gift-pre`` inject the same noise under any recipe.
+        ``target_bits`` None: nothing is quantized afterwards (PEFT fine-tuning of a full-precision model),
+        so the post variant's rule applies.
         """
         return NoiseSpec(self.noise, self.resolved_noise_bits(target_bits))
 
-    def resolved_noise_bits(self, target_bits: int) -> int:
-        if self.variant == "pre":
+    def blockwise_noise_spec(self, target_bits: int | None) -> NoiseSpec:
+        """The block stage's noise: ``blockwise_noise`` (the run's noise when unset) on the run's noise grid."""
+        return NoiseSpec(self.blockwise_noise or self.noise, self.resolved_noise_bits(target_bits))
+
+    def resolved_noise_bits(self, target_bits: int | None) -> int:
+        if self.variant == "pre" and target_bits is not None:
             return target_bits
         return 4 if self.noise_bits is None else self.noise_bits
 

@@ -102,7 +102,7 @@ def train_block(index: int, block: nn.Module, fp_block: nn.Module, inputs: list[
                 targets: list[torch.Tensor], kwargs: dict, *, prerounded: dict | None = None, steps: int,
                 train: frozenset[str] = frozenset({"salient"}), lr: float = 1e-3, scales_lr: float = 5e-3,
                 rounding_lr: float | None = None, warmup_ratio: float = 0.05, holdout: float = 0.125,
-                max_grad_norm: float = 1.0, noise: str = "none", noise_bits: int = 4, seed: int = 0) -> dict:
+                max_grad_norm: float = 1.0, noise: NoiseSpec = NoiseSpec("none"), seed: int = 0) -> dict:
     """Swap ``block``'s QuantLinears for GridLinears and train them; the block is left in eval mode, unpacked.
 
     ``prerounded``: block-local linear name -> GPTQ's pre-rounding values (needed when scales or rounding
@@ -117,13 +117,12 @@ def train_block(index: int, block: nn.Module, fp_block: nn.Module, inputs: list[
     held_curve = [(0, relative_mse(block, held_x, held_y, kwargs))] if n_held else []
     block.requires_grad_(False)
     fp_linears = block_linears(fp_block)
-    spec = NoiseSpec(noise, noise_bits)
     for j, (name, q) in enumerate(block_linears(block).items()):
         if not isinstance(q, QuantLinear):
             raise TypeError(f"block {index}: {name} is {type(q).__name__}, expected a QuantLinear")
         pre = None if prerounded is None else prerounded.get(name)
         layer_seed = (seed * 1_009 + index) * 100_003 + j
-        set_module(block, name, GridLinear(q, pre, train, spec, layer_seed, fp_linears[name].weight))
+        set_module(block, name, GridLinear(q, pre, train, noise, layer_seed, fp_linears[name].weight))
     layers = [m for m in block.modules() if isinstance(m, GridLinear)]
     groups = []
     if "salient" in train:

@@ -19,9 +19,23 @@ an integer seed, so the rebuild is exact) to compute ``grad_x``, and computes ``
 the backward pass -- the whole model again, in full precision, which is what GIFT-SW on packed codes
 is meant to avoid. No library offers a linear layer whose frozen weight is regenerated in backward from
 codes plus keyed noise, hence the hand-written Function.
+
+Two caches trade memory for that rebuild, each per layer and each bit-identical to the path without it
+(recover/caches.py decides them from a memory budget):
+
+* ``keep_weight``: the forward pass writes ``B + noise`` into a buffer the layer owns and the backward
+  pass reads it back, so the noise is drawn once per pass instead of twice (drawing it is ~8x the cost of
+  the dequantization: BENCHMARKS.md). The buffer is tagged with the pass; a backward whose pass's weight
+  was overwritten meanwhile (two forwards before one backward) rebuilds it from the seed as before.
+  Lanes (recover/loop.py: parts of one micro-batch in parallel threads, all with the micro-batch's noise)
+  find the weight already built for the same seed and salient values, and share it.
+* ``cache_base``: ``B`` dequantized once and kept in float32 instead of recomputed from the codes.
 """
 
 from __future__ import annotations
+
+import itertools
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +45,8 @@ from ..config.settings import NoiseSpec, QuantSpec
 from ..quant.grid import GridSpec, step_sizes
 from ..util.threads import cpu_threads
 
+PAPER_NOISE = NoiseSpec()  # 0.5 * Delta_i * N(0, 1) at 4 bits: the post variant's default
+
 
 class SalientLinear(nn.Module):
     is_gift_linear = True  # recognized by arch.block_linears like an nn.Linear
@@ -39,19 +55,26 @@ class SalientLinear(nn.Module):
                  codes: torch.Tensor | None = None, scales: torch.Tensor | None = None,
                  zeros: torch.Tensor | None = None, g_idx: torch.Tensor | None = None,
                  dense: torch.Tensor | None = None, salient_weight: torch.Tensor,
-                 bias: torch.Tensor | None = None, noise: str | NoiseSpec = "normal", noise_bits: int = 4,
-                 seed: int = 0, param_dtype: torch.dtype = torch.float32,
-                 noise_reference: torch.Tensor | None = None):
+                 bias: torch.Tensor | None = None, noise: NoiseSpec = PAPER_NOISE, seed: int = 0,
+                 param_dtype: torch.dtype = torch.float32, noise_reference: torch.Tensor | None = None):
         super().__init__()
-        # the layer carries its noise settings and (when built from a packed layer, model.salient_from_quant)
-        # its storage settings, so converting it back needs nothing re-passed
-        self.noise_spec = noise if isinstance(noise, NoiseSpec) else NoiseSpec(noise, noise_bits)
-        noise, noise_bits = self.noise_spec.kind, self.noise_spec.bits
+        # speed caches (module docstring); plain attributes, not buffers: never saved, dropped on a move
+        self.keep_weight = False
+        self._kept: torch.Tensor | None = None
+        self._kept_pass: int | None = None
+        self._kept_content: tuple | None = None
+        self._base_cache: torch.Tensor | None = None
+        # the layer carries the run's noise spec (built once from the settings: RecoverConfig.noise_spec) and,
+        # when built from a packed layer (model.salient_from_quant), its storage settings, so converting it
+        # back needs nothing re-passed
+        if not isinstance(noise, NoiseSpec):
+            raise TypeError(f"noise must be a NoiseSpec (RecoverConfig.noise_spec), got {noise!r}")
+        self.noise_spec = noise
         self.spec: QuantSpec | None = None  # the storage spec of the packed layer it was built from, if any
         if (codes is None) == (dense is None):
             raise ValueError("give either codes/scales/zeros/g_idx (quantized base) or dense (full-precision base)")
         self.in_features, self.out_features = in_features, out_features
-        self.noise, self.noise_bits, self.seed = noise, noise_bits, seed
+        self.seed = seed
         self.register_buffer("salient_idx", salient_idx.long().clone())
         mask = torch.ones(in_features, dtype=torch.bool)
         mask[self.salient_idx] = False
@@ -75,13 +98,32 @@ class SalientLinear(nn.Module):
         # The reference may live on the GPU (stages.prepare_recovery puts it there): the fit runs where it is.
         ref = self.base_weight() if noise_reference is None else noise_reference.detach().float()
         with cpu_threads(1, ref.device.type == "cpu"):  # clip search: small ops (threads.py)
-            delta = step_sizes(ref[:, mask.to(ref.device)], GridSpec(bits=noise_bits, sym=True))
+            delta = step_sizes(ref[:, mask.to(ref.device)], GridSpec(bits=noise.bits, sym=True))
         self.register_buffer("delta", delta.to(mask.device))
         self._generator: torch.Generator | None = None
         # Set by the training loop before each micro-batch: the noise then depends only on
         # (seed, noise_key), so data-parallel ranks, gradient-checkpoint recomputation and a resumed
         # run all draw exactly the noise an uninterrupted single-process run draws.
         self.noise_key: int | None = None
+
+    # ------------------------------------------------------------------ caches
+
+    def cache_base(self, on: bool = True) -> None:
+        """Keep B dequantized in float32 (on: computed now, where the layer is) or drop it."""
+        self._base_cache = None
+        if on and self.codes is not None:
+            self._base_cache = self._dequantize_into(torch.empty(self.out_features, self.in_features,
+                                                                 device=self.codes.device))
+
+    def weight_bytes(self) -> int:
+        """Bytes of one float32 copy of the layer's weight: what each cache costs."""
+        return 4 * self.out_features * self.in_features
+
+    def _apply(self, fn, recurse=True):
+        # a move (``.to(device)``) would leave the caches behind: drop them (recover/caches.py plans them
+        # after the model is where it trains)
+        self._base_cache = self._kept = self._kept_pass = self._kept_content = None
+        return super()._apply(fn, recurse)
 
     # ------------------------------------------------------------------ numerics
 
@@ -93,6 +135,11 @@ class SalientLinear(nn.Module):
         """Write B into ``out`` (out_features, in_features) without temporaries the size of the layer."""
         if self.dense is not None:
             return out.copy_(self.dense)
+        if self._base_cache is not None:  # the same numbers, computed once (cache_base)
+            return out.copy_(self._base_cache)
+        return self._dequantize_into(out)
+
+    def _dequantize_into(self, out: torch.Tensor) -> torch.Tensor:
         out.copy_(self.codes)  # uint8 -> float32
         groups = self.scales.shape[1]
         if groups == 1:  # per-row grid: broadcast, no gather
@@ -123,7 +170,7 @@ class SalientLinear(nn.Module):
     def _add_noise(self, w: torch.Tensor, seed: int, scratch: torch.Tensor) -> torch.Tensor:
         """w += 0.5 * Delta_i * Omega (normal) or Delta_i * U(-1/2, 1/2) on the non-salient columns."""
         gen = torch.Generator(device=w.device).manual_seed(seed)
-        if self.noise == "normal":
+        if self.noise_spec.kind == "normal":
             scratch.normal_(generator=gen)
             w.addcmul_(scratch, self.delta.unsqueeze(1), value=0.5)
         else:
@@ -138,19 +185,36 @@ class SalientLinear(nn.Module):
         self._add_noise(noise, self._pass_seed(), torch.empty(shape, device=self.delta.device))
         return noise.index_fill_(1, self.salient_idx, 0.0)
 
-    def effective_weight(self, noise_seed: int | None, salient: torch.Tensor) -> torch.Tensor:
-        """B (+ noise) with ``salient`` in the salient columns, in a scratch buffer reused by every layer.
+    def effective_weight(self, noise_seed: int | None, salient: torch.Tensor,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+        """B (+ noise) with ``salient`` in the salient columns, in ``out`` or a scratch buffer reused by every layer.
 
-        The result is only valid until the next layer's call: use it at once, never keep it.
+        Without ``out`` the result is only valid until the next layer's call: use it at once, never keep it.
         """
         shape = (self.out_features, self.in_features)
-        w = self._write_base(_scratch("weight", shape, self.delta.device))
+        w = self._write_base(_scratch("weight", shape, self.delta.device) if out is None else out)
         if noise_seed is not None:
             self._add_noise(w, noise_seed, _scratch("noise", shape, self.delta.device))
         return w.index_copy_(1, self.salient_idx, salient.detach().float())
 
+    def kept_weight(self, noise_seed: int | None, salient: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """``effective_weight`` in the layer's own buffer for the backward pass, and the tag of its content.
+
+        Built once per content: a pass with the same noise seed and the same salient values (another lane
+        of the micro-batch) reuses it. Lanes only build between their micro-batches' backward passes and the
+        next forward, so a built weight is never rewritten while a lane still reads it.
+        """
+        content = (noise_seed, salient._version, salient.data_ptr())
+        with _KEPT_LOCK:
+            if self._kept is not None and self._kept_content == content and self._kept.device == self.delta.device:
+                return self._kept, self._kept_pass
+            if self._kept is None or self._kept.device != self.delta.device:
+                self._kept = torch.empty(self.out_features, self.in_features, device=self.delta.device)
+            self._kept_pass, self._kept_content = next(_PASSES), content
+            return self.effective_weight(noise_seed, salient, out=self._kept), self._kept_pass
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        seed = self._pass_seed() if self.training and self.noise != "none" else None
+        seed = self._pass_seed() if self.training and self.noise_spec.kind != "none" else None
         y = _SalientMatmul.apply(x, self.gift_salient, self, seed)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
@@ -165,26 +229,34 @@ class SalientLinear(nn.Module):
     def extra_repr(self) -> str:
         base = "quantized" if self.codes is not None else "dense"
         return (f"in={self.in_features}, out={self.out_features}, salient={self.salient_idx.numel()}, "
-                f"base={base}, noise={self.noise}@{self.noise_bits}b")
+                f"base={base}, noise={self.noise_spec.kind}@{self.noise_spec.bits}b")
 
 
 # ------------------------------------------------------------------ fused matmul and its scratch buffers
 
-_SCRATCH: dict[tuple[str, torch.device], torch.Tensor] = {}
+_LOCAL = threading.local()  # each thread (lane) its own scratch buffers
+_PASSES = itertools.count()  # tags of kept weights: a backward uses a kept weight only if it is its pass's
+_KEPT_LOCK = threading.Lock()
 
 
 def _scratch(name: str, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """A (rows, cols) float32 view of a buffer shared by all layers, grown to the largest layer seen.
+    """A (rows, cols) float32 view of a buffer shared by all layers, grown to the largest layer seen; one per thread.
 
     Reusing one buffer matters on CPU: a fresh allocation of a layer-sized tensor is fresh pages from the
     kernel on every pass, which costs about as much as the dequantization itself.
     """
+    buffers = _LOCAL.__dict__.setdefault("buffers", {})
     key = (name, torch.device(device))
     numel = shape[0] * shape[1]
-    buf = _SCRATCH.get(key)
+    buf = buffers.get(key)
     if buf is None or buf.numel() < numel:
-        buf = _SCRATCH[key] = torch.empty(numel, device=device)
+        buf = buffers[key] = torch.empty(numel, device=device)
     return buf[:numel].view(shape)
+
+
+def release_scratch() -> None:
+    """Free this thread's scratch buffers (they outlive the models that used them)."""
+    _LOCAL.__dict__.pop("buffers", None)
 
 
 class _SalientMatmul(torch.autograd.Function):
@@ -192,7 +264,11 @@ class _SalientMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, salient, layer: SalientLinear, noise_seed):
-        w = layer.effective_weight(noise_seed, salient)
+        ctx.kept = None
+        if layer.keep_weight and ctx.needs_input_grad[0]:  # only a pass whose backward needs the weight keeps it
+            w, ctx.kept = layer.kept_weight(noise_seed, salient)
+        else:
+            w = layer.effective_weight(noise_seed, salient)
         y = F.linear(x, w.to(x.dtype))
         ctx.layer, ctx.noise_seed = layer, noise_seed
         ctx.save_for_backward(x[..., layer.salient_idx] if ctx.needs_input_grad[1] else None, salient)
@@ -204,7 +280,10 @@ class _SalientMatmul(torch.autograd.Function):
         x_salient, salient = ctx.saved_tensors
         grad_x = grad_salient = None
         if ctx.needs_input_grad[0]:
-            w = layer.effective_weight(ctx.noise_seed, salient)
+            if ctx.kept is not None and layer._kept_pass == ctx.kept:
+                w = layer._kept  # this pass's own weight, noise included: nothing redrawn
+            else:
+                w = layer.effective_weight(ctx.noise_seed, salient)
             grad_x = grad_y @ w.to(grad_y.dtype)
         if ctx.needs_input_grad[1]:
             gy = grad_y.reshape(-1, grad_y.shape[-1])

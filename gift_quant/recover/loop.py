@@ -24,8 +24,12 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..config.settings import RecoverConfig
+from ..util.cpu_policy import apply_for_training
 from ..util.errors import GiftQuantError, writing
 from ..util.files import atomic_dir, atomic_write_text, sha256_file
+from ..util.threads import cpu_threads
+from .caches import plan_caches, release_caches
+from .lanes import Lanes
 from .model import set_noise_key, trainable_state
 from .objective import Objective, Teacher, objective_loss
 from .scaled_layer import param_groups
@@ -167,6 +171,14 @@ class _Loop:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.state_dir, self.metrics_path = run_dir / "state", run_dir / "metrics.jsonl"
         torch.manual_seed(settings.seed)
+        self.lanes = None
+        line = f"gift-quant: training data-parallel in {self.world} processes" if self.world > 1 else None
+        if accel.device.type == "cpu" and self.world == 1:  # lanes and threads: the result does not depend on them
+            lanes = min(settings.cpu_lanes, settings.batch_size)
+            workers, line = apply_for_training(lanes)
+            self.lanes = Lanes(lanes, workers) if lanes > 1 else None
+        if line and self.rank == 0:
+            print(line, file=sys.stderr, flush=True)
         model.to(accel.device)
         if settings.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -185,10 +197,21 @@ class _Loop:
         # scheduler are explicit: accelerate's scheduler wrapper steps once per process under DDP, which
         # would make N processes diverge from one.
         self.wrapped = accel.prepare(model)
+        self.caches_planned = False  # after the first step (_plan_caches)
         if self.rank == 0 and self.metrics_path.exists():  # drop lines logged after the state we resume from
             lines = self.metrics_path.read_text().splitlines()
             kept = [ln for ln in lines if (s := _logged_step(ln)) is not None and s <= self.start]
             atomic_write_text(self.metrics_path, "".join(k + "\n" for k in kept))  # a kill must not lose lines
+
+    def _plan_caches(self) -> None:
+        """The speed caches, sized once the first step has run: the memory its activations took is in use then.
+
+        After every move of the model (a move drops them), where it trains; the result is the same with them.
+        """
+        self.caches_planned = True
+        plan = plan_caches(self.model, self.settings.cache_mb, self.accelerator.device)
+        if plan is not None and self.rank == 0:
+            print(plan.line(), file=sys.stderr, flush=True)
 
     def _resume(self) -> tuple[int, list]:
         if not (self.state_dir / "step.json").is_file():
@@ -222,18 +245,29 @@ class _Loop:
             mb = local[a * settings.batch_size:(a + 1) * settings.batch_size]
             set_noise_key(self.model, step * micro * self.world + self.rank * micro + a)
             sync = contextlib.nullcontext() if a == micro - 1 or self.world == 1 else accel.no_sync(self.wrapped)
-            with sync, accel.autocast():
-                loss, got = objective_loss(self.wrapped, windows[mb].to(accel.device), labels[mb].to(accel.device),
-                                           self.objective, self.teacher, check=step == self.start and a == 0)
-                accel.backward(loss / micro)
-            step_loss += float(loss.detach()) / micro
+            check = step == self.start and a == 0
+            if self.lanes is not None:  # one process on a CPU: the micro-batch's parts in parallel threads
+                loss, got = self.lanes.backward(self.wrapped, windows[mb], labels[mb], self.objective, self.teacher,
+                                                self.params, 1.0 / micro, check)
+            else:
+                with sync, accel.autocast():
+                    loss, got = objective_loss(self.wrapped, windows[mb].to(accel.device),
+                                               labels[mb].to(accel.device), self.objective, self.teacher, check=check)
+                    accel.backward(loss / micro)
+                loss = float(loss.detach())
+            step_loss += loss / micro
             for k in parts:
                 parts[k] += got[k] / micro
             step_tokens += int(windows[mb].numel())
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, settings.max_grad_norm)
+        # one thread: a norm is a reduction whose rounding depends on how threads split it, and the
+        # clipped step must not depend on the thread count (a resumed run may get another one)
+        with cpu_threads(1, accel.device.type == "cpu"):
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, settings.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if not self.caches_planned:
+            self._plan_caches()
         set_noise_key(self.model, None)
         step_loss = float(accel.reduce(torch.tensor(step_loss, device=accel.device), "mean"))
         return {"step": step + 1, "loss": step_loss, "ce": parts["ce"], "lr": self.scheduler.get_last_lr()[0],
@@ -275,6 +309,9 @@ def train(model, windows: torch.Tensor, labels: torch.Tensor, settings: RecoverC
             shown["held_out"] = f"{last_eval:.4f}"
         bar.set_postfix(shown)
     model.eval()
+    release_caches(model)
+    if loop.lanes is not None:
+        loop.lanes.close()
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_disable()
     return {"steps": settings.steps, "resumed_from": loop.start, "history": loop.history, "world_size": loop.world}

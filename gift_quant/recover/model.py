@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config.settings import QuantSpec
+from ..config.settings import NoiseSpec, QuantSpec
 from ..model.arch import model_linears, set_module
 from ..packed.qlinear import QuantLinear
-from .layer import SalientLinear
+from .layer import PAPER_NOISE, SalientLinear
 
 TRAINABLE_PREFIX = "gift_"
 
@@ -31,14 +31,14 @@ def freeze_all_but_gift(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
-def salient_from_quant(q: QuantLinear, noise: str, noise_bits: int, seed: int,
+def salient_from_quant(q: QuantLinear, noise: NoiseSpec, seed: int,
                        noise_reference: torch.Tensor | None = None) -> SalientLinear:
     """A packed layer as a SalientLinear (codes base, trainable salient columns)."""
     layer = SalientLinear(
         q.in_features, q.out_features, q.salient_idx.long(),
         codes=q.codes(), scales=q.scales.T.float(), zeros=q.zero_points().T, g_idx=q.g_idx,
-        salient_weight=q.salient_weight.float(), bias=q.bias, noise=noise, noise_bits=noise_bits,
-        seed=seed, noise_reference=noise_reference).to(q.qweight.device)
+        salient_weight=q.salient_weight.float(), bias=q.bias, noise=noise, seed=seed,
+        noise_reference=noise_reference).to(q.qweight.device)
     layer.spec = q.spec
     return layer
 
@@ -63,26 +63,29 @@ def linear_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: m.weight.detach() for n, m in model_linears(model).items()}
 
 
-def prepare_quantized(model: nn.Module, noise: str = "normal", noise_bits: int = 4, seed: int = 0,
+def prepare_quantized(model: nn.Module, noise: NoiseSpec = PAPER_NOISE, seed: int = 0,
                       reference: dict[str, torch.Tensor] | None = None) -> nn.Module:
-    """Swap every QuantLinear for a SalientLinear; ``reference``: full-precision weights to fit the noise step on."""
+    """Swap every QuantLinear for a SalientLinear; ``reference``: full-precision weights to fit the noise step on.
+
+    ``noise``: the run's one NoiseSpec (RecoverConfig.noise_spec), carried by every layer.
+    """
     for i, (name, q) in enumerate(model_linears(model).items()):
         if not isinstance(q, QuantLinear):
             raise TypeError(f"{name} is {type(q).__name__}, expected a QuantLinear (quantize first)")
         ref = None if reference is None else reference[name]
-        set_module(model, name, salient_from_quant(q, noise, noise_bits, seed * 100_003 + i, ref))
+        set_module(model, name, salient_from_quant(q, noise, seed * 100_003 + i, ref))
     freeze_all_but_gift(model)
     return model
 
 
-def prepare_dense(model: nn.Module, salient: dict[str, torch.Tensor], noise: str = "normal", noise_bits: int = 4,
+def prepare_dense(model: nn.Module, salient: dict[str, torch.Tensor], noise: NoiseSpec = PAPER_NOISE,
                   seed: int = 0) -> nn.Module:
     for i, (name, lin) in enumerate(model_linears(model).items()):
         idx = salient[name].long()
         w = lin.weight.detach()
         layer = SalientLinear(lin.in_features, lin.out_features, idx, dense=w.float(),
                               salient_weight=w[:, idx].float(), bias=lin.bias, noise=noise,
-                              noise_bits=noise_bits, seed=seed * 100_003 + i)
+                              seed=seed * 100_003 + i)
         layer.source_dtype = w.dtype
         set_module(model, name, layer.to(w.device))
     freeze_all_but_gift(model)

@@ -9,11 +9,19 @@
 Memory: the logits are never materialised for the whole batch. The model runs to its final hidden
 states (``output_hidden_states`` with ``logits_to_keep=1``), and the vocabulary-sized work -- the head's
 matmul, the log-softmaxes of student and teacher, the KL -- runs on ``chunk_tokens`` positions at a
-time under activation checkpointing, so peak memory holds one chunk's logits (about
-``chunk_tokens x vocab`` floats, a few times over) instead of ``batch x seq x vocab`` twice. The
-teacher only contributes its final hidden states (no grad); its logits are recomputed per chunk with
-the head, which is the student's own when the two heads are equal (lm_head is never quantized or
-trained), so a teacher kept on the CPU sends only ``batch x seq x hidden`` to the accelerator.
+time, so peak memory holds one chunk's logits (about ``chunk_tokens x vocab`` floats, a few times over)
+instead of ``batch x seq x vocab`` twice. The teacher only contributes its final hidden states (no
+grad); its logits are computed per chunk with the head, which is the student's own when the two heads
+are equal (lm_head is never quantized or trained), so a teacher kept on the CPU sends only
+``batch x seq x hidden`` to the accelerator.
+
+Compute: with a frozen head (every GIFT-SW and LoRA run) each chunk's gradient with respect to its
+hidden states is taken in the forward pass, right after its loss (``_FrozenHeadLoss``), and handed back
+by the backward pass: per chunk the head runs once for the student, once for the teacher and once for
+the gradient -- three vocabulary-sized matmuls, the fewest possible, whatever the chunk size -- and no
+chunk's logits outlive it. (The chunks under activation checkpointing, as before, ran the head five
+times: the student's and the teacher's both again in backward.) A head that trains (full fine-tuning)
+keeps the checkpointed chunks, whose backward also yields the head's own gradient.
 Writing this by hand is needed because HF models either return all logits or a fixed slice of them.
 """
 
@@ -37,7 +45,7 @@ class Objective:
     loss: str = "ce"
     temperature: float = 1.0
     ce_weight: float = 1.0  # weight of the CE term in kd+ce
-    chunk_tokens: int = 512
+    chunk_tokens: int = 128  # positions per head chunk: memory only (the head runs 3 times per position at any size)
 
     @property
     def needs_teacher(self) -> bool:
@@ -67,12 +75,49 @@ def _chunk_sums(h_s: torch.Tensor, h_t: torch.Tensor | None, targets: torch.Tens
     return ce, kl
 
 
+class _FrozenHeadLoss(torch.autograd.Function):
+    """The loss ``scale[0] * sum CE + scale[1] * sum KL`` over the rows, and both sums (not differentiable).
+
+    The loss's gradient for the rows is taken in the forward pass, chunk by chunk: each chunk builds a
+    small graph (head, log-softmaxes, loss) on its detached rows, differentiates it at once and frees it.
+    The backward pass only scales that gradient by the loss's incoming gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, rows_s, rows_t, targets, head_s, head_t, obj, scale):
+        grad = torch.empty_like(rows_s)
+        loss = ce_sum = kl_sum = rows_s.new_zeros((), dtype=torch.float32)
+        for a in range(0, rows_s.shape[0], obj.chunk_tokens):
+            sl = slice(a, a + obj.chunk_tokens)
+            with torch.enable_grad():
+                h = rows_s[sl].detach().requires_grad_(True)
+                ce, kl = _chunk_sums(h, None if rows_t is None else rows_t[sl], targets[sl], head_s, head_t, obj)
+                terms = [w * v for w, v in zip(scale, (ce, kl)) if w]  # a zero weight adds nothing, not even 0 * inf
+                part = terms[0] if len(terms) == 1 else terms[0] + terms[1]
+                (grad[sl],) = torch.autograd.grad(part, h)
+            loss, ce_sum, kl_sum = loss + part.detach(), ce_sum + ce.detach(), kl_sum + kl.detach()
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(ce_sum, kl_sum)
+        return loss, ce_sum, kl_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce, _grad_kl):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss.to(grad.dtype), None, None, None, None, None, None
+
+
+def _weights(obj: Objective) -> tuple[float, float]:
+    """(weight of CE, weight of KL) in the loss."""
+    return {"ce": (1.0, 0.0), "kd": (0.0, 1.0)}.get(obj.loss, (obj.ce_weight, 1.0))
+
+
 def chunked_loss(h_s: torch.Tensor, h_t: torch.Tensor | None, labels: torch.Tensor, head_s, head_t,
-                 obj: Objective) -> tuple[torch.Tensor, dict]:
+                 obj: Objective, head_trains: bool = False) -> tuple[torch.Tensor, dict]:
     """Loss of final hidden states ``h_s`` (B, L, d) against next-token ``labels`` (B, L) and/or teacher states.
 
     Position p predicts token p + 1; positions whose next label is -100 carry no loss. Returns the
-    loss (a mean over counted positions) and its parts as floats.
+    loss (a mean over counted positions) and its parts as floats. ``head_trains``: the head has
+    parameters that train (then it gets their gradient through checkpointed chunks; module docstring).
     """
     target = labels[:, 1:].reshape(-1)
     keep = (target != IGNORE).nonzero().squeeze(1)
@@ -80,24 +125,24 @@ def chunked_loss(h_s: torch.Tensor, h_t: torch.Tensor | None, labels: torch.Tens
     rows_t = None if h_t is None else h_t[:, :-1].reshape(-1, h_t.shape[-1]).index_select(0, keep.to(h_t.device))
     targets = target.index_select(0, keep)
     n = int(keep.numel())
+    denom = max(n, 1)
+    w_ce, w_kl = _weights(obj)
+    grad = torch.is_grad_enabled() and rows_s.requires_grad
+    if grad and not head_trains:
+        loss, ce_sum, kl_sum = _FrozenHeadLoss.apply(rows_s, rows_t, targets, head_s, head_t, obj,
+                                                     (w_ce / denom, w_kl / denom))
+        return loss, {"ce": float(ce_sum / denom), "kd": float(kl_sum / denom), "tokens": n}
     ce_sum = kl_sum = h_s.new_zeros((), dtype=torch.float32)
     for a in range(0, n, obj.chunk_tokens):
         sl = slice(a, a + obj.chunk_tokens)
         args = (rows_s[sl], None if rows_t is None else rows_t[sl], targets[sl], head_s, head_t, obj)
-        if torch.is_grad_enabled() and rows_s.requires_grad:
-            # recompute this chunk's logits in backward instead of keeping every chunk's alive
+        if grad:  # a training head: recompute this chunk's logits in backward instead of keeping every chunk's
             ce, kl = checkpoint(_chunk_sums, *args, use_reentrant=False)
         else:
             ce, kl = _chunk_sums(*args)
         ce_sum, kl_sum = ce_sum + ce, kl_sum + kl
-    denom = max(n, 1)
     ce_mean, kl_mean = ce_sum / denom, kl_sum / denom
-    if obj.loss == "ce":
-        loss = ce_mean
-    elif obj.loss == "kd":
-        loss = kl_mean
-    else:
-        loss = kl_mean + obj.ce_weight * ce_mean
+    loss = w_ce * ce_mean + w_kl * kl_mean if obj.loss == "kd+ce" else (ce_mean if obj.loss == "ce" else kl_mean)
     return loss, {"ce": float(ce_mean.detach()), "kd": float(kl_mean.detach()), "tokens": n}
 
 
@@ -179,4 +224,5 @@ def objective_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
     h_s = final_hidden(model, input_ids, check=check)
     h_t = teacher.hidden(input_ids, h_s.device).to(h_s.dtype) if obj.needs_teacher else None
     head_t = teacher.head_for(model) if obj.needs_teacher else None
-    return chunked_loss(h_s, h_t, labels, head_fn(model), head_t, obj)
+    head_trains = any(p.requires_grad for p in _unwrap(model).get_output_embeddings().parameters())
+    return chunked_loss(h_s, h_t, labels, head_fn(model), head_t, obj, head_trains)

@@ -13,6 +13,13 @@ Policy, for the commands that compute (quantize, recover, finetune, compare, eva
    process may run on (sched_getaffinity), at least 1. One line on stderr says so when that is fewer
    than the cores. Where /proc/stat cannot be read the thread count is left to torch.
 
+Training plans its threads again when it starts (``training_plan``), minutes after the launch measured, and
+says so in one line: on a CPU the sequences of each micro-batch are split into lanes trained in parallel
+threads (recover/lanes.py), one per core by default, each with the intra-op threads rule 3 allows. Lanes
+measured faster than both intra-op threads and data-parallel processes on a shared 2-core machine
+(BENCHMARKS.md), and the trained result depends neither on how many lanes run at once nor on the thread
+count (tests/test_train_caches.py), so a resumed run may get another plan.
+
 Everything goes through the environment, so OpenMP, MKL and the subprocesses of ``compare`` read the same
 settings. Only the ``gift-quant`` command applies it: importing gift_quant (or calling cli.main from
 Python) keeps the caller's settings, except that an explicit ``--threads`` is honoured there too.
@@ -140,6 +147,47 @@ def decide(argv: Sequence[str], env: Mapping[str, str], cores: int,
     return out
 
 
+# True once apply_at_launch chose the thread count by rule 3 (neither --threads nor the user's OMP_NUM_THREADS)
+_CHOSEN_BY_POLICY = False
+
+
+def training_plan(lanes: int, current: int, cores: int, chosen_by_policy: bool,
+                  measure: Callable[[], float | None]) -> tuple[int, int, str]:
+    """(lane threads, intra-op threads each, the one line saying so) for training (recover/lanes.py).
+
+    Lanes meet once per micro-batch, so they may share cores with other processes; intra-op threads meet at
+    every operation, so they keep rule 3 (the cores idle now). ``current``: the process's thread count;
+    with the user's setting (not ``chosen_by_policy``) that count is the whole budget and nothing is measured.
+    """
+    if chosen_by_policy:
+        idle = measure()
+        threads = current if idle is None else threads_for(idle, cores)  # intra-op: the idle cores (rule 3)
+        workers = max(1, min(lanes, cores))  # lanes: every core
+        why = ("idle cores not readable" if idle is None else f"{int(idle + 0.5)} of {cores} cores idle now") + \
+            "; --threads N to change"
+    else:  # the user's count is the budget of everything
+        threads = current
+        workers = max(1, min(lanes, current))
+        why = "--threads / OMP_NUM_THREADS or the caller's setting"
+    intra = max(1, threads // workers)
+    s = "" if intra == 1 else "s"
+    if workers > 1:
+        return workers, intra, (f"gift-quant: training {workers} lanes of each micro-batch in parallel, "
+                                f"{intra} thread{s} each ({why})")
+    return 1, intra, f"gift-quant: training with {intra} thread{s} in one process ({why})"
+
+
+def apply_for_training(lanes: int) -> tuple[int, str]:
+    """Set torch's intra-op threads for the training loop; (lane threads, the line to show)."""
+    import torch
+
+    cpus = allowed_cpus()
+    workers, intra, line = training_plan(lanes, torch.get_num_threads(), len(cpus), _CHOSEN_BY_POLICY,
+                                         lambda: measure_idle(cpus))
+    torch.set_num_threads(intra)
+    return workers, line
+
+
 def launched_as_command() -> bool:
     """True in the ``gift-quant`` console script and in ``python -m gift_quant.cli``."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
@@ -155,6 +203,8 @@ def apply_at_launch() -> None:
         return
     cpus = allowed_cpus()
     d = decide(sys.argv[1:], os.environ, len(cpus), lambda: measure_idle(cpus))
+    global _CHOSEN_BY_POLICY
+    _CHOSEN_BY_POLICY = "OMP_NUM_THREADS" in d.env and scan_argv(sys.argv[1:])[1] is None
     os.environ.update(d.env)
     if d.message:
         print(d.message, file=sys.stderr)

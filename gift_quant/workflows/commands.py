@@ -41,6 +41,7 @@ from .stages import (
     quantize_to_checkpoint,
     run_inputs,
     select_salient,
+    source_perplexity,
     train_stage,
 )
 
@@ -118,7 +119,7 @@ class _RecoverRun:
         check_lengths(self.src, {"--seq-len": qcfg.seq_len, "recover.seq_len": rcfg.seq_len,
                                  "--ppl-seq-len": ecfg.seq_len}, self.trust)
         self.dtype = parse_dtype(qcfg.dtype)
-        self.noise_bits = rcfg.resolved_noise_bits(qcfg.bits)
+        self.noise = rcfg.noise_spec(qcfg.bits)  # built once; every training layer carries this object
         self.blockwise = rcfg.variant == "post" and rcfg.blockwise_steps > 0
         # Under torchrun / accelerate launch there is one process per rank: rank 0 alone claims the run and
         # runs every stage before training (the others wait, then find those stages finished and only load);
@@ -134,7 +135,7 @@ class _RecoverRun:
                            inputs=run_inputs(self.src, self.qcfg, self.rcfg, self.ecfg))
             self.tokenizer, model, self.windows, self.identity = load_source(self.src, self.qcfg, self.dtype,
                                                                               self.runtime)
-            self.identity.update(recover=dataclasses.asdict(self.rcfg), eval=dataclasses.asdict(self.ecfg))
+            self.identity.update(recover=self.rcfg.identity(), eval=dataclasses.asdict(self.ecfg))
             self.run_dir = claim_run(self.out, self.identity)
             self.stages = Stages(self.run_dir)
             self._check_artifacts()
@@ -211,7 +212,7 @@ class _RecoverRun:
         path = self.run_dir / name
         if not self.stages.finished(name):
             t0 = time.perf_counter()
-            rec = blockwise_reconstructor(self.rcfg, self.qcfg, self.noise_bits) if blockwise else None
+            rec = blockwise_reconstructor(self.rcfg, self.rcfg.blockwise_noise_spec(self.qcfg.bits)) if blockwise else None
             report = quantize_stage(source_model, self.windows, self.qcfg, self.src, self.identity, path,
                                     self.runtime, fixed_salient=self.salient, reconstruct=rec,
                                     reconstruct_target=self.rcfg.blockwise_target)
@@ -221,9 +222,17 @@ class _RecoverRun:
 
     def _evaluate(self, name: str, path: Path | None, desc: str) -> None:
         """Perplexity of the checkpoint at ``path`` (None: the full-precision source) on the held-out text."""
-        if not self.stages.finished(name):
-            model = self._fresh() if path is None else load(path)
-            self.stages.mark(name, evaluate_perplexity(model, self.tokenizer, self.ecfg, self.runtime, desc))
+        if self.stages.finished(name):
+            return
+        if path is None:  # the source's depends only on it and the evaluation settings: cached across runs
+            result = source_perplexity(self._fresh, self.identity["model"], self.tokenizer, self.ecfg, self.dtype,
+                                       self.runtime, desc)
+            if result["cached"] and self.dist.is_main_process:
+                print(f"gift-quant: {desc} {result['perplexity']:.3f}, cached from an earlier run ({result['cached']})",
+                      file=sys.stderr, flush=True)
+        else:
+            result = evaluate_perplexity(load(path), self.tokenizer, self.ecfg, self.runtime, desc)
+        self.stages.mark(name, result)
 
     def _say_before(self) -> None:
         """The first number a user waits for, as soon as it is known (training takes most of the run)."""
@@ -248,15 +257,14 @@ class _RecoverRun:
                 with writing(self.run_dir / "recovered"):
                     shutil.copytree(qpath, self.run_dir / "recovered", dirs_exist_ok=True,
                                     ignore=shutil.ignore_patterns(RUN_DIR))
-                self.stages.mark("recover", {"seconds": 0.0, "noise_bits": self.noise_bits, "final_loss": None})
+                self.stages.mark("recover", {"seconds": 0.0, "noise_bits": self.noise.bits, "final_loss": None})
             return None
         t0 = time.perf_counter()
         if rcfg.variant == "post":
-            model = prepare_recovery(qpath, self.src, rcfg.noise, self.noise_bits, rcfg.seed, self.dtype, self.runtime,
+            model = prepare_recovery(qpath, self.src, self.noise, rcfg.seed, self.dtype, self.runtime,
                                      fit_device=self.device, train=trainable_sets(rcfg.train, E2E_TRAINABLE, "--train"))
         else:
-            model = prepare_dense(self._fresh(), self.salient, noise=rcfg.noise, noise_bits=self.noise_bits,
-                                  seed=rcfg.seed)
+            model = prepare_dense(self._fresh(), self.salient, noise=self.noise, seed=rcfg.seed)
         summary = train_stage(model, self.tokenizer, rcfg, self.run_dir / "recover", self.runtime,
                               teacher_src=self.src, qcfg=self.qcfg)
         if not self.dist.is_main_process:
@@ -271,7 +279,7 @@ class _RecoverRun:
                 model.save_pretrained(self.run_dir / "trained")
             RunFiles(self.run_dir).record(sorted(p for p in (self.run_dir / "trained").glob("*") if p.is_file()))
         history = summary["history"]
-        self.stages.mark("recover", {"seconds": time.perf_counter() - t0, "noise_bits": self.noise_bits,
+        self.stages.mark("recover", {"seconds": time.perf_counter() - t0, "noise_bits": self.noise.bits,
                                      "final_loss": history[-1]["loss"] if history else None,
                                      "train_tokens": summary.get("train_tokens"),
                                      "teacher_mb": summary.get("teacher_mb")})
@@ -292,7 +300,7 @@ class _RecoverRun:
         done = self.stages.done
         timings = {k: v.get("seconds") for k, v in done.items() if isinstance(v, dict) and "seconds" in v}
         summary = {"out": str(self.out), "variant": self.rcfg.variant, "bits": self.qcfg.bits,
-                   "noise": self.rcfg.noise, "noise_bits": self.noise_bits, "loss": self.rcfg.loss,
+                   "noise": self.noise.kind, "noise_bits": self.noise.bits, "loss": self.rcfg.loss,
                    "blockwise_steps": self.rcfg.blockwise_steps,
                    "effective_bits": read_gift_config(self.out)["effective_bits"],
                    "ppl_before": done["eval_before"]["perplexity"], "ppl_after": done["eval_after"]["perplexity"],

@@ -11,7 +11,6 @@ into the frozen rest (or without, ``--no-noise``), then save
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -49,7 +48,7 @@ def run_finetune(model_dir: str | None, out: str | Path, qcfg: QuantizeConfig, r
     in_dtype = source_dtype(src)
     # train in fp32, save in the input's dtype
     tokenizer, model, windows, identity = load_source(src, qcfg, torch.float32, runtime)
-    identity["finetune"] = dataclasses.asdict(rcfg)
+    identity["finetune"] = rcfg.identity()
     run_dir = claim_run(out, identity)
     stages = Stages(run_dir)
     # run/ is a cache (packed/run_folder.py): a finished stage whose artifact fails its sha256 check is recomputed
@@ -66,8 +65,8 @@ def run_finetune(model_dir: str | None, out: str | Path, qcfg: QuantizeConfig, r
         stages.mark("select", {"layers": len(salient)})
     salient = load_file(str(run_dir / "salient.safetensors"))
     originals = {n: model.get_submodule(n).weight.detach()[:, salient[n].long()].clone() for n in salient}
-    noise_bits = rcfg.noise_bits or 4
-    prepare_dense(model, salient, noise=rcfg.noise, noise_bits=noise_bits, seed=rcfg.seed)
+    noise = rcfg.noise_spec(None)  # fine-tuning: nothing is quantized afterwards
+    prepare_dense(model, salient, noise=noise, seed=rcfg.seed)
     summary = {}
     if not stages.finished("train"):
         summary = train_stage(model, tokenizer, rcfg, run_dir / "train", runtime, teacher_src=src, qcfg=qcfg)
@@ -93,7 +92,7 @@ def run_finetune(model_dir: str | None, out: str | Path, qcfg: QuantizeConfig, r
         copied = copy_tokenizer_files(src, out)
     trainable = sum(v[1].numel() for v in deltas.values())
     result = {"out": str(out), "adapter": str(out / "adapter"), "lora_rank": r, "trainable_params": trainable,
-              "noise": rcfg.noise, "noise_bits": noise_bits, "dtype": str(in_dtype).replace("torch.", ""),
+              "noise": noise.kind, "noise_bits": noise.bits, "dtype": str(in_dtype).replace("torch.", ""),
               "final_loss": stages.done["train"].get("final_loss"), "copied_files": copied}
     atomic_write_text(out / "finetune_summary.json", json.dumps(result, indent=1))
     return result

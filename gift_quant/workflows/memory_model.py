@@ -154,7 +154,7 @@ def blockwise_memory(shape: Shape, n_samples: int, seq: int, *, calib_batch: int
 
 def recover_memory(shape: Shape, *, batch: int, seq: int, k: int | None = 128, bits: int = 3,
                    checkpointing: bool = True, teacher: str | None = None, base: str = "uint8",
-                   weight_bytes: int = 2, act_bytes: int = 2, param_bytes: int = 4, chunk_tokens: int = 512,
+                   weight_bytes: int = 2, act_bytes: int = 2, param_bytes: int = 4, chunk_tokens: int = 128,
                    teacher_bytes: int | None = None) -> dict:
     """Peak device (and host) memory of one end-to-end training step (recover/loop.py's _Loop.step).
 
@@ -162,7 +162,9 @@ def recover_memory(shape: Shape, *, batch: int, seq: int, k: int | None = 128, b
     weight, what the checkpoint stores and a packed training base would need. ``teacher``: None (``--loss
     ce``), ``gpu`` (bf16 next to the student) or ``cpu`` (``--teacher-device cpu``: fp32 in host memory, as
     recover/training.load_teacher loads it). ``param_bytes``: the salient columns' dtype (float32 in
-    SalientLinear, with autocast computing in bf16).
+    SalientLinear, with autocast computing in bf16). The training caches (recover/caches.py) are left out:
+    by default they take at most a quarter of the memory still free after the first step, so they never
+    decide whether a run fits.
     """
     tokens = batch * seq
     chunk = min(chunk_tokens, batch * (seq - 1))  # the loss's rows: positions with a next token

@@ -4,7 +4,8 @@
 * `select_salient`: sensitivity scores -> salient column indices of every block linear (no quantization);
 * `quantize_stage`: salient-aware GPTQ (optionally with block-wise reconstruction) -> native checkpoint;
 * `prepare_recovery` + `train_stage` (recover/training.py) + `convert_recovered`: prepare -> train -> convert;
-* `evaluate_perplexity`: held-out perplexity of an in-memory model.
+* `evaluate_perplexity`: held-out perplexity of an in-memory model; `source_perplexity`: the full-precision
+  source's, cached across runs.
 
 Each is resumable through the run folder it is given; none knows about the commands that call it.
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..config.settings import EvalConfig, QuantizeConfig, RecoverConfig, Runtime
+from ..config.settings import EvalConfig, NoiseSpec, QuantizeConfig, RecoverConfig, Runtime
 from ..data.sources import load_documents
 from ..data.windows import calibration_windows, eval_windows, fingerprint_tokens
 from ..eval.perplexity import perplexity
@@ -50,8 +51,8 @@ from ..recover.training import train_stage
 from ..util.errors import writing
 
 __all__ = ["calibration_set", "check_data", "convert_recovered", "preflight", "evaluate_perplexity", "load_source",
-           "prepare_recovery", "quantize_stage", "quantize_to_checkpoint", "run_inputs", "select_salient",
-           "train_stage"]
+           "perplexity_windows", "prepare_recovery", "quantize_stage", "quantize_to_checkpoint", "run_inputs",
+           "select_salient", "source_perplexity", "train_stage"]
 
 
 def run_inputs(src: Path, qcfg: QuantizeConfig, rcfg: RecoverConfig | None = None,
@@ -125,7 +126,7 @@ def select_salient(model, windows: torch.Tensor, cfg: QuantizeConfig, runtime: R
     return {k: v.contiguous() for k, v in report.salient.items()}
 
 
-def blockwise_reconstructor(rcfg: RecoverConfig, qcfg: QuantizeConfig, noise_bits: int):
+def blockwise_reconstructor(rcfg: RecoverConfig, noise: NoiseSpec):
     """The engine's per-block hook for ``--blockwise-steps`` (recover/blockwise.py), or None when off."""
     if rcfg.blockwise_steps <= 0:
         return None
@@ -133,8 +134,7 @@ def blockwise_reconstructor(rcfg: RecoverConfig, qcfg: QuantizeConfig, noise_bit
     from ..recover.blockwise import reconstruct_block
 
     return functools.partial(
-        reconstruct_block, steps=rcfg.blockwise_steps, noise=rcfg.blockwise_noise or rcfg.noise, noise_bits=noise_bits,
-        seed=rcfg.seed,
+        reconstruct_block, steps=rcfg.blockwise_steps, noise=noise, seed=rcfg.seed,
         train=trainable_sets(rcfg.blockwise_train, BLOCKWISE_TRAINABLE, "--blockwise-train"), lr=rcfg.blockwise_lr,
         scales_lr=rcfg.blockwise_scales_lr, rounding_lr=rcfg.blockwise_rounding_lr,
         warmup_ratio=rcfg.blockwise_warmup_ratio, holdout=rcfg.blockwise_holdout, max_grad_norm=rcfg.max_grad_norm)
@@ -183,7 +183,7 @@ def quantize_to_checkpoint(model_dir: str | None, out: str | Path, cfg: Quantize
                    / len(report.layers)}
 
 
-def prepare_recovery(qckpt: Path, src: Path, noise: str, noise_bits: int, seed: int,
+def prepare_recovery(qckpt: Path, src: Path, noise: NoiseSpec, seed: int,
                      dtype: torch.dtype = torch.float32, runtime: Runtime = Runtime(),
                      fit_device: torch.device | str = "cpu", train: frozenset[str] = frozenset({"salient"})):
     """The packed checkpoint as a model whose salient columns train, the noise step fitted on ``src``'s weights.
@@ -200,7 +200,7 @@ def prepare_recovery(qckpt: Path, src: Path, noise: str, noise_bits: int, seed: 
     reference = source_weights(Path(src), names, fit_device)
     if reference is None:
         reference = linear_weights(load_model(Path(src), dtype, runtime.trust_remote_code))
-    model = prepare_quantized(model, noise=noise, noise_bits=noise_bits, seed=seed, reference=reference)
+    model = prepare_quantized(model, noise=noise, seed=seed, reference=reference)
     if "scales" in train:
         from ..recover.model import freeze_all_but_gift
         from ..recover.scaled_layer import enable_scale_training
@@ -218,12 +218,26 @@ def convert_recovered(model):
     return convert_to_quant(model.cpu())  # each layer carries its bits, grid and salient dtype
 
 
+def perplexity_windows(tokenizer, ecfg: EvalConfig) -> torch.Tensor:
+    docs = load_documents(ecfg.ppl_data, default_split="test")
+    return eval_windows(tokenizer, docs, ecfg.seq_len, ecfg.max_windows, source=ecfg.ppl_data)
+
+
 def evaluate_perplexity(model, tokenizer, ecfg: EvalConfig, runtime: Runtime = Runtime(),
                         desc: str = "perplexity") -> dict:
-    docs = load_documents(ecfg.ppl_data, default_split="test")
-    windows = eval_windows(tokenizer, docs, ecfg.seq_len, ecfg.max_windows, source=ecfg.ppl_data)
     device = resolve_device(runtime.device)
-    return perplexity(model.to(device), windows, device, progress=runtime.progress, desc=desc)
+    return perplexity(model.to(device), perplexity_windows(tokenizer, ecfg), device, progress=runtime.progress,
+                      desc=desc)
+
+
+def source_perplexity(load, fingerprint: str, tokenizer, ecfg: EvalConfig, dtype: torch.dtype,
+                      runtime: Runtime = Runtime(), desc: str = "perplexity") -> dict:
+    """The full-precision source model's perplexity, from the cache when the same inputs were evaluated before
+    (eval/reference_cache.py); ``load()`` gives the model on a miss only."""
+    from ..eval.reference_cache import cached_perplexity
+
+    return cached_perplexity(load, fingerprint, perplexity_windows(tokenizer, ecfg), dtype,
+                             resolve_device(runtime.device), runtime.progress, desc)
 
 
 def gift_config(cfg: QuantizeConfig, report, src: Path, identity: dict, windows: torch.Tensor) -> dict:
