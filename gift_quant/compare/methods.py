@@ -17,7 +17,15 @@ from pathlib import Path
 
 import torch
 
-from ..config.settings import E2E_TRAINABLE, EvalConfig, NoiseSpec, QuantizeConfig, RecoverConfig, Runtime, trainable_sets
+from ..config.settings import (
+    E2E_TRAINABLE,
+    EvalConfig,
+    NoiseSpec,
+    QuantizeConfig,
+    RecoverConfig,
+    Runtime,
+    trainable_sets,
+)
 from ..model.loading import load_model, resolve_device
 from ..packed.checkpoint import load, read_gift_config, save_checkpoint
 from ..workflows.stages import convert_recovered, prepare_recovery, quantize_to_checkpoint, train_stage

@@ -43,6 +43,8 @@ from ..model.capture import run_block
 from ..packed.qlinear import QuantLinear
 from .grid_params import GridLinear, SignSGD
 
+NO_NOISE = NoiseSpec("none")  # the block stage's default: its evidence (results/recovery-study-v2) favours none
+
 __all__ = ["holdout_batches", "pack_block", "reconstruct_block", "relative_mse", "train_block"]
 
 
@@ -102,7 +104,7 @@ def train_block(index: int, block: nn.Module, fp_block: nn.Module, inputs: list[
                 targets: list[torch.Tensor], kwargs: dict, *, prerounded: dict | None = None, steps: int,
                 train: frozenset[str] = frozenset({"salient"}), lr: float = 1e-3, scales_lr: float = 5e-3,
                 rounding_lr: float | None = None, warmup_ratio: float = 0.05, holdout: float = 0.125,
-                max_grad_norm: float = 1.0, noise: NoiseSpec = NoiseSpec("none"), seed: int = 0) -> dict:
+                max_grad_norm: float = 1.0, noise: NoiseSpec = NO_NOISE, seed: int = 0) -> dict:
     """Swap ``block``'s QuantLinears for GridLinears and train them; the block is left in eval mode, unpacked.
 
     ``prerounded``: block-local linear name -> GPTQ's pre-rounding values (needed when scales or rounding

@@ -212,7 +212,8 @@ class _RecoverRun:
         path = self.run_dir / name
         if not self.stages.finished(name):
             t0 = time.perf_counter()
-            rec = blockwise_reconstructor(self.rcfg, self.rcfg.blockwise_noise_spec(self.qcfg.bits)) if blockwise else None
+            noise = self.rcfg.blockwise_noise_spec(self.qcfg.bits)
+            rec = blockwise_reconstructor(self.rcfg, noise) if blockwise else None
             report = quantize_stage(source_model, self.windows, self.qcfg, self.src, self.identity, path,
                                     self.runtime, fixed_salient=self.salient, reconstruct=rec,
                                     reconstruct_target=self.rcfg.blockwise_target)
