@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from tiny import corpus, make_model_dir
+from tiny import QUIET_CPU, corpus, make_model_dir
 
 from gift_quant.config.settings import EvalConfig, QuantizeConfig, RecoverConfig
 from gift_quant.eval import reference_cache
@@ -64,18 +64,18 @@ def test_hit_miss_and_damaged_entry(src, cache):
 def test_second_recover_of_the_same_source_reuses_it(src, cache, tmp_path, capsys):
     path, root = src
     text = str(root / "text.txt")
-    qcfg = QuantizeConfig(bits=3, salient=4, calib_data=text, calib_samples=4, seq_len=32, device="cpu")
+    qcfg = QuantizeConfig(bits=3, salient=4, calib_data=text, calib_samples=4, seq_len=32)
     rcfg = RecoverConfig(loss="ce", steps=1, batch_size=2, seq_len=32, train_data=str(root / "train.txt"),
                          eval_every=0)
     ecfg = EvalConfig(ppl_data=text, seq_len=32, max_windows=3)
-    a = run_recover(str(path), tmp_path / "a", qcfg, rcfg, ecfg, progress=False)
+    a = run_recover(str(path), tmp_path / "a", qcfg, rcfg, ecfg, runtime=QUIET_CPU)
     assert "cached from an earlier run" not in capsys.readouterr().err
-    b = run_recover(str(path), tmp_path / "b", qcfg, rcfg, ecfg, progress=False)
+    b = run_recover(str(path), tmp_path / "b", qcfg, rcfg, ecfg, runtime=QUIET_CPU)
     assert "ppl full precision" in capsys.readouterr().err
     stages = json.loads((tmp_path / "b" / "run" / "stages.json").read_text())
     assert stages["eval_fp"]["cached"] and b["ppl_fp"] == a["ppl_fp"]
     # other evaluation settings: computed, not taken from the other entry
     c = run_recover(str(path), tmp_path / "c", qcfg, rcfg, EvalConfig(ppl_data=text, seq_len=32, max_windows=2),
-                    progress=False)
+                    runtime=QUIET_CPU)
     assert json.loads((tmp_path / "c" / "run" / "stages.json").read_text())["eval_fp"]["cached"] is None
     assert c["ppl_fp"] != a["ppl_fp"]

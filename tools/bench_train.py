@@ -302,7 +302,8 @@ def run_variant(v: dict, args, port: int) -> dict:
     tool = HERE  # this worker for both sides: only the package on the path differs
     common = ["--method", v["method"], "--steps", str(args.steps), "--batch-size", str(args.batch_size),
               "--seq-len", str(args.seq_len), "--device", args.device, "--ckpt", args.ckpt,
-              "--threads", str(v["threads"]), "--cache", v["cache"], "--variant", v["spec"], "--lanes", str(v["lanes"])]
+              *(["--model", args.model] if args.model else []), "--threads", str(v["threads"]),
+              "--cache", v["cache"], "--variant", v["spec"], "--lanes", str(v["lanes"])]
     if v["procs"] > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(v["procs"]),
                "--master_port", str(port), str(tool), *common]
@@ -312,7 +313,8 @@ def run_variant(v: dict, args, port: int) -> dict:
     res = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env, cwd=code)
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
     if res.returncode != 0 or not lines:
-        return {"variant": v["spec"], "failed": (res.stderr.strip().splitlines() or ["?"])[-1], "load_before": load}
+        return {"variant": v["spec"], "method": v["method"], "failed": (res.stderr.strip().splitlines() or ["?"])[-1],
+                "load_before": load}
     row = json.loads(lines[-1])
     row.update(variant=v["spec"], method=v["method"], code="old" if v["old"] else "new", threads=v["threads"],
                lanes=v["lanes"], cache=None if v["old"] else v["cache"], load_before=load)
@@ -328,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ckpt", default=str(Path(tempfile.gettempdir()) / "gift-bench-train-w3"),
                     help="quantized checkpoint (made if missing)")
     ap.add_argument("--calib-samples", type=int, default=16)
+    ap.add_argument("--model", default=None,
+                    help="source model folder: quantized when --ckpt is missing, the KD teacher (default: SmolLM2)")
+    ap.add_argument("--calib-data", default=None, help="calibration text when --ckpt is made (default: gift-quant's)")
     ap.add_argument("--repeats", type=int, default=2, help="interleaved runs per variant; the fastest counts")
     ap.add_argument("--variants", default=",".join(METHODS), help="comma-separated variants (module docstring)")
     ap.add_argument("--old-code", default=None, help="checkout of the previous version, for the @old variants")
@@ -349,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = [parse_variant(s) for s in args.variants.split(",") if s]
     if any(v["old"] for v in variants) and not args.old_code:
         raise SystemExit("@old variants need --old-code DIR (a checkout of the previous version)")
-    ensure_checkpoint(Path(args.ckpt), args.calib_samples)
+    ensure_checkpoint(Path(args.ckpt), args.calib_samples, args.model, args.calib_data, min(args.seq_len, 128))
     runs: dict[str, list[dict]] = {v["spec"]: [] for v in variants}
     failed: dict[str, dict] = {}
     for r in range(args.repeats):
@@ -368,7 +373,10 @@ def main(argv: list[str] | None = None) -> int:
               "cores": os.cpu_count(), "torch": torch.__version__, "device": args.device,
               "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps, "repeats": args.repeats,
               "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-              "rows": rows, "all_runs": runs}
+              "rows": rows, "all_runs": runs, "ratios_vs_lora": ratios_vs_lora(rows, peak)}
+    ratio_lines = [f"{m} / {v['vs']}: tokens/s x{v['tokens_per_s_ratio']:.2f}, "
+                   f"peak memory x{v['peak_memory_ratio']:.2f}"
+                   for m, v in report["ratios_vs_lora"].items()]
     lines = ["| variant | code | lanes x threads x processes | caches | trainable params | s/step | CPU s/step | "
              "tokens/s | peak memory (MB) | growth in training (MB) | load avg before |", "|---" * 11 + "|"]
     for r in rows:
@@ -379,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['cache'] or '-'} | {r['trainable_params']:,} | {r['seconds_per_step']:.2f} | "
                      f"{r['cpu_seconds_per_step']:.2f} | {r['tokens_per_s']:.0f} | {r[peak]:.0f} | {r[growth]:.0f} | "
                      f"{r['load_before']:.1f} |")
+    lines += ["", *ratio_lines] if ratio_lines else []
     if args.noise_table:
         report["noise"] = noise_table(args.batch_size * args.seq_len)
         lines += ["", "| noise option (one thread, the default model's 210 linears) | values drawn per pass | "
@@ -390,6 +399,23 @@ def main(argv: list[str] | None = None) -> int:
     (out / "bench_train.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
+
+
+def ratios_vs_lora(rows: list[dict], peak: str) -> dict:
+    """Each new-code GIFT-SW variant against the LoRA variant with the same objective and parallelism (lanes,
+    threads, processes, caches aside): tokens/s and peak-memory ratios."""
+    ok = [r for r in rows if "failed" not in r and r["code"] == "new"]
+    shape = lambda r: (r["lanes"], r["threads"], r.get("processes", 1))  # noqa: E731
+    out = {}
+    for r in ok:
+        if not r["method"].startswith("gift") or r["method"] in ("gift-blockwise",):
+            continue
+        want = "lora-kd" if r["method"].endswith("-kd") else "lora"
+        ref = next((x for x in ok if x["method"] == want and shape(x) == shape(r)), None)
+        if ref is not None:
+            out[r["variant"]] = {"vs": ref["variant"], "tokens_per_s_ratio": r["tokens_per_s"] / ref["tokens_per_s"],
+                                 "peak_memory_ratio": r[peak] / max(ref[peak], 1e-9)}
+    return out
 
 
 def ensure_checkpoint(path: Path, calib_samples: int, model: str | None = None, calib_data: str | None = None,

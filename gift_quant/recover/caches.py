@@ -64,7 +64,7 @@ class CachePlan(dict):
 def plan_caches(model: nn.Module, budget_mb: int | None, device: torch.device | str) -> CachePlan | None:
     """Turn the caches on layer by layer within the budget (kept weights first); None for a model without
     SalientLinear layers (LoRA, full fine-tuning). Call it where the model trains: a move drops the caches."""
-    layers = [m for m in model.modules() if isinstance(m, SalientLinear)]
+    layers = [m for m in model.modules() if isinstance(m, SalientLinear) and m.CACHEABLE]
     if not layers:
         return None
     auto = budget_mb is None

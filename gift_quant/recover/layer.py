@@ -108,6 +108,8 @@ class SalientLinear(nn.Module):
 
     # ------------------------------------------------------------------ caches
 
+    CACHEABLE = True  # recover/caches.py may keep this layer's noisy weight and dense base
+
     def cache_base(self, on: bool = True) -> None:
         """Keep B dequantized in float32 (on: computed now, where the layer is) or drop it."""
         self._base_cache = None

@@ -29,12 +29,16 @@ __all__ = ["ScaledSalientLinear", "enable_scale_training", "param_groups"]
 class ScaledSalientLinear(SalientLinear):
     """SalientLinear whose scales train through ``gift_scales`` multipliers (see the module docstring)."""
 
+    CACHEABLE = False  # its base changes at every step as the scales train: neither cache would stay valid
+
     @classmethod
     def adopt(cls, layer: SalientLinear) -> ScaledSalientLinear:
         """Make a codes-based ``layer`` trainable in its scales, in place (same buffers, one parameter added)."""
         if layer.codes is None:
             raise TypeError("only a quantized (codes) base has scales to train")
         layer.__class__ = cls
+        layer.keep_weight = False
+        layer.cache_base(False)
         layer.register_buffer("base_scales", layer.scales.detach().clone())  # the stored (float16) scales
         layer.gift_scales = nn.Parameter(torch.ones_like(layer.base_scales))
         return layer
@@ -46,7 +50,7 @@ class ScaledSalientLinear(SalientLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.sync_scales()
-        seed = self._pass_seed() if self.training and self.noise != "none" else None
+        seed = self._pass_seed() if self.training and self.noise_spec.kind != "none" else None
         y = _ScaledMatmul.apply(x, self.gift_salient, self.gift_scales, self, seed)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
