@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tiny import QUIET_CPU, WORDS, corpus, make_model_dir
 
 from gift_quant.cli.app import main
-from gift_quant.config.settings import EvalConfig, QuantizeConfig, QuantSpec, RecoverConfig
+from gift_quant.config.settings import EvalConfig, NoiseSpec, QuantizeConfig, QuantSpec, RecoverConfig
 from gift_quant.model.capture import run_block
 from gift_quant.model.loading import load_model, load_tokenizer
 from gift_quant.packed.checkpoint import load
@@ -171,7 +171,7 @@ def test_block_stage_v2_resumes_per_block_and_reports_held_out_loss(world, tmp_p
     def quantize():
         model = load_model(world["src"])
         report = quantize_model(model, windows, qcfg, torch.device("cpu"), tmp_path / "run", progress=False,
-                                reconstruct=blockwise_reconstructor(rcfg, qcfg, 4))
+                                reconstruct=blockwise_reconstructor(rcfg, rcfg.blockwise_noise_spec(qcfg.bits)))
         return model, report
 
     first, report = quantize()
@@ -206,7 +206,7 @@ def test_a_block_stage_that_only_hurts_returns_gptqs_block(world, tmp_path):
     quantize_model(plain, windows, qcfg, torch.device("cpu"), None, progress=False)
     model = load_model(world["src"])
     report = quantize_model(model, windows, qcfg, torch.device("cpu"), None, progress=False,
-                            reconstruct=blockwise_reconstructor(rcfg, qcfg, 4))
+                            reconstruct=blockwise_reconstructor(rcfg, rcfg.blockwise_noise_spec(qcfg.bits)))
     rec = report.layers["model.layers.0.self_attn.q_proj"]["blockwise"]
     assert rec["kept_step"] == 0 and max(v for _, v in rec["holdout_curve"]) > rec["holdout_before"], rec
     a, b = dict(plain.named_modules()), dict(model.named_modules())
@@ -239,7 +239,7 @@ def test_scaled_layer_gradients_match_a_float64_autograd_oracle(world):
     spec = GridSpec(bits=3, sym=False, group_size=32)
     res = gptq_quantize(w, h, spec, torch.tensor([5, 9, 60]))
     layer = SalientLinear(w.shape[1], w.shape[0], res.salient_idx, codes=res.codes, scales=res.scales.clone(),
-                          zeros=res.zeros, g_idx=res.g_idx, salient_weight=res.salient_weight, noise="none")
+                          zeros=res.zeros, g_idx=res.g_idx, salient_weight=res.salient_weight, noise=NoiseSpec("none"))
     ScaledSalientLinear.adopt(layer)
     with torch.no_grad():
         layer.gift_scales.uniform_(0.9, 1.1, generator=torch.Generator().manual_seed(1))
@@ -280,7 +280,8 @@ def test_recover_trains_the_scales_end_to_end_at_their_own_lr_and_packs_them(wor
     from gift_quant.recover.scaled_layer import param_groups
     from gift_quant.workflows.stages import prepare_recovery
 
-    model = prepare_recovery(tmp_path / "plain", world["src"], "none", 4, 0, train=frozenset({"salient", "scales"}))
+    model = prepare_recovery(tmp_path / "plain", world["src"], NoiseSpec("none"), 0,
+                             train=frozenset({"salient", "scales"}))
     groups = param_groups(model, 1e-3, 1e-2)
     n_layers = len(pq)
     assert [g["lr"] for g in groups] == [1e-3, 1e-2] and [len(g["params"]) for g in groups] == [n_layers, n_layers]
