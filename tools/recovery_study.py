@@ -122,14 +122,18 @@ def parse_sets(pairs: list[str] | None) -> dict:
     import yaml
 
     from gift_quant.config.settings import RecoverConfig, check_type
+    from gift_quant.util.errors import GiftQuantError
 
-    fields = {f.name: f for f in dataclasses.fields(RecoverConfig)}
+    fields = {f.name: f for f in dataclasses.fields(RecoverConfig) if f.name != "seed"}  # the seed is --seed
     out = {}
     for pair in pairs or []:
         key, sep, text = pair.partition("=")
         if not sep or key not in fields:
             raise SystemExit(f"--set {pair!r}: expected KEY=VALUE with KEY a recover setting ({', '.join(fields)})")
-        out[key] = check_type("recover", key, yaml.safe_load(text), str(fields[key].type))
+        try:
+            out[key] = check_type("recover", key, yaml.safe_load(text), str(fields[key].type))
+        except GiftQuantError as exc:
+            raise SystemExit(f"--set {pair!r}: {exc}") from None
     return out
 
 
