@@ -280,7 +280,8 @@ def test_recover_trains_the_scales_end_to_end_at_their_own_lr_and_packs_them(wor
     from gift_quant.recover.scaled_layer import param_groups
     from gift_quant.workflows.stages import prepare_recovery
 
-    model = prepare_recovery(tmp_path / "plain", world["src"], NoiseSpec("none"), 0, train=frozenset({"salient", "scales"}))
+    model = prepare_recovery(tmp_path / "plain", world["src"], NoiseSpec("none"), 0,
+                             train=frozenset({"salient", "scales"}))
     groups = param_groups(model, 1e-3, 1e-2)
     # its base moves with the scales every step: the speed caches (kept noisy weight, dense base) must not hold it
     from gift_quant.recover.caches import plan_caches

@@ -143,5 +143,48 @@ def test_recovery_study_run_and_report(world, tmp_path):
     assert kd["gap_closed"][0] == pytest.approx((start - rec) / (start - fp))
 
 
+V2_CONFIGS = ("bw2+kd", "bw2+kd-frozen", "bw2+kd-nonoise", "bw2+kd-anneal", "bw2+kd-bwnoise", "bw2+kd-bwanneal",
+              "bw2+kd-actonly", "ste-bw2+kd", "quik-lora-bw2+kd")
+
+
+def test_recovery_study_v2_configs_run_at_tiny_size(world, tmp_path):
+    """Every issue-21 configuration through ``run`` (2 block steps, 2 KD steps), then the report."""
+    study = tool("recovery_study")
+    out = tmp_path / "runs"
+    common = ["--model", str(world["src"]), "--recipe", str(world["recipe"]), "--out", str(out),
+              "--start", str(world["ckpt"]), "--train-data", str(world["text"])]
+    small = ["--blockwise-steps", "2", "--set", "steps=2", "--set", "seq_len=32", "--set", "batch_size=1"]
+    for config in ("fp", "start"):
+        assert study.main(["run", "--config", config, *common]) == 0
+    for config in V2_CONFIGS:
+        assert study.main(["run", "--config", config, *common, *small]) == 0, config
+    tag = "-bw2~batch_size=1,seq_len=32,steps=2"
+    jobs = {p.stem.removesuffix("-w3-s0"): json.loads(p.read_text()) for p in (out / "jobs").glob("*.json")}
+    assert set(jobs) == {"fp", "start", "bw2-bw2~batch_size=1,seq_len=32", *(c + tag for c in V2_CONFIGS)}
+    rec = {c: jobs[c + tag]["recover"] for c in V2_CONFIGS}
+    assert all(r["steps"] == 2 and r["blockwise_steps"] == (0 if "-bw2+kd" in c else 2) for c, r in rec.items())
+    assert (rec["bw2+kd-frozen"]["blockwise_train"], rec["bw2+kd-frozen"]["train"]) == ("scales,rounding", "scales")
+    assert rec["bw2+kd-nonoise"]["noise"] == "none" and rec["bw2+kd-anneal"]["noise_schedule"] == "anneal"
+    assert rec["bw2+kd-bwnoise"]["blockwise_noise"] == "normal" and rec["bw2+kd"]["blockwise_noise"] == "none"
+    assert rec["bw2+kd-bwanneal"]["blockwise_noise_schedule"] == "anneal"
+    # the metric ablation re-quantizes: another metric, another untrained start than the shared one
+    act = jobs["bw2+kd-actonly" + tag]
+    assert act["metric"] == "quik" and jobs["bw2+kd" + tag]["metric"] == "gift"
+    assert act["ppl_run_start"] != jobs["bw2+kd" + tag]["ppl_run_start"] == jobs["start"]["ppl"]
+    # the baselines start from bw2+kd's block stage and see the same first batch: the same first loss
+    ref = jobs["bw2+kd" + tag]
+    for base in ("ste-bw2+kd", "quik-lora-bw2+kd"):
+        assert jobs[base + tag]["ppl_block_stage"] == ref["ppl_after_blockwise"], base
+        assert jobs[base + tag]["recovery_seconds"] > jobs[base + tag]["seconds"]["train"]  # block stage counted
+    assert jobs["ste-bw2+kd" + tag]["loss_curve"][0] == jobs["quik-lora-bw2+kd" + tag]["loss_curve"][0]
+    assert "ppl_2" in jobs["quik-lora-bw2+kd" + tag]  # the adapter model is scored on the second domain too
+    assert study.main(["report", "--out", str(out), "--results", str(tmp_path / "results")]) == 0
+    md = (tmp_path / "results" / "study.md").read_text()
+    for config in V2_CONFIGS:
+        line = next(ln for ln in md.splitlines() if ln.startswith(f"| {config}{tag} |"))
+        assert line.count("1 start") == (2 if config == "bw2+kd" else 4), line  # both domains, and the differences
+    assert "(the same)" in md and "DIFFERENT" not in md
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))

@@ -334,7 +334,8 @@ def _recover_overrides(a) -> dict:
             "blockwise_target": a.blockwise_target, "blockwise_train": a.blockwise_train,
             "blockwise_scales_lr": a.blockwise_scales_lr, "blockwise_rounding_lr": a.blockwise_rounding_lr,
             "blockwise_warmup_ratio": a.blockwise_warmup_ratio, "blockwise_holdout": a.blockwise_holdout,
-            "blockwise_noise": a.blockwise_noise,
+            "blockwise_noise": a.blockwise_noise, "noise_schedule": a.noise_schedule,
+            "blockwise_noise_schedule": a.blockwise_noise_schedule,
             "train": a.train, "scales_lr": a.scales_lr}
 
 

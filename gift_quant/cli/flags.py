@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..config.settings import NOISE_KINDS
+from ..config.settings import NOISE_KINDS, NOISE_SCHEDULES
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
@@ -70,6 +70,9 @@ def add_recover_flags(p: argparse.ArgumentParser) -> None:
                    help="plain salient fine-tuning (ablation)")
     p.add_argument("--noise", dest="noise", choices=NOISE_KINDS, help="noise distribution")
     p.add_argument("--noise-bits", type=int, default=None, help="bits of the noise step (post default 4)")
+    p.add_argument("--noise-schedule", choices=NOISE_SCHEDULES, default=None,
+                   help="the noise's scale over the training steps: constant (default, the paper) or anneal "
+                        "(linear from 1 to 0 at the last step)")
     p.add_argument("--loss", choices=["ce", "kd", "kd+ce"], default=None,
                    help="objective: kd (KL to the full-precision model; recover's default), ce (next-token "
                         "cross-entropy; finetune's default), kd+ce")
@@ -96,6 +99,8 @@ def add_recover_flags(p: argparse.ArgumentParser) -> None:
                    help="share of the calibration batches held out of block training, loss logged (default 0.125)")
     p.add_argument("--blockwise-noise", choices=NOISE_KINDS, default=None,
                    help="the block stage's noise on the non-salient weights (default: as --noise)")
+    p.add_argument("--blockwise-noise-schedule", choices=NOISE_SCHEDULES, default=None,
+                   help="the block stage's noise schedule over each block's steps (default: as --noise-schedule)")
     p.add_argument("--train", default=None, metavar="SETS",
                    help="what end-to-end training trains: salient (default) or salient,scales")
     p.add_argument("--scales-lr", type=float, default=None,

@@ -171,6 +171,9 @@ class QuantizeConfig:
 
 
 NOISE_KINDS = ("normal", "uniform", "none")
+# How the noise's scale moves over a training stage (recover/noise_schedule.py): constant (the paper), or
+# annealed linearly from 1 at the first step to 0 at the last, so the last steps train the weights as served.
+NOISE_SCHEDULES = ("constant", "anneal")
 
 
 @dataclass(frozen=True)
@@ -178,17 +181,22 @@ class NoiseSpec:
     """The noise injected into the frozen non-salient weights while training (docs/method.md, [Noise]).
 
     ``normal``: 0.5 * Delta_i * N(0, 1); ``uniform``: Delta_i * U(-1/2, 1/2); ``none``: plain salient
-    fine-tuning. ``bits``: the grid whose per-row step Delta_i scales the noise. Validated here only.
+    fine-tuning. ``bits``: the grid whose per-row step Delta_i scales the noise. ``schedule``: the factor on
+    that scale over the stage's steps (NOISE_SCHEDULES). Validated here only.
     """
 
     kind: str = "normal"
     bits: int = 4
+    schedule: str = "constant"
 
     def __post_init__(self):
         if self.kind not in NOISE_KINDS:
             raise GiftQuantError(f"noise must be one of {', '.join(NOISE_KINDS)} (got {self.kind!r})")
         if self.bits not in GRID_BITS:
             raise GiftQuantError(f"--noise-bits must be in {GRID_BITS.start}..{GRID_BITS.stop - 1} (got {self.bits})")
+        if self.schedule not in NOISE_SCHEDULES:
+            raise GiftQuantError(f"--noise-schedule must be one of {', '.join(NOISE_SCHEDULES)} "
+                                 f"(got {self.schedule!r})")
 
 
 @dataclass(frozen=True)
@@ -272,6 +280,10 @@ class RecoverConfig:
     blockwise_warmup_ratio: float = 0.05  # linear warm-up share of the block steps, then cosine decay
     blockwise_holdout: float = 0.125  # share of the calibration batches held out of block training (loss logged)
     blockwise_noise: str | None = None  # the block stage's noise (normal | uniform | none); None: --noise
+    # the noise's scale over the steps (NOISE_SCHEDULES): constant, or anneal (1 -> 0, linear); the block stage's
+    # None: as noise_schedule (its steps are each block's)
+    noise_schedule: str = "constant"
+    blockwise_noise_schedule: str | None = None
 
     def __post_init__(self):
         if self.variant not in ("post", "pre"):
@@ -324,11 +336,13 @@ class RecoverConfig:
         ``target_bits`` None: nothing is quantized afterwards (PEFT fine-tuning of a full-precision model),
         so the post variant's rule applies.
         """
-        return NoiseSpec(self.noise, self.resolved_noise_bits(target_bits))
+        return NoiseSpec(self.noise, self.resolved_noise_bits(target_bits), self.noise_schedule)
 
     def blockwise_noise_spec(self, target_bits: int | None) -> NoiseSpec:
-        """The block stage's noise: ``blockwise_noise`` (the run's noise when unset) on the run's noise grid."""
-        return NoiseSpec(self.blockwise_noise or self.noise, self.resolved_noise_bits(target_bits))
+        """The block stage's noise: ``blockwise_noise`` (the run's noise when unset) on the run's noise grid,
+        with ``blockwise_noise_schedule`` (the run's schedule when unset) over each block's steps."""
+        return NoiseSpec(self.blockwise_noise or self.noise, self.resolved_noise_bits(target_bits),
+                         self.blockwise_noise_schedule or self.noise_schedule)
 
     def resolved_noise_bits(self, target_bits: int | None) -> int:
         if self.variant == "pre" and target_bits is not None:
@@ -365,6 +379,10 @@ def check_recovery_v2(cfg: RecoverConfig) -> None:
         raise GiftQuantError(f"--blockwise-warmup-ratio must be in [0, 1) (got {cfg.blockwise_warmup_ratio})")
     if cfg.blockwise_noise is not None and cfg.blockwise_noise not in NOISE_KINDS:
         raise GiftQuantError(f"--blockwise-noise must be one of {', '.join(NOISE_KINDS)} (got {cfg.blockwise_noise!r})")
+    for flag, value in (("--noise-schedule", cfg.noise_schedule),
+                        ("--blockwise-noise-schedule", cfg.blockwise_noise_schedule)):
+        if value not in NOISE_SCHEDULES and not (value is None and flag.startswith("--blockwise")):
+            raise GiftQuantError(f"{flag} must be one of {', '.join(NOISE_SCHEDULES)} (got {value!r})")
     if not 0 <= cfg.blockwise_holdout <= 0.5:
         raise GiftQuantError(f"--blockwise-holdout must be in [0, 0.5] (got {cfg.blockwise_holdout})")
     if "scales" in train and cfg.variant == "pre":
@@ -444,6 +462,6 @@ def build(cls: type, recipe: dict[str, dict[str, Any]], section: str, overrides:
 
 __all__ = ["BLOCKWISE_TRAINABLE", "DEFAULT_CALIB_DATA", "DEFAULT_PEFT_TRAIN_DATA", "DEFAULT_PPL_DATA",
            "DEFAULT_TRAIN_DATA", "DTYPE_NAMES", "E2E_TRAINABLE", "GRID_BITS", "GROUP_LAYOUTS", "NOISE_KINDS",
-           "SALIENT_DTYPES", "SECTIONS", "SPEC_FIELDS", "SUPPORTED_BITS", "EvalConfig", "NoiseSpec", "QuantSpec",
-           "QuantizeConfig", "RecoverConfig", "Runtime", "build", "check_recovery_v2", "check_type", "read_recipe",
-           "trainable_sets"]
+           "NOISE_SCHEDULES", "SALIENT_DTYPES", "SECTIONS", "SPEC_FIELDS", "SUPPORTED_BITS", "EvalConfig", "NoiseSpec",
+           "QuantSpec", "QuantizeConfig", "RecoverConfig", "Runtime", "build", "check_recovery_v2", "check_type",
+           "read_recipe", "trainable_sets"]

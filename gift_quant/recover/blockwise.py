@@ -42,6 +42,7 @@ from ..model.arch import block_linears, set_module
 from ..model.capture import run_block
 from ..packed.qlinear import QuantLinear
 from .grid_params import GridLinear, SignSGD
+from .noise_schedule import set_noise_progress
 
 NO_NOISE = NoiseSpec("none")  # the block stage's default: its evidence (results/recovery-study-v2) favours none
 
@@ -151,6 +152,7 @@ def train_block(index: int, block: nn.Module, fp_block: nn.Module, inputs: list[
             block.train()
             for m in layers:  # the noise of a step is a pure function of (layer seed, step): resumable, replicable
                 m.noise_key = step
+            set_noise_progress(block, step, steps)  # --blockwise-noise-schedule: its scale, over this block's steps
             out = block(inputs[b], **kwargs)
             out = out[0] if isinstance(out, (tuple, list)) else out
             y = targets[b].float()

@@ -91,6 +91,7 @@ class GridLinear(nn.Module):
         self.salient_dtype = q.salient_weight.dtype
         self.train_sets = frozenset(train)
         self.noise_spec, self.seed, self.noise_key = noise, seed, None
+        self.noise_scale = 1.0  # the current step's factor on the noise (recover/noise_schedule.py)
         sal = q.salient_idx.long().to(dev)
         keep = torch.ones(q.in_features, dtype=torch.bool, device=dev)
         keep[sal] = False
@@ -151,14 +152,16 @@ class GridLinear(nn.Module):
         gen = torch.Generator(device=self.delta.device).manual_seed((self.seed * 1_000_003 + key * 7_919) % (2**63 - 1))
         shape = (self.out_features, self.in_features)
         if self.noise_spec.kind == "normal":
-            n = torch.randn(shape, generator=gen, device=self.delta.device) * (0.5 * self.delta.unsqueeze(1))
+            n = torch.randn(shape, generator=gen, device=self.delta.device) * (
+                (0.5 * self.noise_scale) * self.delta.unsqueeze(1))
         else:
-            n = (torch.rand(shape, generator=gen, device=self.delta.device) - 0.5) * self.delta.unsqueeze(1)
+            n = (torch.rand(shape, generator=gen, device=self.delta.device) - 0.5) * (
+                self.noise_scale * self.delta.unsqueeze(1))
         return n * self.nonsalient
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight()
-        if self.training and self.noise_spec.kind != "none":
+        if self.training and self.noise_spec.kind != "none" and self.noise_scale > 0:
             w = w + self._noise()
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 

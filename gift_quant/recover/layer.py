@@ -105,6 +105,8 @@ class SalientLinear(nn.Module):
         # (seed, noise_key), so data-parallel ranks, gradient-checkpoint recomputation and a resumed
         # run all draw exactly the noise an uninterrupted single-process run draws.
         self.noise_key: int | None = None
+        # the noise's scale factor of the current step (recover/noise_schedule.py; 1: the paper's noise, 0: none)
+        self.noise_scale = 1.0
 
     # ------------------------------------------------------------------ caches
 
@@ -170,14 +172,14 @@ class SalientLinear(nn.Module):
         return int(torch.randint(0, 2**62, (1,), generator=self.generator, device=self.delta.device))
 
     def _add_noise(self, w: torch.Tensor, seed: int, scratch: torch.Tensor) -> torch.Tensor:
-        """w += 0.5 * Delta_i * Omega (normal) or Delta_i * U(-1/2, 1/2) on the non-salient columns."""
+        """w += noise_scale * (0.5 * Delta_i * Omega (normal) or Delta_i * U(-1/2, 1/2)) on the non-salient columns."""
         gen = torch.Generator(device=w.device).manual_seed(seed)
         if self.noise_spec.kind == "normal":
             scratch.normal_(generator=gen)
-            w.addcmul_(scratch, self.delta.unsqueeze(1), value=0.5)
+            w.addcmul_(scratch, self.delta.unsqueeze(1), value=0.5 * self.noise_scale)
         else:
             scratch.uniform_(-0.5, 0.5, generator=gen)
-            w.addcmul_(scratch, self.delta.unsqueeze(1))
+            w.addcmul_(scratch, self.delta.unsqueeze(1), value=self.noise_scale)
         return w
 
     def sample_noise(self) -> torch.Tensor:
@@ -206,7 +208,7 @@ class SalientLinear(nn.Module):
         of the micro-batch) reuses it. Lanes only build between their micro-batches' backward passes and the
         next forward, so a built weight is never rewritten while a lane still reads it.
         """
-        content = (noise_seed, salient._version, salient.data_ptr())
+        content = (noise_seed, self.noise_scale, salient._version, salient.data_ptr())  # a new scale: rebuilt
         with _KEPT_LOCK:
             if self._kept is not None and self._kept_content == content and self._kept.device == self.delta.device:
                 return self._kept, self._kept_pass
@@ -216,11 +218,15 @@ class SalientLinear(nn.Module):
             return self.effective_weight(noise_seed, salient, out=self._kept), self._kept_pass
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        seed = self._pass_seed() if self.training and self.noise_spec.kind != "none" else None
+        seed = self._pass_seed() if self.noisy() else None
         y = _SalientMatmul.apply(x, self.gift_salient, self, seed)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
+
+    def noisy(self) -> bool:
+        """Whether this forward pass adds noise: training, a noise kind, and a non-zero scale this step."""
+        return self.training and self.noise_spec.kind != "none" and self.noise_scale > 0
 
     def merged_weight(self) -> torch.Tensor:
         """B with the (trained) salient columns inserted, float32, no noise."""

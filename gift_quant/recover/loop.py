@@ -31,6 +31,7 @@ from ..util.threads import cpu_threads
 from .caches import plan_caches, release_caches
 from .lanes import Lanes
 from .model import set_noise_key, trainable_state
+from .noise_schedule import set_noise_progress
 from .objective import Objective, Teacher, objective_loss
 from .scaled_layer import param_groups
 
@@ -241,6 +242,7 @@ class _Loop:
         per_rank = settings.batch_size * micro
         local = rows[self.rank * per_rank:(self.rank + 1) * per_rank]
         step_loss, step_tokens, parts = 0.0, 0, {"ce": 0.0, "kd": 0.0}
+        set_noise_progress(self.model, step, settings.steps)  # --noise-schedule: a pure function of the step
         for a in range(micro):
             mb = local[a * settings.batch_size:(a + 1) * settings.batch_size]
             set_noise_key(self.model, step * micro * self.world + self.rank * micro + a)

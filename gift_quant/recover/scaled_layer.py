@@ -50,7 +50,7 @@ class ScaledSalientLinear(SalientLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.sync_scales()
-        seed = self._pass_seed() if self.training and self.noise_spec.kind != "none" else None
+        seed = self._pass_seed() if self.noisy() else None
         y = _ScaledMatmul.apply(x, self.gift_salient, self.gift_scales, self, seed)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)

@@ -326,7 +326,8 @@ def summary_markdown(s: dict, qcfg: QuantizeConfig, rcfg: RecoverConfig) -> str:
         block = [f"| after the block stage | {s['ppl_after_blockwise']:.3f}"
                  + ("" if share is None else f" ({100 * share:.1f} % of the gap closed by the block stage alone)")
                  + " |"]
-    noise = "" if s["noise"] == "none" else f" at {s['noise_bits']} bits"
+    noise = "" if s["noise"] == "none" else f" at {s['noise_bits']} bits" + (
+        ", annealed to 0" if rcfg.noise_schedule == "anneal" else "")
     lines = [f"# gift-quant recover: {s['out']}", "",
              f"- {s['bits']}-bit {'symmetric' if qcfg.sym else 'asymmetric'} "
              f"{'per-row' if qcfg.group_size <= 0 else f'group-{qcfg.group_size}'} GPTQ with salient columns, "
