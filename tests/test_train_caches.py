@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import corpus, make_tokenizer
+from tiny import QUIET_CPU, corpus, make_tokenizer
 
 from gift_quant.config.settings import NoiseSpec, QuantizeConfig, RecoverConfig
 from gift_quant.model.loading import load_model
@@ -43,8 +43,8 @@ def world(tmp_path_factory):
     calib.write_text(corpus(2000, seed=1))
     quantize_to_checkpoint(str(src), root / "q", QuantizeConfig(bits=3, salient=64, algorithm="rtn",
                                                                 calib_data=str(calib), calib_samples=4, seq_len=32,
-                                                                device="cpu", salient_dtype="float32"),
-                           progress=False)
+                                                                salient_dtype="float32"),
+                           runtime=QUIET_CPU)
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 300, (8, 48), generator=g)
     return {"root": root, "src": src, "ids": ids}
