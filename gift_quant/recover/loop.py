@@ -27,6 +27,7 @@ from ..config.settings import RecoverConfig
 from ..util.cpu_policy import apply_for_training
 from ..util.errors import GiftQuantError, writing
 from ..util.files import atomic_dir, atomic_write_text, sha256_file
+from ..util.seeds import derive_seed
 from ..util.threads import cpu_threads
 from .caches import plan_caches, release_caches
 from .lanes import Lanes
@@ -82,7 +83,7 @@ def step_rows(step: int, global_batch: int, n_windows: int, seed: int) -> torch.
     rows = []
     while len(rows) < global_batch:
         epoch, offset = divmod(start + len(rows), n_windows)
-        perm = torch.randperm(n_windows, generator=torch.Generator().manual_seed(seed * 7_777 + epoch))
+        perm = torch.randperm(n_windows, generator=torch.Generator().manual_seed(derive_seed(seed, "shuffle", epoch)))
         take = min(global_batch - len(rows), n_windows - offset)
         rows.extend(perm[offset:offset + take].tolist())
     return torch.tensor(rows)
@@ -170,7 +171,7 @@ class _Loop:
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.state_dir, self.metrics_path = run_dir / "state", run_dir / "metrics.jsonl"
-        torch.manual_seed(settings.seed)
+        torch.manual_seed(derive_seed(settings.seed, "torch-global"))
         self.lanes = None
         line = f"gift-quant: training data-parallel in {self.world} processes" if self.world > 1 else None
         if accel.device.type == "cpu" and self.world == 1:  # lanes and threads: the result does not depend on them

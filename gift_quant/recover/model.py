@@ -16,6 +16,7 @@ from torch import nn
 from ..config.settings import NoiseSpec, QuantSpec
 from ..model.arch import model_linears, set_module
 from ..packed.qlinear import QuantLinear
+from ..util.seeds import derive_seed
 from .layer import PAPER_NOISE, SalientLinear
 
 TRAINABLE_PREFIX = "gift_"
@@ -73,7 +74,7 @@ def prepare_quantized(model: nn.Module, noise: NoiseSpec = PAPER_NOISE, seed: in
         if not isinstance(q, QuantLinear):
             raise TypeError(f"{name} is {type(q).__name__}, expected a QuantLinear (quantize first)")
         ref = None if reference is None else reference[name]
-        set_module(model, name, salient_from_quant(q, noise, seed * 100_003 + i, ref))
+        set_module(model, name, salient_from_quant(q, noise, derive_seed(seed, "layer-noise", i), ref))
     freeze_all_but_gift(model)
     return model
 
@@ -85,7 +86,7 @@ def prepare_dense(model: nn.Module, salient: dict[str, torch.Tensor], noise: Noi
         w = lin.weight.detach()
         layer = SalientLinear(lin.in_features, lin.out_features, idx, dense=w.float(),
                               salient_weight=w[:, idx].float(), bias=lin.bias, noise=noise,
-                              seed=seed * 100_003 + i)
+                              seed=derive_seed(seed, "layer-noise", i))
         layer.source_dtype = w.dtype
         set_module(model, name, layer.to(w.device))
     freeze_all_but_gift(model)

@@ -18,6 +18,7 @@ from ..data.examples import pack_examples
 from ..data.sources import load_documents, load_records
 from ..data.windows import calibration_documents, random_windows
 from ..util.errors import GiftQuantError
+from ..util.seeds import derive_seed
 from .loop import train
 from .objective import Teacher
 
@@ -79,7 +80,7 @@ def training_windows(tokenizer, rcfg: RecoverConfig, n_windows: int, qcfg: Quant
     from ..data import named
 
     parts = mix_parts(rcfg.train_data)
-    pieces = [_source_windows(tokenizer, spec, n, rcfg, rcfg.seed + 7_919 * k, qcfg)
+    pieces = [_source_windows(tokenizer, spec, n, rcfg, derive_seed(rcfg.seed, "train-windows", k), qcfg)
               for k, (spec, n) in enumerate(zip(parts, even_shares(n_windows, len(parts)))) if n > 0]
     train = torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])
     limit = max(200, 8 * rcfg.eval_windows)
@@ -91,7 +92,8 @@ def training_windows(tokenizer, rcfg: RecoverConfig, n_windows: int, qcfg: Quant
     else:
         return train, None
     held = [pack_examples(tokenizer, load_records(spec, default_split="validation", limit=limit), rcfg.seq_len, n,
-                          rcfg.seed + 1, source="held-out data") for spec, n in held_parts]
+                          derive_seed(rcfg.seed, "held-out-windows", k), source="held-out data")
+            for k, (spec, n) in enumerate(held_parts)]
     return train, (torch.cat([h[0] for h in held]), torch.cat([h[1] for h in held]))
 
 
