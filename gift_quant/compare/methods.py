@@ -31,8 +31,8 @@ from ..packed.checkpoint import load, read_gift_config, save_checkpoint
 from ..util.seeds import derive_seed
 from ..workflows.stages import convert_recovered, prepare_recovery, quantize_to_checkpoint, train_stage
 
-__all__ = ["METHODS", "REFERENCE", "SALIENT_START", "Job", "Method", "matched_group_size", "register",
-           "run_order"]
+__all__ = ["METHODS", "REFERENCE", "SALIENT_START", "Job", "Method", "fp", "gift_pre", "gptq_peer",
+           "matched_group_size", "quantized", "quik_lora", "register", "run_order", "ste"]
 
 REFERENCE = "fp"  # the full-precision model every gap is measured against
 SALIENT_START = "owq"  # GPTQ + salient columns, untrained: where the trained methods start

@@ -26,7 +26,7 @@ from .jobs import run_cached_job
 from .report import claim_settings, plot_loss_curves
 
 __all__ = ["BASE", "PEFT_METHODS", "PeftMethod", "best_lr", "matched_lora_rank", "peft_baseline", "run_compare_peft",
-           "run_peft_method", "salient_sets", "write_peft_report"]
+           "peft_settings_doc", "run_peft_method", "salient_sets", "write_peft_report"]
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,8 @@ from ..quant.grid import GridSpec, step_sizes
 from ..util.seeds import derive_seed
 from ..util.threads import cpu_threads
 
+__all__ = ["PAPER_NOISE", "SalientLinear", "release_scratch"]
+
 PAPER_NOISE = NoiseSpec()  # 0.5 * Delta_i * N(0, 1) at 4 bits: the post variant's default
 
 

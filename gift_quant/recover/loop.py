@@ -35,6 +35,8 @@ from .model import set_noise_key, trainable_state
 from .objective import Objective, Teacher, objective_loss
 from .scaled_layer import param_groups
 
+__all__ = ["STATE_MANIFEST", "eval_loss", "state_problem", "step_rows", "token_loss", "train", "warmup_cosine_schedule"]
+
 
 def warmup_cosine_schedule(optimizer, total_steps: int, warmup_ratio: float):
     """Linear warm-up then cosine decay to 0; step s of W warm-up steps runs at (s + 1) / (W + 1) of the lr.
@@ -53,7 +55,7 @@ def warmup_cosine_schedule(optimizer, total_steps: int, warmup_ratio: float):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def objective_of(settings: RecoverConfig) -> Objective:
+def _objective_of(settings: RecoverConfig) -> Objective:
     return Objective(loss=settings.loss, temperature=settings.kd_temperature, ce_weight=settings.ce_weight)
 
 
@@ -190,7 +192,7 @@ class _Loop:
         groups = param_groups(model, settings.lr, settings.scales_lr)  # scale multipliers at their own lr
         self.optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
         self.scheduler = warmup_cosine_schedule(self.optimizer, settings.steps, settings.warmup_ratio)
-        self.objective = objective_of(settings)
+        self.objective = _objective_of(settings)
         if self.objective.needs_teacher and teacher is None:
             raise GiftQuantError(f"--loss {settings.loss} needs the full-precision teacher; none was given")
         self.start, self.history = self._resume()

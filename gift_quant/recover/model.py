@@ -19,6 +19,10 @@ from ..packed.qlinear import QuantLinear
 from ..util.seeds import derive_seed
 from .layer import PAPER_NOISE, SalientLinear
 
+__all__ = ["TRAINABLE_PREFIX", "convert_to_dense", "convert_to_quant", "freeze_all_but_gift", "linear_weights",
+           "prepare_dense", "prepare_quantized", "quant_from_salient", "salient_from_quant", "salient_layers",
+           "set_noise_key", "trainable_state"]
+
 TRAINABLE_PREFIX = "gift_"
 
 
