@@ -110,7 +110,7 @@ def gift_run(w, h, spec, damp, block, fp32_fit: bool):
     import gift_quant.quant.grid as grid
     from gift_quant.quant.gptq import gptq_quantize
 
-    orig = grid._params_from_range
+    orig = grid.params_from_range
     if fp32_fit:
         def params_fp32(xmin, xmax, spec):
             maxq = spec.maxq
@@ -123,11 +123,11 @@ def gift_run(w, h, spec, damp, block, fp32_fit: bool):
             if not spec.sym:
                 zero = torch.round(-xmin / scale).clamp(0, maxq)
             return scale, zero
-        grid._params_from_range = params_fp32
+        grid.params_from_range = params_fp32
     try:
         r = gptq_quantize(w, h, spec, damp=damp, block_size=block)
     finally:
-        grid._params_from_range = orig
+        grid.params_from_range = orig
     g = r.g_idx.long()
     stored = r.scales.half().float()[:, g] * (r.codes.float() - r.zeros[:, g])
     return stored, r.codes, r.scales

@@ -53,7 +53,7 @@ def probe(config: dict, blocks: int, steps: int, calib_samples: int) -> list[dic
     del layers[blocks:]  # the first blocks only: the engine finds the shortened ModuleList by the config's count
     model.config.num_hidden_layers = blocks
     report = quantize_model(model, windows, qcfg, torch.device("cpu"), None, progress=False,
-                            reconstruct=blockwise_reconstructor(rcfg, qcfg, rcfg.resolved_noise_bits(qcfg.bits)))
+                            reconstruct=blockwise_reconstructor(rcfg, rcfg.blockwise_noise_spec(qcfg.bits)))
     seen = {}
     for name, m in report.layers.items():
         seen.setdefault(name.split(".")[len(prefix.split("."))], m["blockwise"])

@@ -557,7 +557,7 @@ def greedy_answers(models: dict[str, str | None], results: Path, max_new_tokens:
     """Greedy answers of each model to fixed chat prompts -> answers.md / answers.json."""
     import torch
 
-    from gift_quant.workflows.commands import load_any
+    from gift_quant.packed.any_model import load_any
 
     rows = []
     for label, path in models.items():

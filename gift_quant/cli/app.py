@@ -13,6 +13,9 @@ from pathlib import Path
 
 from ..util.cpu_policy import apply_at_launch
 
+__all__ = ["TRACEBACK_ENV", "Terminated", "cmd_clean", "cmd_compare", "cmd_eval", "cmd_export", "cmd_finetune",
+           "cmd_inspect", "cmd_quantize", "cmd_recover", "main", "make_parser", "parse_lr_grid"]
+
 apply_at_launch()  # thread settings of the gift-quant command: before torch loads (cli/flags -> config -> torch)
 
 from ..config.settings import (  # noqa: E402

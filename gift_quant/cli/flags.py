@@ -6,6 +6,9 @@ import argparse
 
 from ..config.settings import NOISE_KINDS, NOISE_SCHEDULES
 
+__all__ = ["add_clean_flags", "add_common", "add_compare_flags", "add_eval_flags", "add_export_flags",
+           "add_inspect_flags", "add_quantize_flags", "add_recover_flags"]
+
 
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default)")
@@ -125,7 +128,6 @@ def add_recover_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-windows", type=int, default=None, help="perplexity windows (default 40)")
 
 
-
 def add_compare_flags(c: argparse.ArgumentParser) -> None:
     c.add_argument("--mode", choices=["quant", "peft"], default="quant",
                    help="quant: recovery after quantization (default); peft: GIFT-SW vs LoRA/DoRA/full FT")
@@ -166,21 +168,21 @@ def add_export_flags(x: argparse.ArgumentParser) -> None:
     x.add_argument("--checkpoint-format", choices=["auto", "gptq", "gptq_v2"], default="auto",
                    help="GPTQ zero-point layout: gptq (v1, widest support), gptq_v2, auto (v1 unless it cannot)")
     x.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
-    add_json(x)
+    _add_json(x)
 
 
 def add_inspect_flags(i: argparse.ArgumentParser) -> None:
     i.add_argument("path", help="native checkpoint, gptq-lora / GPTQ / compressed-tensors export, or dense model "
                                 "folder")
     i.add_argument("--layers", action="store_true", help="add the per-layer table")
-    add_json(i)
+    _add_json(i)
 
 
 def add_clean_flags(k: argparse.ArgumentParser) -> None:
     k.add_argument("out", help="an output folder of quantize, recover or finetune")
     k.add_argument("--discard-progress", action="store_true", help="also clean an unfinished run (it restarts)")
-    add_json(k)
+    _add_json(k)
 
 
-def add_json(p: argparse.ArgumentParser) -> None:
+def _add_json(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", dest="json_out", default=None, metavar="FILE", help="also write the result as JSON")

@@ -19,6 +19,8 @@ from ..config.settings import QuantizeConfig, Runtime
 from ..packed.bits import dequantize_packed, unpack_cols
 from ..util.errors import GiftQuantError
 
+__all__ = ["dense_from_gptq", "gptq_stored_bits", "quantize_with_gptqmodel"]
+
 
 def dense_from_gptq(qweight, qzeros, scales, g_idx, bits: int, zero_offset: int) -> torch.Tensor:
     """Dense (out, in) fp32 weight of a GPTQ-format layer; ``zero_offset`` = 1 for format v1 (stores zero-1)."""

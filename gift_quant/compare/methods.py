@@ -28,10 +28,11 @@ from ..config.settings import (
 )
 from ..model.loading import load_model, resolve_device
 from ..packed.checkpoint import load, read_gift_config, save_checkpoint
+from ..util.seeds import derive_seed
 from ..workflows.stages import convert_recovered, prepare_recovery, quantize_to_checkpoint, train_stage
 
-__all__ = ["METHODS", "REFERENCE", "SALIENT_START", "Job", "Method", "matched_group_size", "register",
-           "run_order"]
+__all__ = ["METHODS", "REFERENCE", "SALIENT_START", "Job", "Method", "fp", "gift_pre", "gptq_peer",
+           "matched_group_size", "quantized", "quik_lora", "register", "run_order", "ste"]
 
 REFERENCE = "fp"  # the full-precision model every gap is measured against
 SALIENT_START = "owq"  # GPTQ + salient columns, untrained: where the trained methods start
@@ -214,7 +215,8 @@ def quik_lora(job: Job):
     model.requires_grad_(False)
     layers = read_gift_config(job.salient_base)["layers"]
     targets = sorted({n.rsplit(".", 1)[-1] for n in layers})
-    torch.manual_seed(job.rcfg.seed)  # LoRA's A is drawn from the global generator: seed it for reruns
+    # LoRA's A is drawn from the global generator: seed it for reruns
+    torch.manual_seed(derive_seed(job.rcfg.seed, "lora-init"))
     model = get_peft_model(model, LoraConfig(r=64, lora_alpha=64, lora_dropout=0.0, target_modules=targets))
     job.train(model)
     lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)

@@ -21,11 +21,12 @@ import torch
 
 from ..config.settings import QuantizeConfig, RecoverConfig, Runtime
 from ..util.files import atomic_save_tensors
+from ..util.seeds import derive_seed
 from .jobs import run_cached_job
 from .report import claim_settings, plot_loss_curves
 
 __all__ = ["BASE", "PEFT_METHODS", "PeftMethod", "best_lr", "matched_lora_rank", "peft_baseline", "run_compare_peft",
-           "run_peft_method", "salient_sets", "write_peft_report"]
+           "peft_settings_doc", "run_peft_method", "salient_sets", "write_peft_report"]
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,8 @@ def peft_baseline(model, rank: int, targets: list[str], dora: bool, seed: int):
 
     for p in model.parameters():
         p.requires_grad_(False)
-    torch.manual_seed(seed)  # LoRA's A is drawn from the global generator: seed it for reruns
+    # LoRA's A is drawn from the global generator: seed it for reruns
+    torch.manual_seed(derive_seed(seed, "lora-init"))
     return get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=targets,
                                             use_dora=dora))
 
@@ -151,7 +153,8 @@ def run_peft_method(method: str, lr: float, model_dir, root: Path, qcfg: Quantiz
                               teacher_src=src, qcfg=qcfg)
     model.eval()
     split = "test" if final else "validation"
-    ids, labels = _windows(tok, rcfg, split, rcfg.eval_windows * (4 if final else 1), rcfg.seed + 7)
+    ids, labels = _windows(tok, rcfg, split, rcfg.eval_windows * (4 if final else 1),
+                          derive_seed(rcfg.seed, "eval-windows", split))
     row = {"method": method, "lr": lr, "trainable_params": trainable, "lora_rank": rank,
            f"{split}_loss": eval_loss(model, ids, labels, device),
            "loss_curve": [h["loss"] for h in summary["history"]]}

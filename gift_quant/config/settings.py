@@ -28,7 +28,7 @@ GRID_BITS = range(2, 17)
 # Compute and storage dtypes a setting may name (model/loading.parse_dtype reads the same names).
 DTYPE_NAMES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 SALIENT_DTYPES = ("float16", "bfloat16", "float32")
-MAX_SEED = 2**63 - 1  # torch.manual_seed takes a 64-bit seed; runs also use seed + 1
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes a 64-bit seed; other streams use util/seeds.derive_seed
 
 
 def _number(flag: str, value, low: float, high: float = math.inf, low_open: bool = False,

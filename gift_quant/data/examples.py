@@ -15,6 +15,8 @@ import torch
 
 from ..util.errors import GiftQuantError
 
+__all__ = ["IGNORE", "encode_record", "pack_examples"]
+
 IGNORE = -100
 
 

@@ -16,6 +16,8 @@ from ..util.errors import GiftQuantError, os_error
 from . import named as named_data
 from .named.splits import record_text
 
+__all__ = ["TEXT_SUFFIXES", "load_documents", "load_records", "record_problem"]
+
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 

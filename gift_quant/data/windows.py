@@ -17,6 +17,8 @@ import torch
 
 from ..util.errors import GiftQuantError
 
+__all__ = ["calibration_documents", "calibration_windows", "eval_windows", "fingerprint_tokens", "random_windows"]
+
 
 def _token_stream(tokenizer, docs: list[str], budget: int | None) -> list[int]:
     sep = tokenizer.eos_token_id

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+__all__ = ["perplexity"]
+
 
 @torch.no_grad()
 def perplexity(model, windows: torch.Tensor, device: torch.device | str = "cpu", progress: bool = True,

@@ -35,16 +35,21 @@ from pathlib import Path
 from ..config.settings import Runtime
 from ..util.errors import GiftQuantError
 
+__all__ = ["ACC_NORM_TASKS", "ALIASES", "ALL_TASKS", "GIFT6", "evaluate_tasks", "format_table", "hellaswag_preprocess",
+           "hellaswag_process_doc", "hellaswag_process_docs", "resolve_tasks", "run_eval_tasks", "summarize",
+           "task_configs", "task_manager", "winogrande_doc_to_choice", "winogrande_doc_to_target",
+           "winogrande_doc_to_text", "write_task_configs"]
+
 GIFT6 = ("arc_easy", "arc_challenge", "boolq", "hellaswag", "piqa", "winogrande")
 ALL_TASKS = (*GIFT6, "lambada")
 ALIASES = {"gift6": GIFT6, "all": ALL_TASKS}
-TASK_PREFIX = "gift_"
+_TASK_PREFIX = "gift_"
 # Tasks where lm-eval reports acc_norm; the headline mean uses it there (see the module docstring).
 ACC_NORM_TASKS = frozenset({"arc_easy", "arc_challenge", "hellaswag", "piqa"})
-INSTALL_HINT = 'pip install "gift-quant[eval]"'
+_INSTALL_HINT = 'pip install "gift-quant[eval]"'
 # Only LAMBADA's perplexity needs bootstrap resampling for its stderr (accuracy stderr is closed-form);
 # lm-eval's default of 100,000 resamples costs minutes on a small CPU for no visible difference.
-BOOTSTRAP_ITERS = 1000
+_BOOTSTRAP_ITERS = 1000
 
 
 # --------------------------------------------------------------------------------------------------
@@ -154,8 +159,8 @@ def resolve_tasks(tasks: str | list[str] | tuple[str, ...]) -> list[str]:
         name = raw.strip().lower().replace("-", "_")
         if not name:
             continue
-        if name.startswith(TASK_PREFIX) and name[len(TASK_PREFIX):] in ALL_TASKS:
-            name = name[len(TASK_PREFIX):]
+        if name.startswith(_TASK_PREFIX) and name[len(_TASK_PREFIX):] in ALL_TASKS:
+            name = name[len(_TASK_PREFIX):]
         if name in ALIASES:
             expanded = ALIASES[name]
         elif name in ALL_TASKS:
@@ -185,7 +190,7 @@ def task_configs(tasks: list[str]) -> dict[str, dict]:
         else:
             source = {"dataset_path": "arrow", "dataset_kwargs": {"data_files": {"validation": data}},
                       "validation_split": "validation"}
-        configs[TASK_PREFIX + task] = {"task": TASK_PREFIX + task, **source, **_DEFINITIONS[task],
+        configs[_TASK_PREFIX + task] = {"task": _TASK_PREFIX + task, **source, **_DEFINITIONS[task],
                                        "metadata": {"version": 1.0}}
     return configs
 
@@ -215,7 +220,7 @@ def _require_lm_eval():
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError as exc:
-        raise GiftQuantError(f"zero-shot evaluation needs lm-evaluation-harness: {INSTALL_HINT} "
+        raise GiftQuantError(f"zero-shot evaluation needs lm-evaluation-harness: {_INSTALL_HINT} "
                              f"({exc})") from exc
     return lm_eval, HFLM, TaskManager
 
@@ -242,7 +247,7 @@ def summarize(raw: dict, tasks: list[str]) -> dict:
     """Per-task metrics and the gift6 means from an lm-eval results dict."""
     per_task = {}
     for task in tasks:
-        name = TASK_PREFIX + task
+        name = _TASK_PREFIX + task
         res = raw["results"][name]
         entry: dict = {"lm_eval_task": name}
         metrics = ("perplexity", "acc") if task == "lambada" else ("acc", "acc_norm")
@@ -303,8 +308,8 @@ def evaluate_tasks(model, tokenizer, tasks, limit: int | None = None, batch_size
         os.environ["DISABLE_MULTIPROC"] = "1"
         try:
             raw = lm_eval.simple_evaluate(
-                model=lm, tasks=[TASK_PREFIX + t for t in names], limit=limit, task_manager=manager,
-                log_samples=log_samples, bootstrap_iters=BOOTSTRAP_ITERS, random_seed=seed,
+                model=lm, tasks=[_TASK_PREFIX + t for t in names], limit=limit, task_manager=manager,
+                log_samples=log_samples, bootstrap_iters=_BOOTSTRAP_ITERS, random_seed=seed,
                 numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
         finally:
             if previous is None:
@@ -317,7 +322,7 @@ def evaluate_tasks(model, tokenizer, tasks, limit: int | None = None, batch_size
     out.update({"limit": limit, "batch_size": batch_size, "seed": seed, "num_fewshot": 0,
                 "lm_eval_version": _lm_eval_version(), "seconds": time.monotonic() - start})
     if log_samples:
-        out["samples"] = {t: raw["samples"][TASK_PREFIX + t] for t in names}
+        out["samples"] = {t: raw["samples"][_TASK_PREFIX + t] for t in names}
     return out
 
 

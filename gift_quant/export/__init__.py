@@ -56,7 +56,7 @@ FORMATS = ("gptq-lora", "compressed-tensors", "dense", "gguf")
 
 __all__ = [
     "ADAPTER_DIR", "CT_FORMAT", "CT_VERSION", "EXPORT_INFO", "FORMATS", "GPTQ_GROUP_SIZES", "LORA_RANKS", "CTLayer",
-    "GPTQLayer", "NativeCheckpoint", "SalientAdapter", "ct_layer", "ct_quantization_config", "export",
+    "GPTQLayer", "NativeCheckpoint", "SalientAdapter", "choose_format", "ct_layer", "ct_quantization_config", "export",
     "export_compressed_tensors", "export_dense", "export_gguf", "export_gptq_lora", "gptq_layer", "lora_rank",
     "write_adapter",
 ]

@@ -21,6 +21,8 @@ from ..packed.qlinear import QuantLinear
 from ..util.errors import GiftQuantError
 from ..util.files import atomic_dir
 
+__all__ = ["ADAPTER_DIR", "LORA_RANKS", "SalientAdapter", "lora_rank", "onehot_lora", "write_adapter"]
+
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # ranks vLLM's --max-lora-rank accepts (beside 1)
 ADAPTER_DIR = "adapter"
 

@@ -21,6 +21,9 @@ from .folder import cast_tensors, check_out, dtype_name, resolve_dtype, write_ex
 from .gptq import target_modules
 from .native import NativeCheckpoint, layer_codes, layer_zeros
 
+__all__ = ["CT_FORMAT", "CT_VERSION", "CTLayer", "ct_layer", "ct_quantization_config", "ct_refusal",
+           "export_compressed_tensors"]
+
 CT_FORMAT = "pack-quantized"  # compressed-tensors' packed int format (vLLM's WNA16 scheme)
 CT_VERSION = "0.20.0"  # the compressed-tensors release whose decompressor the tests check the format against
 
@@ -74,7 +77,7 @@ def _ct_grouping_error(name: str, q: QuantLinear, nat: NativeCheckpoint, gs: int
         "group = column // group size, which this format carries)")
 
 
-def ct_groups(name: str, q: QuantLinear, nat: NativeCheckpoint) -> tuple[int, torch.Tensor, torch.Tensor]:
+def _ct_groups(name: str, q: QuantLinear, nat: NativeCheckpoint) -> tuple[int, torch.Tensor, torch.Tensor]:
     """(group size, keep mask of non-salient columns, native group held by each ct group or -1), or an error.
 
     Compressed-tensors' group strategy puts column j in group ``j // group_size`` (channel: one group).
@@ -103,7 +106,7 @@ def ct_refusal(nat: NativeCheckpoint) -> str | None:
         return f"{nat.path} has no quantized layers"
     try:
         for name, q in nat.layers.items():
-            ct_groups(name, q, nat)
+            _ct_groups(name, q, nat)
     except GiftQuantError as exc:
         return str(exc)
     return None
@@ -113,11 +116,11 @@ def ct_layer(name: str, q: QuantLinear, nat: NativeCheckpoint) -> CTLayer:
     """The compressed-tensors tensors of one layer: exact, or a GiftQuantError naming what does not fit.
 
     Each ct group copies the scale and zero of the native group its non-salient columns share
-    (``ct_groups``). Salient columns are re-filed into the group their position gives and take its
+    (``_ct_groups``). Salient columns are re-filed into the group their position gives and take its
     zero point as their code, so the base is exactly 0 there (the adapter adds them).
     """
     in_f, out_f = q.in_features, q.out_features
-    gs, keep, native_of = ct_groups(name, q, nat)
+    gs, keep, native_of = _ct_groups(name, q, nat)
     n_ct = in_f // gs
     ct_group = torch.arange(in_f) // gs
     used = native_of >= 0

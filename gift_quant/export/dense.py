@@ -13,6 +13,8 @@ import torch
 from .folder import cast_tensors, check_out, dtype_name, resolve_dtype, write_export
 from .native import NativeCheckpoint
 
+__all__ = ["export_dense"]
+
 
 def export_dense(ckpt: str | Path, out_dir: str | Path, dtype: str | torch.dtype | None = None,
                  overwrite: bool = False) -> dict:

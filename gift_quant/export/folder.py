@@ -24,6 +24,9 @@ from ..util.files import atomic_dir
 from .adapter import ADAPTER_DIR, SalientAdapter
 from .native import NativeCheckpoint
 
+__all__ = ["EXPORT_INFO", "cast_tensors", "check_out", "dtype_name", "export_info", "files_written", "replace_earlier",
+           "resolve_dtype", "tie_fixup", "write_export"]
+
 EXPORT_INFO = "gift_quant_export.json"  # provenance of an export; every loader ignores it
 
 
@@ -105,7 +108,7 @@ def cast_tensors(tensors: dict[str, torch.Tensor], nat: NativeCheckpoint, dtype:
             for k, v in tie_fixup(tensors, nat).items()}
 
 
-def config_json(nat: NativeCheckpoint, dtype: torch.dtype, quantization_config: dict | None) -> str:
+def _config_json(nat: NativeCheckpoint, dtype: torch.dtype, quantization_config: dict | None) -> str:
     cfg = {k: v for k, v in nat.config.items() if k != "quantization_config"}
     # the native config records use_cache false (set while quantizing); served models want the KV cache
     if "use_cache" in cfg:
@@ -137,7 +140,7 @@ def write_export(out_dir: Path, nat: NativeCheckpoint, summary: dict, tensors: d
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        (tmp / "config.json").write_text(config_json(nat, dtype, quantization_config))
+        (tmp / "config.json").write_text(_config_json(nat, dtype, quantization_config))
         copy_tokenizer_files(nat.path, tmp)
         if adapter is not None:
             adapter.write(tmp / ADAPTER_DIR, targets)

@@ -41,6 +41,8 @@ from .gguf_blocks import gguf_layer, rope_row_order
 from .gguf_vocab import read_vocab, write_vocab
 from .native import NativeCheckpoint
 
+__all__ = ["ARCH", "LORA_FILE", "MODEL_FILE", "export_gguf", "gguf_name", "llama_hparams"]
+
 ARCH = "llama"
 MODEL_FILE = "model.gguf"
 LORA_FILE = "salient-lora.gguf"

@@ -35,6 +35,8 @@ from ..packed.qlinear import QuantLinear
 from ..util.errors import GiftQuantError
 from .native import layer_codes, layer_zeros
 
+__all__ = ["BLOCK", "GGUFLayer", "gguf_layer", "rope_row_order"]
+
 BLOCK = 32  # input columns per GGUF block, for each of Q4_0, Q4_1 and Q8_0
 _ADVICE = ("export with --format compressed-tensors (or gptq-lora / dense), or quantize with --bits 4 or 8 "
            "--group-size 32 (or a multiple of 32, or -1) symmetric for --format gguf")
@@ -76,7 +78,7 @@ def _refuse(name: str, q: QuantLinear, why: str) -> GiftQuantError:
     return GiftQuantError(f"{name}: {kind} {q.bits}-bit has no exact GGUF type ({why}); {_ADVICE}")
 
 
-def block_groups(name: str, q: QuantLinear) -> torch.Tensor:
+def _block_groups(name: str, q: QuantLinear) -> torch.Tensor:
     """(blocks,) the native group of each 32-column block (-1: only salient columns), or a refusal.
 
     The non-salient columns of a block must share one group (the salient ones are re-filed, see the
@@ -133,7 +135,7 @@ def gguf_layer(name: str, q: QuantLinear) -> GGUFLayer:
                f"GGUF's 2/3-bit types (Q2_K, Q3_K) are k-quants with 256-column super-blocks and "
                f"quantized scales, not a {q.bits}-bit uniform grid")
         raise _refuse(name, q, why)
-    scale, zero = _block_params(q, block_groups(name, q))
+    scale, zero = _block_params(q, _block_groups(name, q))
     codes = _codes_refiled(q, zero)
     if q.bits == 8:
         return GGUFLayer(QT.Q8_0, scale, codes - 128)

@@ -18,6 +18,8 @@ from gguf import TokenType
 
 from ..util.errors import GiftQuantError
 
+__all__ = ["Vocab", "pre_tokenizer_name", "read_vocab", "write_vocab"]
+
 # Llama 3's split pattern (the "llama-bpe" pre-tokenizer of llama.cpp)
 _LLAMA3_SPLIT = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
                  "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")

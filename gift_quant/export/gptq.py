@@ -36,6 +36,9 @@ from .adapter import SalientAdapter, lora_rank
 from .folder import cast_tensors, check_out, dtype_name, resolve_dtype, write_export
 from .native import NativeCheckpoint, layer_codes, layer_zeros
 
+__all__ = ["GPTQ_GROUP_SIZES", "ROW_GROUP_SIZES", "GPTQLayer", "check_gptq_representable", "export_gptq_lora",
+           "gptq_layer", "row_group_size", "target_modules"]
+
 GPTQ_GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)  # what gptqmodel's kernels load, besides -1
 # A per-row grid is written as groups of one of these (its one scale repeated in every group), the largest
 # that divides every layer's in_features: the group sizes that both gptqmodel's CPU int4 kernel (torch's
@@ -216,7 +219,7 @@ def _gptq_tensors(nat: NativeCheckpoint, gs: int, v1: bool, adapter: SalientAdap
     return tensors, desc_act
 
 
-def gptq_quantization_config(nat: NativeCheckpoint, gs: int, desc_act: bool, checkpoint_format: str) -> dict:
+def _gptq_quantization_config(nat: NativeCheckpoint, gs: int, desc_act: bool, checkpoint_format: str) -> dict:
     """``quantize_config.json``, also config.json's ``quantization_config``."""
     q = nat.doc["quantize"]
     return {
@@ -258,7 +261,7 @@ def export_gptq_lora(ckpt: str | Path, out_dir: str | Path, dtype: str | torch.d
     if any(d != torch.float16 for d in biases):
         warnings.append("linear biases are stored in float16, as GPTQ layers hold them (rounded from "
                         f"{dtype_name(biases[0])})")
-    qcfg = gptq_quantization_config(nat, gs, desc_act, checkpoint_format)
+    qcfg = _gptq_quantization_config(nat, gs, desc_act, checkpoint_format)
     targets = target_modules(nat)
     summary = {"out": str(out_dir), "format": "gptq-lora", "bits": nat.bits, "group_size": gs, "sym": nat.sym,
                "desc_act": desc_act, "checkpoint_format": checkpoint_format, "lora_rank": r,

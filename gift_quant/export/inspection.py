@@ -35,6 +35,8 @@ from ..packed.served import adapter_rows, ct_layers, gptq_layers, tensor_headers
 from ..util.errors import GiftQuantError
 from .vllm_command import vllm_command
 
+__all__ = ["EXPORT_INFO", "NATIVE_CONFIG", "format_report", "inspect_checkpoint"]
+
 NATIVE_CONFIG = "gift_quant_config.json"  # checkpoint.CONFIG_NAME, repeated to keep this module light
 EXPORT_INFO = "gift_quant_export.json"  # export.EXPORT_INFO
 _DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}

@@ -18,6 +18,8 @@ from ..packed.checkpoint import WEIGHTS_NAME, read_spec, verify_checkpoint
 from ..packed.qlinear import QuantLinear
 from ..util.errors import GiftQuantError
 
+__all__ = ["NativeCheckpoint", "layer_codes", "layer_zeros"]
+
 _REQUIRED = ("qweight", "scales", "g_idx", "salient_idx", "salient_weight")
 _QUANT_SUFFIXES = (*_REQUIRED, "qzeros", "bias")  # every buffer a QuantLinear stores
 

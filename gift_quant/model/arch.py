@@ -12,6 +12,8 @@ from torch import nn
 
 from ..util.errors import GiftQuantError
 
+__all__ = ["block_linears", "find_blocks", "is_linear", "model_linears", "set_module"]
+
 
 def is_linear(m: nn.Module) -> bool:
     """nn.Linear, or one of gift-quant's replacements for it (QuantLinear, SalientLinear)."""

@@ -15,6 +15,8 @@ from torch import nn
 
 from .arch import block_linears
 
+__all__ = ["capture_block_inputs", "collect_inputs", "move_kwargs", "run_block", "sequential_groups"]
+
 
 class _StopForward(Exception):
     """Raised from a hook to end a forward pass early once everything needed was seen."""
@@ -94,7 +96,7 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch
         b.forward = make_stub(i)
     try:
         with _non_block_modules_on(model, blocks, device):
-            b = equal_batch_size(len(windows), batch_size)
+            b = _equal_batch_size(len(windows), batch_size)
             for start in range(0, len(windows), b):
                 try:
                     model(input_ids=windows[start:start + b].to(device), use_cache=False)
@@ -106,7 +108,7 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch
     return inputs, block_kwargs
 
 
-def equal_batch_size(n: int, requested: int) -> int:
+def _equal_batch_size(n: int, requested: int) -> int:
     return max(d for d in range(1, max(1, min(n, requested)) + 1) if n % d == 0)
 
 

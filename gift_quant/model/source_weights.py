@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+__all__ = ["SourceWeights", "source_weights"]
+
 
 class SourceWeights(Mapping):
     """name -> float32 weight (out, in) of ``name + ".weight"``, read on access onto ``device``."""

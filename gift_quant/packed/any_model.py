@@ -17,6 +17,8 @@ from .checkpoint import is_checkpoint, load, verify_checkpoint
 from .run_folder import RUN_DIR, RUN_FILE
 from .served import dense_bits, load_served, served_kind
 
+__all__ = ["evaluable", "load_any"]
+
 
 def evaluable(path: str | None) -> tuple[Path, str]:
     """(folder, what it is) of an eval target; refuses, with the reason, a folder eval cannot score

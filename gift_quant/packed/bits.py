@@ -19,6 +19,9 @@ import torch
 
 from ..config.settings import SUPPORTED_BITS
 
+__all__ = ["dequantize", "dequantize_codes", "dequantize_packed", "pack_cols", "pack_rows", "packed_length",
+           "packed_words", "unpack_cols", "unpack_rows"]
+
 
 def packed_length(n: int, bits: int) -> int:
     return -(-n // 32) * bits

@@ -36,6 +36,10 @@ from ..util.files import atomic_path, atomic_write_text, sha256_file
 from .integrity import read_spec
 from .qlinear import QuantLinear
 
+__all__ = ["CONFIG_NAME", "FORMAT", "FORMAT_VERSION", "MANIFEST_REQUIRED", "MANIFEST_SINCE_VERSION", "WEIGHTS_NAME",
+           "copy_tokenizer_files", "is_checkpoint", "load", "model_spec", "read_gift_config", "save_checkpoint",
+           "verify_checkpoint", "verify_files"]
+
 FORMAT = "gift-quant"
 FORMAT_VERSION = 2
 # Every format version from this one on records the sha256 manifest ("files"): a checkpoint of such a version
@@ -238,7 +242,7 @@ def verify_checkpoint(path: str | os.PathLike, trust_remote_code: bool = False):
     return Verified(doc, layers)
 
 
-def check_loaded(model: nn.Module, path: Path) -> None:
+def _check_loaded(model: nn.Module, path: Path) -> None:
     """Non-finite scales, zeros or salient columns make a silently wrong model: refuse them, naming the layer."""
     for name, m in model.named_modules():
         if isinstance(m, QuantLinear):
@@ -249,7 +253,7 @@ def check_loaded(model: nn.Module, path: Path) -> None:
                                          "the checkpoint is corrupt: re-create it")
 
 
-def build_quant_skeleton(model: nn.Module, layers: dict, spec: QuantSpec) -> None:
+def _build_quant_skeleton(model: nn.Module, layers: dict, spec: QuantSpec) -> None:
     """Swap the linears named in ``layers`` (name -> per-layer info) for empty QuantLinears."""
     for name, info in layers.items():
         try:
@@ -295,7 +299,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     # load never holds a dense fp32 copy of the model it does not keep (buffers such as rotary inv_freq stay real)
     with init_empty_weights(include_buffers=False), no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=model_dtype, trust_remote_code=trust_remote_code)
-    build_quant_skeleton(model, doc["layers"], read_spec(doc))
+    _build_quant_skeleton(model, doc["layers"], read_spec(doc))
     try:
         state = load_file(str(path / WEIGHTS_NAME))
         # assign keeps the stored dtype: cast to the module's, as a copying load would (a dtype= request included)
@@ -315,7 +319,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
             f"{path / WEIGHTS_NAME} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-    check_loaded(model, path)
+    _check_loaded(model, path)
     model.eval()
     # inference: generate() with the KV cache (training passes use_cache=False); checkpoints written before
     # 2026-12 record use_cache false, and from_config derives generation_config from it

@@ -21,6 +21,10 @@ from ..util.errors import GiftQuantError, writing
 from ..util.files import atomic_write_text, sha256_file
 from .checkpoint import CONFIG_NAME, is_checkpoint
 
+__all__ = ["FILES_NAME", "KEPT_AFTER_SUCCESS", "RUN_DIR", "RUN_FILE", "RunFiles", "Stages", "check_blocks",
+           "check_stage_checkpoint", "claim_run", "lock_output", "model_fingerprint", "prepare_output", "record_blocks",
+           "remove_intermediate", "tool_version", "warn"]
+
 RUN_DIR = "run"
 RUN_FILE = "run.json"
 

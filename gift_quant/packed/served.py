@@ -20,8 +20,8 @@ import torch
 
 from ..util.errors import GiftQuantError
 
-__all__ = ["EXPORT_INFO", "adapter_rows", "ct_layers", "gptq_layers", "load_served", "quantization_method",
-           "served_kind", "stored_bits", "tensor_headers"]
+__all__ = ["EXPORT_INFO", "adapter_rows", "ct_layers", "dense_bits", "gptq_layers", "load_served",
+           "quantization_method", "served_kind", "stored_bits", "tensor_headers"]
 
 EXPORT_INFO = "gift_quant_export.json"  # export/folder.py's provenance record
 ADAPTER_DIR = "adapter"

@@ -24,6 +24,8 @@ from ..util.threads import cpu_threads
 from .grid import GridSpec, fit_rows, quantize_codes
 from .groups import plan_groups
 
+__all__ = ["GPTQResult", "damped_inverse_cholesky", "empty_grids", "gptq_quantize", "layer_error", "processing_order"]
+
 
 @dataclass
 class GPTQResult:

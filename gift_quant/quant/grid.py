@@ -23,6 +23,8 @@ import torch
 from ..config.settings import GRID_BITS
 from ..packed.bits import dequantize
 
+__all__ = ["GridSpec", "fake_quantize", "fit_rows", "params_from_range", "quantize_codes", "quantize_rtn", "step_sizes"]
+
 
 @dataclass(frozen=True)
 class GridSpec:
@@ -47,7 +49,7 @@ class GridSpec:
         return 2**self.bits - 1
 
 
-def _params_from_range(xmin: torch.Tensor, xmax: torch.Tensor, spec: GridSpec):
+def params_from_range(xmin: torch.Tensor, xmax: torch.Tensor, spec: GridSpec):
     """Scale and zero for rows whose values lie in [xmin, xmax] (xmin <= 0 <= xmax)."""
     maxq = spec.maxq
     if spec.sym:
@@ -80,12 +82,12 @@ def fit_rows(w: torch.Tensor, spec: GridSpec) -> tuple[torch.Tensor, torch.Tenso
     zeros_col = torch.zeros(w.shape[0], device=w.device)
     xmin = torch.minimum(w.min(dim=1).values, zeros_col)
     xmax = torch.maximum(w.max(dim=1).values, zeros_col)
-    scale, zero = _params_from_range(xmin, xmax, spec)
+    scale, zero = params_from_range(xmin, xmax, spec)
     if spec.clip == "mse" and w.shape[1] > 0:
         best = _row_error(w, scale, zero, spec)
         for i in range(1, int(spec.clip_max_shrink * spec.clip_grid) + 1):
             p = 1 - i / spec.clip_grid
-            s, z = _params_from_range(p * xmin, p * xmax, spec)
+            s, z = params_from_range(p * xmin, p * xmax, spec)
             err = _row_error(w, s, z, spec)
             better = err < best
             if better.any():

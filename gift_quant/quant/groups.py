@@ -25,6 +25,8 @@ import torch
 
 from ..config.settings import GROUP_LAYOUTS
 
+__all__ = ["GroupPlan", "plan_groups"]
+
 
 @dataclass
 class GroupPlan:

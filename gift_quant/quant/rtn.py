@@ -13,6 +13,8 @@ from .gptq import GPTQResult, empty_grids, processing_order
 from .grid import GridSpec, fit_rows, quantize_codes
 from .groups import plan_groups
 
+__all__ = ["rtn_quantize"]
+
 
 def rtn_quantize(weight: torch.Tensor, spec: GridSpec, salient_idx: torch.Tensor | None = None,
                  group_layout: str = "natural") -> GPTQResult:

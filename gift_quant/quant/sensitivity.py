@@ -17,6 +17,9 @@ import torch
 
 from .grid import GridSpec, fake_quantize, fit_rows
 
+__all__ = ["GAMMAS", "NORMS", "PRESETS", "MetricSpec", "column_scores", "parse_metric", "perturbation",
+           "select_salient"]
+
 NORMS = ("1", "2", "inf")
 GAMMAS = (0.0, 0.5, 1.0, 2.0)
 

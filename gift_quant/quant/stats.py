@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+__all__ = ["ColumnStats"]
+
 
 class ColumnStats:
     def __init__(self, in_features: int, device: torch.device | str = "cpu", hessian: bool = True):

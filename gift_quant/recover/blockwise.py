@@ -41,6 +41,7 @@ from ..config.settings import NoiseSpec
 from ..model.arch import block_linears, set_module
 from ..model.capture import run_block
 from ..packed.qlinear import QuantLinear
+from ..util.seeds import derive_seed
 from .grid_params import GridLinear, SignSGD
 from .noise_schedule import set_noise_progress
 
@@ -124,7 +125,7 @@ def train_block(index: int, block: nn.Module, fp_block: nn.Module, inputs: list[
         if not isinstance(q, QuantLinear):
             raise TypeError(f"block {index}: {name} is {type(q).__name__}, expected a QuantLinear")
         pre = None if prerounded is None else prerounded.get(name)
-        layer_seed = (seed * 1_009 + index) * 100_003 + j
+        layer_seed = derive_seed(seed, "block-noise", index, j)
         set_module(block, name, GridLinear(q, pre, train, noise, layer_seed, fp_linears[name].weight))
     layers = [m for m in block.modules() if isinstance(m, GridLinear)]
     groups = []
@@ -140,7 +141,7 @@ def train_block(index: int, block: nn.Module, fp_block: nn.Module, inputs: list[
     trained = [p for m in layers for p in m.parameters() if p.requires_grad]
     best = (held_curve[0][1], 0, [p.detach().clone() for p in trained]) if n_held else None
     order: list[int] = []
-    rng = random.Random(seed * 7_919 + index)
+    rng = random.Random(derive_seed(seed, "block-order", index))
     check_every = max(1, steps // 4)
     losses = []
     with torch.enable_grad():

@@ -40,6 +40,7 @@ from torch import nn
 from ..config.settings import NoiseSpec
 from ..packed.qlinear import QuantLinear
 from ..quant.grid import GridSpec, step_sizes
+from ..util.seeds import derive_seed
 
 __all__ = ["GridLinear", "SignSGD", "as_stored", "round_ste"]
 
@@ -149,7 +150,7 @@ class GridLinear(nn.Module):
     def _noise(self) -> torch.Tensor:
         """GIFT-SW's ``0.5 * Delta_i * N(0, 1)`` on the non-salient columns, keyed by (seed, noise_key)."""
         key = 0 if self.noise_key is None else self.noise_key
-        gen = torch.Generator(device=self.delta.device).manual_seed((self.seed * 1_000_003 + key * 7_919) % (2**63 - 1))
+        gen = torch.Generator(device=self.delta.device).manual_seed(derive_seed(self.seed, "pass-noise", key))
         shape = (self.out_features, self.in_features)
         if self.noise_spec.kind == "normal":
             n = torch.randn(shape, generator=gen, device=self.delta.device) * (

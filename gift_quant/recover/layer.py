@@ -43,7 +43,10 @@ from torch import nn
 
 from ..config.settings import NoiseSpec, QuantSpec
 from ..quant.grid import GridSpec, step_sizes
+from ..util.seeds import derive_seed
 from ..util.threads import cpu_threads
+
+__all__ = ["PAPER_NOISE", "SalientLinear", "release_scratch"]
 
 PAPER_NOISE = NoiseSpec()  # 0.5 * Delta_i * N(0, 1) at 4 bits: the post variant's default
 
@@ -162,13 +165,13 @@ class SalientLinear(nn.Module):
     def generator(self) -> torch.Generator:
         dev = self.delta.device
         if self._generator is None or self._generator.device != dev:
-            self._generator = torch.Generator(device=dev).manual_seed(self.seed)
+            self._generator = torch.Generator(device=dev).manual_seed(derive_seed(self.seed, "fresh-noise"))
         return self._generator
 
     def _pass_seed(self) -> int:
         """Seed of this pass's noise: from ``noise_key`` when the training loop sets it, else fresh."""
         if self.noise_key is not None:
-            return (self.seed * 1_000_003 + self.noise_key * 7_919) % (2**63 - 1)
+            return derive_seed(self.seed, "pass-noise", self.noise_key)
         return int(torch.randint(0, 2**62, (1,), generator=self.generator, device=self.delta.device))
 
     def _add_noise(self, w: torch.Tensor, seed: int, scratch: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ from ..config.settings import RecoverConfig
 from ..util.cpu_policy import apply_for_training
 from ..util.errors import GiftQuantError, writing
 from ..util.files import atomic_dir, atomic_write_text, sha256_file
+from ..util.seeds import derive_seed
 from ..util.threads import cpu_threads
 from .caches import plan_caches, release_caches
 from .lanes import Lanes
@@ -34,6 +35,8 @@ from .model import set_noise_key, trainable_state
 from .noise_schedule import set_noise_progress
 from .objective import Objective, Teacher, objective_loss
 from .scaled_layer import param_groups
+
+__all__ = ["STATE_MANIFEST", "eval_loss", "state_problem", "step_rows", "token_loss", "train", "warmup_cosine_schedule"]
 
 
 def warmup_cosine_schedule(optimizer, total_steps: int, warmup_ratio: float):
@@ -53,7 +56,7 @@ def warmup_cosine_schedule(optimizer, total_steps: int, warmup_ratio: float):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def objective_of(settings: RecoverConfig) -> Objective:
+def _objective_of(settings: RecoverConfig) -> Objective:
     return Objective(loss=settings.loss, temperature=settings.kd_temperature, ce_weight=settings.ce_weight)
 
 
@@ -83,7 +86,7 @@ def step_rows(step: int, global_batch: int, n_windows: int, seed: int) -> torch.
     rows = []
     while len(rows) < global_batch:
         epoch, offset = divmod(start + len(rows), n_windows)
-        perm = torch.randperm(n_windows, generator=torch.Generator().manual_seed(seed * 7_777 + epoch))
+        perm = torch.randperm(n_windows, generator=torch.Generator().manual_seed(derive_seed(seed, "shuffle", epoch)))
         take = min(global_batch - len(rows), n_windows - offset)
         rows.extend(perm[offset:offset + take].tolist())
     return torch.tensor(rows)
@@ -171,7 +174,7 @@ class _Loop:
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.state_dir, self.metrics_path = run_dir / "state", run_dir / "metrics.jsonl"
-        torch.manual_seed(settings.seed)
+        torch.manual_seed(derive_seed(settings.seed, "torch-global"))
         self.lanes = None
         line = f"gift-quant: training data-parallel in {self.world} processes" if self.world > 1 else None
         if accel.device.type == "cpu" and self.world == 1:  # lanes and threads: the result does not depend on them
@@ -190,7 +193,7 @@ class _Loop:
         groups = param_groups(model, settings.lr, settings.scales_lr)  # scale multipliers at their own lr
         self.optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
         self.scheduler = warmup_cosine_schedule(self.optimizer, settings.steps, settings.warmup_ratio)
-        self.objective = objective_of(settings)
+        self.objective = _objective_of(settings)
         if self.objective.needs_teacher and teacher is None:
             raise GiftQuantError(f"--loss {settings.loss} needs the full-precision teacher; none was given")
         self.start, self.history = self._resume()

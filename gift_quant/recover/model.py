@@ -16,7 +16,12 @@ from torch import nn
 from ..config.settings import NoiseSpec, QuantSpec
 from ..model.arch import model_linears, set_module
 from ..packed.qlinear import QuantLinear
+from ..util.seeds import derive_seed
 from .layer import PAPER_NOISE, SalientLinear
+
+__all__ = ["TRAINABLE_PREFIX", "convert_to_dense", "convert_to_quant", "freeze_all_but_gift", "linear_weights",
+           "prepare_dense", "prepare_quantized", "quant_from_salient", "salient_from_quant", "salient_layers",
+           "set_noise_key", "trainable_state"]
 
 TRAINABLE_PREFIX = "gift_"
 
@@ -73,7 +78,7 @@ def prepare_quantized(model: nn.Module, noise: NoiseSpec = PAPER_NOISE, seed: in
         if not isinstance(q, QuantLinear):
             raise TypeError(f"{name} is {type(q).__name__}, expected a QuantLinear (quantize first)")
         ref = None if reference is None else reference[name]
-        set_module(model, name, salient_from_quant(q, noise, seed * 100_003 + i, ref))
+        set_module(model, name, salient_from_quant(q, noise, derive_seed(seed, "layer-noise", i), ref))
     freeze_all_but_gift(model)
     return model
 
@@ -85,7 +90,7 @@ def prepare_dense(model: nn.Module, salient: dict[str, torch.Tensor], noise: Noi
         w = lin.weight.detach()
         layer = SalientLinear(lin.in_features, lin.out_features, idx, dense=w.float(),
                               salient_weight=w[:, idx].float(), bias=lin.bias, noise=noise,
-                              seed=seed * 100_003 + i)
+                              seed=derive_seed(seed, "layer-noise", i))
         layer.source_dtype = w.dtype
         set_module(model, name, layer.to(w.device))
     freeze_all_but_gift(model)

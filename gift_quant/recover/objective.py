@@ -36,6 +36,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ..util.errors import GiftQuantError
 
+__all__ = ["IGNORE", "LOSSES", "Objective", "Teacher", "chunked_loss", "final_hidden", "head_fn", "objective_loss"]
+
 IGNORE = -100
 LOSSES = ("ce", "kd", "kd+ce")
 

@@ -18,6 +18,8 @@ from ..packed.qlinear import QuantLinear
 from ..quant.grid import quantize_codes
 from .model import freeze_all_but_gift
 
+__all__ = ["QATLinear", "convert_qat", "prepare_qat"]
+
 
 class QATLinear(nn.Module):
     is_gift_linear = True

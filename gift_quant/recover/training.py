@@ -18,8 +18,11 @@ from ..data.examples import pack_examples
 from ..data.sources import load_documents, load_records
 from ..data.windows import calibration_documents, random_windows
 from ..util.errors import GiftQuantError
+from ..util.seeds import derive_seed
 from .loop import train
 from .objective import Teacher
+
+__all__ = ["load_teacher", "train_stage", "training_windows"]
 
 
 def _same_source(a: str, b: str, default_a: str, default_b: str) -> bool:
@@ -30,7 +33,7 @@ def _same_source(a: str, b: str, default_a: str, default_b: str) -> bool:
     return a == b
 
 
-def mix_parts(spec: str) -> list[str]:
+def _mix_parts(spec: str) -> list[str]:
     """The sources of a training mix: ``"sotu+boolq-passages:train"`` -> both; an existing path is one source."""
     if Path(spec).exists():
         return [spec]
@@ -41,7 +44,7 @@ def mix_parts(spec: str) -> list[str]:
     return parts
 
 
-def even_shares(n: int, k: int) -> list[int]:
+def _even_shares(n: int, k: int) -> list[int]:
     """``n`` split into ``k`` near-equal counts (the first ones one larger when it does not divide)."""
     return [n // k + (1 if i < n % k else 0) for i in range(k)]
 
@@ -78,20 +81,21 @@ def training_windows(tokenizer, rcfg: RecoverConfig, n_windows: int, qcfg: Quant
     """
     from ..data import named
 
-    parts = mix_parts(rcfg.train_data)
-    pieces = [_source_windows(tokenizer, spec, n, rcfg, rcfg.seed + 7_919 * k, qcfg)
-              for k, (spec, n) in enumerate(zip(parts, even_shares(n_windows, len(parts)))) if n > 0]
+    parts = _mix_parts(rcfg.train_data)
+    pieces = [_source_windows(tokenizer, spec, n, rcfg, derive_seed(rcfg.seed, "train-windows", k), qcfg)
+              for k, (spec, n) in enumerate(zip(parts, _even_shares(n_windows, len(parts)))) if n > 0]
     train = torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])
     limit = max(200, 8 * rcfg.eval_windows)
     if rcfg.eval_data is not None:
         held_parts = [(rcfg.eval_data, rcfg.eval_windows)]
     elif all(named.is_named(p) for p in parts):
         held_parts = [(p.split(":")[0] + ":validation", n)
-                      for p, n in zip(parts, even_shares(rcfg.eval_windows, len(parts))) if n > 0]
+                      for p, n in zip(parts, _even_shares(rcfg.eval_windows, len(parts))) if n > 0]
     else:
         return train, None
     held = [pack_examples(tokenizer, load_records(spec, default_split="validation", limit=limit), rcfg.seq_len, n,
-                          rcfg.seed + 1, source="held-out data") for spec, n in held_parts]
+                          derive_seed(rcfg.seed, "held-out-windows", k), source="held-out data")
+            for k, (spec, n) in enumerate(held_parts)]
     return train, (torch.cat([h[0] for h in held]), torch.cat([h[1] for h in held]))
 
 

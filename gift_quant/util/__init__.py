@@ -1,1 +1,1 @@
-"""Process plumbing with no model knowledge: user-facing errors, atomic files, threads, console output."""
+"""Process plumbing with no model knowledge: user-facing errors, atomic files, threads, console output, seeds."""

@@ -6,6 +6,8 @@ call these.
 
 from __future__ import annotations
 
+__all__ = ["quiet_import_noise", "silence_library_bars"]
+
 
 def quiet_import_noise() -> None:
     """Silence warnings printed when transformers imports torchao (a gptqmodel dependency), for the CLI only.

@@ -35,8 +35,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-COMPUTE_COMMANDS = frozenset({"quantize", "recover", "finetune", "compare", "eval"})
-SAMPLE_SECONDS = 0.2
+__all__ = ["Decision", "apply_at_launch", "apply_for_training", "decide", "idle_cores", "parse_proc_stat", "scan_argv",
+           "threads_for", "training_plan"]
+
+_COMPUTE_COMMANDS = frozenset({"quantize", "recover", "finetune", "compare", "eval"})
+_SAMPLE_SECONDS = 0.2
 
 
 def parse_proc_stat(text: str) -> dict[int, tuple[int, int]]:
@@ -77,14 +80,14 @@ def threads_for(idle: float, cores: int) -> int:
     return max(1, min(cores, int(idle + 0.5)))
 
 
-def allowed_cpus() -> list[int]:
+def _allowed_cpus() -> list[int]:
     try:
         return sorted(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return list(range(os.cpu_count() or 1))
 
 
-def measure_idle(cpus: Sequence[int], seconds: float = SAMPLE_SECONDS) -> float | None:
+def _measure_idle(cpus: Sequence[int], seconds: float = _SAMPLE_SECONDS) -> float | None:
     """Idle cores among ``cpus`` over the next ``seconds`` (None where /proc/stat is not readable)."""
     stat = Path("/proc/stat")
     try:
@@ -124,7 +127,7 @@ def decide(argv: Sequence[str], env: Mapping[str, str], cores: int,
     """What the launch sets: flag over the user's OMP_NUM_THREADS over the idle-core policy. ``measure``
     (idle cores right now) is called only when the policy needs it."""
     command, flag = scan_argv(argv)
-    if command not in COMPUTE_COMMANDS or "-h" in argv or "--help" in argv:
+    if command not in _COMPUTE_COMMANDS or "-h" in argv or "--help" in argv:
         return Decision()
     if flag is not None:
         if flag.isdigit() and int(flag) >= 1:
@@ -181,14 +184,14 @@ def apply_for_training(lanes: int) -> tuple[int, str]:
     """Set torch's intra-op threads for the training loop; (lane threads, the line to show)."""
     import torch
 
-    cpus = allowed_cpus()
+    cpus = _allowed_cpus()
     workers, intra, line = training_plan(lanes, torch.get_num_threads(), len(cpus), _CHOSEN_BY_POLICY,
-                                         lambda: measure_idle(cpus))
+                                         lambda: _measure_idle(cpus))
     torch.set_num_threads(intra)
     return workers, line
 
 
-def launched_as_command() -> bool:
+def _launched_as_command() -> bool:
     """True in the ``gift-quant`` console script and in ``python -m gift_quant.cli``."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     if spec is not None and spec.name in ("gift_quant.cli", "gift_quant.cli.__main__", "gift_quant.cli.app"):
@@ -199,10 +202,10 @@ def launched_as_command() -> bool:
 def apply_at_launch() -> None:
     """Set the thread environment for this command line; a no-op unless this process is the command and
     before torch is imported (OpenMP reads its variables once, when it loads)."""
-    if not launched_as_command() or "torch" in sys.modules:
+    if not _launched_as_command() or "torch" in sys.modules:
         return
-    cpus = allowed_cpus()
-    d = decide(sys.argv[1:], os.environ, len(cpus), lambda: measure_idle(cpus))
+    cpus = _allowed_cpus()
+    d = decide(sys.argv[1:], os.environ, len(cpus), lambda: _measure_idle(cpus))
     global _CHOSEN_BY_POLICY
     _CHOSEN_BY_POLICY = "OMP_NUM_THREADS" in d.env and scan_argv(sys.argv[1:])[1] is None
     os.environ.update(d.env)

@@ -12,6 +12,8 @@ import errno
 import os
 import shutil
 
+__all__ = ["GiftQuantError", "os_error", "writing"]
+
 
 class GiftQuantError(Exception):
     """A problem with the user's input or environment, with a message saying what to do."""
@@ -76,7 +78,7 @@ def os_error(exc: BaseException, path: str | os.PathLike, action: str = "writing
     return GiftQuantError(f"{msg}; {advice}" if advice else msg)
 
 
-def is_disk_fault(exc: BaseException) -> bool:
+def _is_disk_fault(exc: BaseException) -> bool:
     """An OSError, or a library's error that reports a failed write (torch.save, safetensors on a full disk)."""
     return isinstance(exc, OSError) or any(t in str(exc) for t in _DISK_FULL_TEXT)
 
@@ -89,6 +91,6 @@ def writing(path: str | os.PathLike, need_bytes: int | None = None, action: str 
     except GiftQuantError:
         raise
     except Exception as exc:  # re-raised unchanged unless it is an environment fault
-        if not is_disk_fault(exc):
+        if not _is_disk_fault(exc):
             raise
         raise os_error(exc, path, action, need_bytes) from None

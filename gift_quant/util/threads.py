@@ -11,6 +11,8 @@ import contextlib
 
 import torch
 
+__all__ = ["cpu_threads"]
+
 
 @contextlib.contextmanager
 def cpu_threads(n: int, active: bool = True):

@@ -45,6 +45,8 @@ from .stages import (
     train_stage,
 )
 
+__all__ = ["run_eval_ppl", "run_quantize", "run_recover"]
+
 
 def run_quantize(model_dir: str | None, out: str | Path, cfg: QuantizeConfig, overwrite: bool = False,
                  runtime: Runtime = Runtime()) -> dict:
@@ -83,7 +85,7 @@ def run_recover(model_dir: str | None, out: str | Path, qcfg: QuantizeConfig, rc
     return summary
 
 
-def check_source_model(src: Path, rcfg: RecoverConfig) -> None:
+def _check_source_model(src: Path, rcfg: RecoverConfig) -> None:
     """Refuse a gift-quant checkpoint as ``recover``'s model before any work, saying where its source model is.
 
     The block stage re-runs GPTQ block by block against the full-precision block's outputs, and the
@@ -114,7 +116,7 @@ class _RecoverRun:
         self.out, self.qcfg, self.rcfg, self.ecfg = out, qcfg, rcfg, ecfg
         self.overwrite, self.runtime, self.trust = overwrite, runtime, runtime.trust_remote_code
         self.src = resolve_model_dir(model_dir)
-        check_source_model(self.src, rcfg)
+        _check_source_model(self.src, rcfg)
         self.device = resolve_device(runtime.device)
         check_lengths(self.src, {"--seq-len": qcfg.seq_len, "recover.seq_len": rcfg.seq_len,
                                  "--ppl-seq-len": ecfg.seq_len}, self.trust)
@@ -312,11 +314,11 @@ class _RecoverRun:
             block = summary["ppl_after_blockwise"] = done["eval_blockwise"]["perplexity"]
             summary["gap_closed_blockwise"] = (before - block) / (before - fp) if before > fp else None
         atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=1))
-        atomic_write_text(self.out / "summary.md", summary_markdown(summary, self.qcfg, self.rcfg))
+        atomic_write_text(self.out / "summary.md", _summary_markdown(summary, self.qcfg, self.rcfg))
         return summary
 
 
-def summary_markdown(s: dict, qcfg: QuantizeConfig, rcfg: RecoverConfig) -> str:
+def _summary_markdown(s: dict, qcfg: QuantizeConfig, rcfg: RecoverConfig) -> str:
     """The run's result in a few lines a person reads: settings, size, perplexity and the gap closed."""
     gap = "" if s["gap_closed"] is None else f" ({100 * s['gap_closed']:.1f} % of the gap to full precision closed)"
     before = "quantized (GPTQ + salient columns), before any recovery"

@@ -28,6 +28,8 @@ from ..util.errors import writing
 from ..util.files import atomic_save_tensors, atomic_write_text
 from .stages import check_data, load_source, run_inputs, select_salient
 
+__all__ = ["run_finetune", "source_dtype"]
+
 
 def source_dtype(model_dir: Path) -> torch.dtype:
     cfg = json.loads((model_dir / "config.json").read_text())

@@ -13,6 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+__all__ = ["CAPACITIES", "GB", "LLAMA2", "Shape", "block_forward_transient", "blockwise_memory", "gptq_workspace",
+           "layer_activations", "quantize_memory", "recover_memory", "salient_params", "scaling_rows", "scaling_table",
+           "scratch"]
+
 GB = 1e9
 
 

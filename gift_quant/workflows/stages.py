@@ -50,9 +50,10 @@ from ..recover.model import convert_to_quant, linear_weights, prepare_quantized,
 from ..recover.training import train_stage
 from ..util.errors import writing
 
-__all__ = ["calibration_set", "check_data", "convert_recovered", "preflight", "evaluate_perplexity", "load_source",
-           "perplexity_windows", "prepare_recovery", "quantize_stage", "quantize_to_checkpoint", "run_inputs",
-           "select_salient", "source_perplexity", "train_stage"]
+__all__ = ["blockwise_reconstructor", "calibration_set", "check_data", "convert_recovered", "preflight",
+           "evaluate_perplexity", "gift_config", "load_source", "perplexity_windows", "prepare_recovery",
+           "quantize_stage", "quantize_to_checkpoint", "run_inputs", "select_salient", "source_perplexity",
+           "train_stage"]
 
 
 def run_inputs(src: Path, qcfg: QuantizeConfig, rcfg: RecoverConfig | None = None,
@@ -178,7 +179,8 @@ def quantize_to_checkpoint(model_dir: str | None, out: str | Path, cfg: Quantize
     claim_run(out, identity)
     report = quantize_stage(model, windows, cfg, src, identity, out, runtime)
     return model, {"out": str(out), "effective_bits": report.mean_effective_bits(),
-                   "quantize_seconds": report.seconds, "total_seconds": time.perf_counter() - t0,
+                   "quantize_seconds": report.seconds, "quantize_cpu_seconds": report.cpu_seconds,
+                   "total_seconds": time.perf_counter() - t0,
                    "mean_relative_error": sum(m["relative_error"] for m in report.layers.values())
                    / len(report.layers)}
 

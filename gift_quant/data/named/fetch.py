@@ -18,6 +18,9 @@ from pathlib import Path
 
 from ...util.files import cache_dir, sha256_file
 
+__all__ = ["FETCH_TIMEOUT_S", "SOURCES", "ChecksumError", "DatasetUnavailable", "Source", "downloads_dir", "obtain",
+           "progress"]
+
 # Upper bound for one registry fetch; the largest (bigbench, 358 MB) takes ~20 s on a good link.
 FETCH_TIMEOUT_S = 1800
 

@@ -21,6 +21,9 @@ from pathlib import Path
 
 from ...util.errors import GiftQuantError
 
+__all__ = ["CONTAMINATION_NGRAM", "SHARED_PASSAGE_CHARS", "SPLITS", "SPLIT_SEED", "ngram_hashes", "ni_context_key",
+           "record_text", "shared_text_keys", "split_of", "words", "write_splits"]
+
 SPLITS = ("train", "validation", "test")
 # Changing the seed, the cuts, SHARED_PASSAGE_CHARS or the decontamination rule moves documents
 # between splits or in/out of a dataset: bump store.FORMAT_VERSION with them.

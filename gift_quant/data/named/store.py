@@ -19,6 +19,8 @@ from ...util.files import atomic_dir, cache_dir
 from .fetch import progress
 from .splits import SPLIT_SEED
 
+__all__ = ["FORMAT_VERSION", "data_dir", "ensure", "scratch"]
+
 # Stored in each dataset's meta.json; a cached dataset written under another version is rebuilt.
 FORMAT_VERSION = 1
 
