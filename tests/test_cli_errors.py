@@ -478,6 +478,49 @@ def test_real_sigint_at_any_moment_is_one_line_and_130(world, tmp_path):
         assert len([ln for ln in err.splitlines() if ln.startswith("gift-quant: interrupted")]) == 1, err[-2000:]
 
 
+def test_a_stop_that_lands_after_the_command_finished_does_not_turn_it_into_a_failure():
+    """A Ctrl-C or SIGTERM that arrives once the command has its exit code (while Python shuts down) used to kill
+    the process silently with -SIGINT: the command's exit code stands and nothing is printed."""
+    import signal
+
+    script = ("import os, signal, sys\n"
+              "import gift_quant.cli.app as app\n"
+              "from gift_quant import cli\n"
+              "app.main = lambda argv=None: 0\n"
+              "code = cli.main([])\n"
+              "os.kill(os.getpid(), signal.SIGINT)\n"
+              "os.kill(os.getpid(), signal.SIGTERM)\n"
+              "sys.exit(code)\n")
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (p.returncode, p.stderr) == (0, ""), (p.returncode, p.stderr[-2000:])
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the test process itself is untouched
+
+
+@pytest.mark.parametrize("stop, code, line", [(KeyboardInterrupt, 130, "gift-quant: interrupted; rerun"),
+                                              ("terminated", 143, "gift-quant: terminated (SIGTERM); rerun")])
+def test_a_stop_between_the_commands_handlers_and_its_exit_is_one_line(monkeypatch, capsys, stop, code, line):
+    """The window after app.main's own handlers returned: the entry point still ends in the one line."""
+    import signal
+
+    import gift_quant.cli.app as app
+    from gift_quant import cli
+
+    exc = app.Terminated if stop == "terminated" else stop
+
+    def stops_late(argv=None):
+        raise exc()
+
+    monkeypatch.setattr(app, "main", stops_late)
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        assert cli.main([]) == code
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+    err = capsys.readouterr().err
+    assert err.splitlines() == [next(ln for ln in err.splitlines() if ln.startswith(line))]
+
+
 def test_an_unanticipated_library_error_is_one_line(world, capsys, tmp_path, monkeypatch):
     """The safety net under every input check: an exception nothing anticipated is one line naming its type and
     place (exit 1, not an input error's 2); GIFT_QUANT_TRACEBACK=1 shows the traceback for a bug report."""

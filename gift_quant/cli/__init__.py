@@ -12,7 +12,34 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C during start-up imports: one line, exit 130
         print(INTERRUPTED_AT_START, file=sys.stderr)
         return 130
-    return run(argv)
+    from .app import INTERRUPTED, TERMINATED, Terminated
+
+    try:
+        code = run(argv)
+        _ignore_stops_while_exiting()
+    except KeyboardInterrupt:  # landed between the command's own handlers and the line above
+        _ignore_stops_while_exiting()
+        print(INTERRUPTED, file=sys.stderr)
+        return 130
+    except Terminated:
+        _ignore_stops_while_exiting()
+        print(TERMINATED, file=sys.stderr)
+        return 143
+    return code
+
+
+def _ignore_stops_while_exiting() -> None:
+    """Once the command has its exit code (outputs written, or its one interrupt line printed), a Ctrl-C or
+    SIGTERM that lands while the interpreter shuts down would kill the process silently with the signal's
+    status (Python restores the default handlers late in its shutdown), turning a finished run into an
+    unexplained failure. From here on the process only exits, so the stop has nothing left to stop."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 __all__ = ["main"]

@@ -13,8 +13,9 @@ from pathlib import Path
 
 from ..util.cpu_policy import apply_at_launch
 
-__all__ = ["TRACEBACK_ENV", "Terminated", "cmd_clean", "cmd_compare", "cmd_eval", "cmd_export", "cmd_finetune",
-           "cmd_inspect", "cmd_quantize", "cmd_recover", "main", "make_parser", "parse_lr_grid"]
+__all__ = ["INTERRUPTED", "TERMINATED", "TRACEBACK_ENV", "Terminated", "cmd_clean", "cmd_compare",
+           "cmd_eval", "cmd_export", "cmd_finetune", "cmd_inspect", "cmd_quantize", "cmd_recover",
+           "main", "make_parser", "parse_lr_grid"]
 
 apply_at_launch()  # thread settings of the gift-quant command: before torch loads (cli/flags -> config -> torch)
 
@@ -401,6 +402,8 @@ def _redeliver_swallowed_stops(unraisable) -> None:
     threading.Timer(0.01, _thread.interrupt_main, args=(signum,)).start()
 
 
+INTERRUPTED = "gift-quant: interrupted; rerun the same command to resume"
+TERMINATED = "gift-quant: terminated (SIGTERM); rerun the same command to resume"
 TRACEBACK_ENV = "GIFT_QUANT_TRACEBACK"  # set to 1: an unexpected exception shows its traceback
 
 
@@ -431,10 +434,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gift-quant: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("gift-quant: interrupted; rerun the same command to resume", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         return 130
     except Terminated:
-        print("gift-quant: terminated (SIGTERM); rerun the same command to resume", file=sys.stderr)
+        print(TERMINATED, file=sys.stderr)
         return 143
     except OSError as exc:  # an environment fault at a site errors.writing does not name: still one line
         from ..util.errors import os_error
