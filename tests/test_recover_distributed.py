@@ -57,8 +57,9 @@ def _driver(argv: list[str]) -> None:
     for name, (noise, loss) in RUNS.items():
         model = prepare_quantized(load(a.ckpt), noise=NoiseSpec(noise, 4), seed=0)
         init = trainable_state(model)
+        # fp32 pinned: this compares process layouts, not precisions (tests/test_precision.py does those)
         settings = RecoverConfig(loss=loss, steps=STEPS, lr=LR, batch_size=BATCH, grad_accum=a.grad_accum,
-                                 warmup_ratio=0.0, save_every=STEPS, seed=0)
+                                 warmup_ratio=0.0, save_every=STEPS, seed=0, precision="fp32")
         teacher = Teacher(load_model(Path(a.teacher)), "cpu") if loss == "kd" else None
         summary = train(model, data["ids"], data["labels"], settings, out / f"run-{name}", device="cpu",
                         progress=False, teacher=teacher)

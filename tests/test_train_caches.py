@@ -56,8 +56,9 @@ def _train(world, run, *, cache_mb, threads=1, seed=0, stop_at=None, lanes=2) ->
     torch.set_num_threads(threads)
     try:
         model = prepare_quantized(load(world["root"] / "q"), noise=NoiseSpec("normal", 4), seed=seed)
+        # fp32 pinned: thread counts are compared here; bf16's own repeatability is in tests/test_precision.py
         settings = RecoverConfig(loss="kd", steps=STEPS, lr=1e-2, batch_size=2, save_every=2, warmup_ratio=0.0,
-                                 eval_every=0, seed=seed, cache_mb=cache_mb, cpu_lanes=lanes)
+                                 eval_every=0, seed=seed, cache_mb=cache_mb, cpu_lanes=lanes, precision="fp32")
         teacher = Teacher(load_model(world["src"]), "cpu")
         real_step = loop._Loop.step
         if stop_at is not None:

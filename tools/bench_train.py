@@ -11,10 +11,11 @@ with the same batch, sequence length and optimizer, each in its own subprocess s
                   weights materialized as frozen fp32 nn.Linear (QUIK+LoRA; peft has no layer for our
                   QuantLinear).
 * ``gift-kd`` / ``lora-kd``: the same with the distillation objective (``--loss kd``, the default recipe's):
-                  the full-precision teacher (fp32 on CPU, bf16 on GPU) runs forward on the same batch.
+                  the full-precision teacher runs forward on the same batch (bf16 weights when the variant
+                  computes in bf16, as ``recover`` loads it; else fp32).
 * ``gift-blockwise``: one block-wise reconstruction step; its tokens/s is divided by the number of blocks.
 
-A variant is ``METHOD[@old][:tN][:cCACHE][:ddpN]``:
+A variant is ``METHOD[@old][:tN][:lN][:cCACHE][:ddpN][:pPREC]``:
 
 * ``@old``: run the worker of ``--old-code`` (a checkout of the previous version, e.g. ``git worktree add
   ../gift-quant-old bf306ad``) with that checkout first on the path: today's code against the previous
@@ -24,7 +25,10 @@ A variant is ``METHOD[@old][:tN][:cCACHE][:ddpN]``:
   CPU), N threads, each with the ``:t`` intra-op threads;
 * ``:cCACHE``: training caches (recover/caches.py): ``auto`` (the default budget), ``0`` (off), ``keep``
   (noisy weights kept for backward only), ``base`` (dense base only), or a budget in MB;
-* ``:ddpN``: N data-parallel processes (torchrun, gloo), one thread each, the batch split between them.
+* ``:ddpN``: N data-parallel processes (torchrun, gloo), one thread each, the batch split between them;
+* ``:pPREC``: the compute precision (``--precision``, util/precision.py): ``p32`` (fp32), ``pbf16`` (forward
+  passes and losses under bf16 autocast, trained weights and optimizer fp32, as ``recover --precision bf16``)
+  or ``pauto`` (the default: what ``recover`` picks on this device).
 
 Memory is the process's peak RSS (for ``ddp``: the sum over the processes), and its growth during
 training. Variants run interleaved ``--repeats`` times and the fastest repeat counts, so a burst of load on
@@ -33,11 +37,13 @@ a shared machine does not land on one variant only; the load average before each
 
     python tools/bench_train.py --steps 3 --batch-size 2 --seq-len 256 --repeats 2 --old-code ../gift-quant-old \\
         --variants gift-kd@old,gift-kd,gift-kd:t2,lora-kd:t2 --out results/bench_train
+    python tools/bench_train.py --variants gift-kd:t1:p32,gift-kd:t1:pbf16,lora-kd:t1:p32,lora-kd:t1:pbf16
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -92,6 +98,20 @@ def _caches(model, spec: str, device) -> None:
     plan_caches(model, None if spec == "auto" else int(spec), device)
 
 
+PRECISIONS = {"32": "fp32", "fp32": "fp32", "bf16": "bf16", "auto": "auto"}  # the :p modifier -> --precision
+
+
+def _precision(setting: str, device):
+    """(the resolved precision's name, its util.precision object or None). The previous code (@old) may have no
+    precision module: there auto is fp32, and bf16 is applied by this worker alone."""
+    try:
+        from gift_quant.util.precision import resolve_precision
+    except ImportError:
+        return ("fp32" if setting == "auto" else setting), None
+    p = resolve_precision(setting, device)
+    return p.name, p
+
+
 def worker(args) -> dict | None:
     from gift_quant.packed.checkpoint import load
     from gift_quant.recover.model import convert_to_dense, freeze_all_but_gift, prepare_quantized, set_noise_key
@@ -106,12 +126,18 @@ def worker(args) -> dict | None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
+    precision, prec_obj = _precision(args.precision, device)
+    bf16 = precision == "bf16"
+
+    def autocast():  # the forward pass and the loss, as the training loop runs them; backward outside
+        return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
     model = load(args.ckpt)
     teacher = None
     if args.method.endswith("-kd"):
         from gift_quant.model.loading import load_model, resolve_model_dir
 
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype = torch.bfloat16 if bf16 else torch.float32  # recover/training.load_teacher's choice
         teacher = Teacher(load_model(resolve_model_dir(args.model), dtype), device)
     objective = Objective("kd" if teacher is not None else "ce")
     if args.method.startswith("gift"):
@@ -166,7 +192,8 @@ def worker(args) -> dict | None:
 
         def step():
             set_noise_key(block, next(keys))
-            out = block(x, **kw)
+            with autocast():
+                out = block(x, **kw)
             out = out[0] if isinstance(out, (tuple, list)) else out
             (out - target).pow(2).mean().backward()
             opt.step()
@@ -178,13 +205,18 @@ def worker(args) -> dict | None:
 
         def step():
             set_noise_key(model, next(keys))
-            lanes.backward(model, ids, ids, objective, teacher, params, 1.0, False)
+            if prec_obj is None:  # the previous code's lanes take no precision
+                with autocast():  # (this thread only: its lanes' threads would not see it)
+                    lanes.backward(model, ids, ids, objective, teacher, params, 1.0, False)
+            else:
+                lanes.backward(model, ids, ids, objective, teacher, params, 1.0, False, prec_obj)
             opt.step()
             opt.zero_grad(set_to_none=True)
     else:
         def step():
             set_noise_key(model, next(keys) * world + rank)  # as the training loop keys it
-            loss, _ = objective_loss(wrapped, ids, ids, objective, teacher)
+            with autocast():
+                loss, _ = objective_loss(wrapped, ids, ids, objective, teacher)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -204,7 +236,8 @@ def worker(args) -> dict | None:
     out = {"variant": args.variant, "seconds_per_step": seconds * n_blocks, "cpu_seconds_per_step": cpu * n_blocks,
            "tokens_per_s": args.batch_size * args.seq_len / (seconds * n_blocks),
            "trainable_params": sum(p.numel() for p in params),
-           "peak_rss_growth_mb": _rss_mb() - rss_before, "peak_rss_mb": _rss_mb(), "processes": world}
+           "peak_rss_growth_mb": _rss_mb() - rss_before, "peak_rss_mb": _rss_mb(), "processes": world,
+           "precision": precision}
     if device.type == "cuda":
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
         out["peak_cuda_growth_mb"] = out["peak_cuda_mb"] - base_cuda
@@ -279,10 +312,14 @@ def parse_variant(spec: str) -> dict:
     method, *mods = spec.split(":")
     method, _, code = method.partition("@")
     if method not in METHODS or code not in ("", "old"):
-        raise SystemExit(f"unknown variant {spec!r}: METHOD[@old][:tN][:cCACHE][:ddpN], METHOD in {METHODS}")
-    v = {"spec": spec, "method": method, "old": code == "old", "threads": 1, "cache": "auto", "procs": 1, "lanes": 1}
+        raise SystemExit(f"unknown variant {spec!r}: METHOD[@old][:tN][:lN][:cCACHE][:ddpN][:pPREC], "
+                         f"METHOD in {METHODS}")
+    v = {"spec": spec, "method": method, "old": code == "old", "threads": 1, "cache": "auto", "procs": 1, "lanes": 1,
+         "precision": "auto"}
     for m in mods:
-        if m.startswith("ddp"):
+        if m.startswith("p") and m[1:] in PRECISIONS:
+            v["precision"] = PRECISIONS[m[1:]]
+        elif m.startswith("ddp"):
             v["procs"] = int(m[3:])
         elif m.startswith("l"):
             v["lanes"] = int(m[1:])
@@ -303,7 +340,7 @@ def run_variant(v: dict, args, port: int) -> dict:
     common = ["--method", v["method"], "--steps", str(args.steps), "--batch-size", str(args.batch_size),
               "--seq-len", str(args.seq_len), "--device", args.device, "--ckpt", args.ckpt,
               *(["--model", args.model] if args.model else []), "--threads", str(v["threads"]),
-              "--cache", v["cache"], "--variant", v["spec"], "--lanes", str(v["lanes"])]
+              "--cache", v["cache"], "--variant", v["spec"], "--lanes", str(v["lanes"]), "--precision", v["precision"]]
     if v["procs"] > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(v["procs"]),
                "--master_port", str(port), str(tool), *common]
@@ -343,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--cache", default="auto", help=argparse.SUPPRESS)
     ap.add_argument("--lanes", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--precision", default="auto", choices=sorted(set(PRECISIONS.values())), help=argparse.SUPPRESS)
     ap.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.method:
@@ -373,18 +411,21 @@ def main(argv: list[str] | None = None) -> int:
               "cores": os.cpu_count(), "torch": torch.__version__, "device": args.device,
               "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps, "repeats": args.repeats,
               "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-              "rows": rows, "all_runs": runs, "ratios_vs_lora": ratios_vs_lora(rows, peak)}
+              "rows": rows, "all_runs": runs, "ratios_vs_lora": ratios_vs_lora(rows, peak),
+              "ratios_bf16_vs_fp32": ratios_bf16_vs_fp32(rows, peak)}
     ratio_lines = [f"{m} / {v['vs']}: tokens/s x{v['tokens_per_s_ratio']:.2f}, "
                    f"peak memory x{v['peak_memory_ratio']:.2f}"
-                   for m, v in report["ratios_vs_lora"].items()]
-    lines = ["| variant | code | lanes x threads x processes | caches | trainable params | s/step | CPU s/step | "
-             "tokens/s | peak memory (MB) | growth in training (MB) | load avg before |", "|---" * 11 + "|"]
+                   for key in ("ratios_vs_lora", "ratios_bf16_vs_fp32") for m, v in report[key].items()]
+    lines = ["| variant | code | lanes x threads x processes | caches | precision | trainable params | s/step | "
+             "CPU s/step | tokens/s | peak memory (MB) | growth in training (MB) | load avg before |",
+             "|---" * 12 + "|"]
     for r in rows:
         if "failed" in r:
-            lines.append(f"| {r['variant']} | failed: {r['failed']} |" + " |" * 8)
+            lines.append(f"| {r['variant']} | failed: {r['failed']} |" + " |" * 9)
             continue
         lines.append(f"| {r['variant']} | {r['code']} | {r['lanes']} x {r['threads']} x {r.get('processes', 1)} | "
-                     f"{r['cache'] or '-'} | {r['trainable_params']:,} | {r['seconds_per_step']:.2f} | "
+                     f"{r['cache'] or '-'} | {r.get('precision', 'fp32')} | {r['trainable_params']:,} | "
+                     f"{r['seconds_per_step']:.2f} | "
                      f"{r['cpu_seconds_per_step']:.2f} | {r['tokens_per_s']:.0f} | {r[peak]:.0f} | {r[growth]:.0f} | "
                      f"{r['load_before']:.1f} |")
     lines += ["", *ratio_lines] if ratio_lines else []
@@ -402,16 +443,31 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def ratios_vs_lora(rows: list[dict], peak: str) -> dict:
-    """Each new-code GIFT-SW variant against the LoRA variant with the same objective and parallelism (lanes,
-    threads, processes, caches aside): tokens/s and peak-memory ratios."""
+    """Each new-code GIFT-SW variant against the LoRA variant with the same objective, parallelism (lanes,
+    threads, processes, caches aside) and precision: tokens/s and peak-memory ratios."""
     ok = [r for r in rows if "failed" not in r and r["code"] == "new"]
-    shape = lambda r: (r["lanes"], r["threads"], r.get("processes", 1))  # noqa: E731
+    shape = lambda r: (r["lanes"], r["threads"], r.get("processes", 1), r.get("precision"))  # noqa: E731
     out = {}
     for r in ok:
         if not r["method"].startswith("gift") or r["method"] in ("gift-blockwise",):
             continue
         want = "lora-kd" if r["method"].endswith("-kd") else "lora"
         ref = next((x for x in ok if x["method"] == want and shape(x) == shape(r)), None)
+        if ref is not None:
+            out[r["variant"]] = {"vs": ref["variant"], "tokens_per_s_ratio": r["tokens_per_s"] / ref["tokens_per_s"],
+                                 "peak_memory_ratio": r[peak] / max(ref[peak], 1e-9)}
+    return out
+
+
+def ratios_bf16_vs_fp32(rows: list[dict], peak: str) -> dict:
+    """Each bf16 variant against the fp32 variant of the same method, code and parallelism: tokens/s and memory."""
+    ok = [r for r in rows if "failed" not in r]
+    shape = lambda r: (r["method"], r["code"], r["lanes"], r["threads"], r.get("processes", 1))  # noqa: E731
+    out = {}
+    for r in ok:
+        if r.get("precision") != "bf16":
+            continue
+        ref = next((x for x in ok if x.get("precision") == "fp32" and shape(x) == shape(r)), None)
         if ref is not None:
             out[r["variant"]] = {"vs": ref["variant"], "tokens_per_s_ratio": r["tokens_per_s"] / ref["tokens_per_s"],
                                  "peak_memory_ratio": r[peak] / max(ref[peak], 1e-9)}

@@ -359,13 +359,14 @@ def check_packed_linear(device: torch.device) -> dict:
 
 
 def _salient_pass(layer, x: torch.Tensor, gy: torch.Tensor, bf16: bool):
-    """Forward and backward of one SalientLinear as the training loop runs it (backward inside autocast)."""
+    """Forward and backward of one SalientLinear as the training loop runs it (forward under autocast, backward
+    outside it)."""
     layer.gift_salient.grad = None
     x = x.clone().requires_grad_(True)
     ctx = torch.autocast(x.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     with ctx:
         y = layer(x)
-        y.backward(gy.to(y.dtype))
+    y.backward(gy.to(y.dtype))
     return y.detach(), x.grad.detach(), layer.gift_salient.grad.detach()
 
 
@@ -692,14 +693,15 @@ def section_prepare(models: Models, shapes: Shapes, device: torch.device) -> dic
 
 
 def train_step(model, ids: torch.Tensor, obj, teacher, opt, device: torch.device, key: int) -> float:
-    """One optimizer step as recover/loop.py takes it: noise keyed by step, bf16 autocast, backward inside."""
+    """One optimizer step as recover/loop.py takes it with --precision bf16: noise keyed by step, forward and loss
+    under bf16 autocast, backward outside it."""
     from gift_quant.recover.model import set_noise_key
     from gift_quant.recover.objective import objective_loss
 
     set_noise_key(model, key)  # no SalientLinear (LoRA): nothing to key
     with torch.autocast(device.type, dtype=torch.bfloat16):
         loss, _ = objective_loss(model, ids, ids, obj, teacher)
-        loss.backward()
+    loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
     return float(loss.detach())

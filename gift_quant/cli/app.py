@@ -340,7 +340,7 @@ def _recover_overrides(a) -> dict:
             "blockwise_warmup_ratio": a.blockwise_warmup_ratio, "blockwise_holdout": a.blockwise_holdout,
             "blockwise_noise": a.blockwise_noise, "noise_schedule": a.noise_schedule,
             "blockwise_noise_schedule": a.blockwise_noise_schedule,
-            "train": a.train, "scales_lr": a.scales_lr}
+            "train": a.train, "scales_lr": a.scales_lr, "precision": a.precision}
 
 
 def make_parser() -> argparse.ArgumentParser:

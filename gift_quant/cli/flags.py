@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..config.settings import NOISE_KINDS, NOISE_SCHEDULES
+from ..util.precision import PRECISIONS
 
 __all__ = ["add_clean_flags", "add_common", "add_compare_flags", "add_eval_flags", "add_export_flags",
            "add_inspect_flags", "add_quantize_flags", "add_recover_flags"]
@@ -123,6 +124,9 @@ def add_recover_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-mb", type=int, default=None, metavar="MB",
                    help="memory for training's speed caches (noisy weights kept for backward, dense base); "
                         "default: a quarter of the free memory; 0: off. The trained result is the same either way")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="training's compute precision: auto (default: bf16 where the GPU or CPU multiplies bf16 "
+                        "natively, else fp32), fp32, or bf16 (autocast; trained weights and optimizer stay fp32)")
     p.add_argument("--ppl-data", default=None, help="perplexity text (default boolq-passages:test)")
     p.add_argument("--ppl-seq-len", type=int, default=None, help="perplexity window (default 512)")
     p.add_argument("--max-windows", type=int, default=None, help="perplexity windows (default 40)")

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from ..util.errors import GiftQuantError
+from ..util.precision import PRECISIONS, resolve_precision
 
 # Widths a checkpoint can store (packed/bits.py packs these); the one list every setting is checked against.
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -266,6 +267,10 @@ class RecoverConfig:
     # memory (MB) for training's speed caches (recover/caches.py): None = a quarter of the free memory, 0 = none.
     # Training is bit-identical with any value, so it is no part of a run's identity (identity()).
     cache_mb: int | None = None
+    # training's compute precision (util/precision.py): auto (bf16 where the device multiplies it natively, else
+    # fp32), fp32, or bf16 (autocast; the trained columns and the optimizer stay float32). The identity holds
+    # the resolved one: a run trained in bf16 does not resume where auto means fp32
+    precision: str = "auto"
     # block-wise reconstruction (recover/blockwise.py): right after GPTQ of each block, train its salient
     # columns (same noise) to match the full-precision block's outputs on the calibration windows
     blockwise_steps: int = 0  # 0: off
@@ -319,13 +324,19 @@ class RecoverConfig:
             raise GiftQuantError("--variant pre trains the full-precision model first: give --steps > 0")
         if self.steps == 0 and self.blockwise_steps == 0:
             raise GiftQuantError("nothing to train: give --steps > 0 (end-to-end) and/or --blockwise-steps > 0")
+        if self.precision not in PRECISIONS:
+            raise GiftQuantError(f"--precision {self.precision!r} is not a precision: use one of "
+                                 f"{', '.join(PRECISIONS)}")
         if self.cache_mb is not None and self.cache_mb < 0:
             raise GiftQuantError(f"--cache-mb must be >= 0 (got {self.cache_mb}); 0 turns the training caches off")
         check_recovery_v2(self)
 
-    def identity(self) -> dict[str, Any]:
-        """The settings that decide the trained result (what a resumed run must match): all but cache_mb."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "cache_mb"}
+    def identity(self, device) -> dict[str, Any]:
+        """The settings that decide the trained result (what a resumed run must match) when training on ``device``:
+        all but cache_mb, with the precision resolved (auto -> what it means there: util/precision.py)."""
+        ident = {k: v for k, v in dataclasses.asdict(self).items() if k != "cache_mb"}
+        ident["precision"] = resolve_precision(self.precision, device).name
+        return ident
 
     def noise_spec(self, target_bits: int | None) -> NoiseSpec:
         """The noise of this run when quantizing to ``target_bits``: the one place it is decided.

@@ -41,6 +41,7 @@ from ..config.settings import NoiseSpec
 from ..model.arch import block_linears, set_module
 from ..model.capture import run_block
 from ..packed.qlinear import QuantLinear
+from ..util.precision import autocast, resolve_precision, say_precision
 from ..util.seeds import derive_seed
 from .grid_params import GridLinear, SignSGD
 from .noise_schedule import set_noise_progress
@@ -106,13 +107,20 @@ def train_block(index: int, block: nn.Module, fp_block: nn.Module, inputs: list[
                 targets: list[torch.Tensor], kwargs: dict, *, prerounded: dict | None = None, steps: int,
                 train: frozenset[str] = frozenset({"salient"}), lr: float = 1e-3, scales_lr: float = 5e-3,
                 rounding_lr: float | None = None, warmup_ratio: float = 0.05, holdout: float = 0.125,
-                max_grad_norm: float = 1.0, noise: NoiseSpec = NO_NOISE, seed: int = 0) -> dict:
+                max_grad_norm: float = 1.0, noise: NoiseSpec = NO_NOISE, seed: int = 0,
+                precision: str = "auto") -> dict:
     """Swap ``block``'s QuantLinears for GridLinears and train them; the block is left in eval mode, unpacked.
 
     ``prerounded``: block-local linear name -> GPTQ's pre-rounding values (needed when scales or rounding
     train). ``lr``: the salient columns'; ``rounding_lr`` None: ``1 / steps`` (offsets can cross half a step).
+    ``precision``: the training forward passes' (``--precision``, resolved on the block's device); the
+    parameters, the loss and the held-out measurements stay float32.
     """
     t0 = time.perf_counter()
+    device = inputs[0].device if inputs else torch.device("cpu")
+    compute = resolve_precision(precision, device)
+    if steps > 0:
+        say_precision(compute)
     block.eval()
     n_held = holdout_batches(len(inputs), holdout)
     fit = list(range(len(inputs) - n_held))
@@ -154,7 +162,8 @@ def train_block(index: int, block: nn.Module, fp_block: nn.Module, inputs: list[
             for m in layers:  # the noise of a step is a pure function of (layer seed, step): resumable, replicable
                 m.noise_key = step
             set_noise_progress(block, step, steps)  # --blockwise-noise-schedule: its scale, over this block's steps
-            out = block(inputs[b], **kwargs)
+            with autocast(compute, device):  # the forward pass; the loss below in float32, backward outside
+                out = block(inputs[b], **kwargs)
             out = out[0] if isinstance(out, (tuple, list)) else out
             y = targets[b].float()
             loss = (out.float() - y).pow(2).mean() / y.pow(2).mean().clamp_min(1e-30)

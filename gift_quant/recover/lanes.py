@@ -23,9 +23,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from ..util.precision import Precision, autocast
 from .objective import IGNORE, Objective, Teacher, objective_loss
 
 __all__ = ["Lanes"]
+
+_FP32 = Precision("fp32", "the default")
 
 
 class Lanes:
@@ -41,15 +44,21 @@ class Lanes:
             self.pool = None
 
     def backward(self, model, ids: torch.Tensor, labels: torch.Tensor, objective: Objective,
-                 teacher: Teacher | None, params: list[torch.Tensor], scale: float, check: bool) -> tuple[float, dict]:
-        """Add ``scale`` x the gradient of the micro-batch's loss to ``params``' ``.grad``; its loss and parts."""
+                 teacher: Teacher | None, params: list[torch.Tensor], scale: float, check: bool,
+                 precision: Precision | None = None) -> tuple[float, dict]:
+        """Add ``scale`` x the gradient of the micro-batch's loss to ``params``' ``.grad``; its loss and parts.
+
+        ``precision`` bf16: each lane's forward pass and loss under bf16 autocast, which each lane's thread
+        enters itself (autocast's state is per thread); None or fp32: float32 throughout.
+        """
         parts = [p for p in torch.tensor_split(torch.arange(len(ids)), self.lanes) if len(p)]
         counted = [int((labels[p][:, 1:] != IGNORE).sum()) for p in parts]
         total = max(sum(counted), 1)
 
         def run(i: int):
             rows = parts[i].to(ids.device)
-            loss, got = objective_loss(model, ids[rows], labels[rows], objective, teacher, check=check and i == 0)
+            with autocast(precision or _FP32, ids.device):  # this thread's own autocast state; backward outside it
+                loss, got = objective_loss(model, ids[rows], labels[rows], objective, teacher, check=check and i == 0)
             share = counted[i] / total
             grads = torch.autograd.grad(loss * (share * scale), params, allow_unused=True)
             return float(loss.detach()) * share, {k: got[k] * share for k in ("ce", "kd")}, grads

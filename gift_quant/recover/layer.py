@@ -46,7 +46,7 @@ from ..quant.grid import GridSpec, step_sizes
 from ..util.seeds import derive_seed
 from ..util.threads import cpu_threads
 
-__all__ = ["PAPER_NOISE", "SalientLinear", "release_scratch"]
+__all__ = ["PAPER_NOISE", "SalientLinear", "compute_dtype", "release_scratch"]
 
 PAPER_NOISE = NoiseSpec()  # 0.5 * Delta_i * N(0, 1) at 4 bits: the post variant's default
 
@@ -270,8 +270,25 @@ def release_scratch() -> None:
     _LOCAL.__dict__.pop("buffers", None)
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a custom Function's matmuls on ``x`` run in: autocast's, when it is on for x's device, else x's.
+
+    Autocast casts the operands of the ops it sees, but a Function's backward runs outside it (training's
+    backward pass is outside autocast, util/precision.py), so the Functions below cast explicitly to this dtype
+    in both passes and hand back each gradient in its input's dtype (float32 for the trained columns).
+    """
+    dev = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
 class _SalientMatmul(torch.autograd.Function):
-    """y = x (B + noise, salient columns = W_s)^T, saving only x[..., S]; the weight is rebuilt in backward."""
+    """y = x (B + noise, salient columns = W_s)^T, saving only x[..., S]; the weight is rebuilt in backward.
+
+    Under bf16 autocast (``--precision bf16``) both matmuls run in bf16 on the float32 weight rounded to bf16;
+    the weight is built and kept in float32 either way, so the caches do not depend on the precision.
+    """
 
     @staticmethod
     def forward(ctx, x, salient, layer: SalientLinear, noise_seed):
@@ -280,22 +297,26 @@ class _SalientMatmul(torch.autograd.Function):
             w, ctx.kept = layer.kept_weight(noise_seed, salient)
         else:
             w = layer.effective_weight(noise_seed, salient)
-        y = F.linear(x, w.to(x.dtype))
+        dt = ctx.compute_dtype = compute_dtype(x)
+        ctx.x_dtype = x.dtype
+        xc = x.to(dt)
+        y = F.linear(xc, w.to(dt))
         ctx.layer, ctx.noise_seed = layer, noise_seed
-        ctx.save_for_backward(x[..., layer.salient_idx] if ctx.needs_input_grad[1] else None, salient)
+        ctx.save_for_backward(xc[..., layer.salient_idx] if ctx.needs_input_grad[1] else None, salient)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         layer = ctx.layer
         x_salient, salient = ctx.saved_tensors
+        grad_y = grad_y.to(ctx.compute_dtype)
         grad_x = grad_salient = None
         if ctx.needs_input_grad[0]:
             if ctx.kept is not None and layer._kept_pass == ctx.kept:
                 w = layer._kept  # this pass's own weight, noise included: nothing redrawn
             else:
                 w = layer.effective_weight(ctx.noise_seed, salient)
-            grad_x = grad_y @ w.to(grad_y.dtype)
+            grad_x = (grad_y @ w.to(grad_y.dtype)).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             gy = grad_y.reshape(-1, grad_y.shape[-1])
             grad_salient = (gy.T @ x_salient.reshape(-1, x_salient.shape[-1]).to(gy.dtype))

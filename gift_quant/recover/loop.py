@@ -27,6 +27,7 @@ from ..config.settings import RecoverConfig
 from ..util.cpu_policy import apply_for_training
 from ..util.errors import GiftQuantError, writing
 from ..util.files import atomic_dir, atomic_write_text, sha256_file
+from ..util.precision import autocast, resolve_precision, say_precision
 from ..util.seeds import derive_seed
 from ..util.threads import cpu_threads
 from .caches import plan_caches, release_caches
@@ -151,7 +152,9 @@ def _accelerator(device):
     from accelerate import Accelerator, DistributedType
 
     dev = torch.device(device)
-    accelerator = Accelerator(cpu=dev.type == "cpu", mixed_precision="bf16" if dev.type == "cuda" else "no")
+    # mixed precision is ours (--precision, util/precision.py), not accelerate's: its autocast would wrap the
+    # model's forward only, and not the teacher's, the loss's head, or the forward passes of lanes' threads
+    accelerator = Accelerator(cpu=dev.type == "cpu", mixed_precision="no")
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         # The frozen base lives in buffers (uint8 codes or a dense copy), which FSDP and ZeRO replicate
         # rather than shard, and the gift_ parameters are a few percent of the model: sharding would
@@ -175,6 +178,9 @@ class _Loop:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.state_dir, self.metrics_path = run_dir / "state", run_dir / "metrics.jsonl"
         torch.manual_seed(derive_seed(settings.seed, "torch-global"))
+        self.precision = resolve_precision(settings.precision, accel.device)
+        if self.rank == 0:
+            say_precision(self.precision)
         self.lanes = None
         line = f"gift-quant: training data-parallel in {self.world} processes" if self.world > 1 else None
         if accel.device.type == "cpu" and self.world == 1:  # lanes and threads: the result does not depend on them
@@ -253,11 +259,13 @@ class _Loop:
             check = step == self.start and a == 0
             if self.lanes is not None:  # one process on a CPU: the micro-batch's parts in parallel threads
                 loss, got = self.lanes.backward(self.wrapped, windows[mb], labels[mb], self.objective, self.teacher,
-                                                self.params, 1.0 / micro, check)
+                                                self.params, 1.0 / micro, check, self.precision)
             else:
-                with sync, accel.autocast():
-                    loss, got = objective_loss(self.wrapped, windows[mb].to(accel.device),
-                                               labels[mb].to(accel.device), self.objective, self.teacher, check=check)
+                with sync:
+                    with autocast(self.precision, accel.device):  # forward and loss; backward outside, as torch advises
+                        loss, got = objective_loss(self.wrapped, windows[mb].to(accel.device),
+                                                   labels[mb].to(accel.device), self.objective, self.teacher,
+                                                   check=check)
                     accel.backward(loss / micro)
                 loss = float(loss.detach())
             step_loss += loss / micro

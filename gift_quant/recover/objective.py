@@ -206,8 +206,14 @@ class Teacher:
         if self._head is None:
             s_head = _unwrap(student).get_output_embeddings()
             t_head = self.model.get_output_embeddings()
-            same = s_head.weight.shape == t_head.weight.shape and torch.equal(
-                s_head.weight.detach().cpu().float(), t_head.weight.detach().cpu().float())
+            s_w, t_w = s_head.weight.detach().cpu(), t_head.weight.detach().cpu()
+            dev = s_head.weight.device.type
+            # a bf16 teacher's head (training in bf16: recover/training.load_teacher) equal to the student's head
+            # rounded to bf16 is the student's head as the autocast the loss runs in computes it
+            lower = t_w.dtype != s_w.dtype and torch.is_autocast_enabled(dev) and (
+                torch.get_autocast_dtype(dev) == t_w.dtype)
+            same = s_w.shape == t_w.shape and (t_w.dtype == s_w.dtype or lower) and torch.equal(
+                s_w.to(t_w.dtype), t_w)
             if same:
                 self._head = head_fn(student)
             else:  # a head that differs (never ours: lm_head is not quantized) is copied to the student's device

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layer import SalientLinear
+from .layer import SalientLinear, compute_dtype
 
 __all__ = ["ScaledSalientLinear", "enable_scale_training", "param_groups"]
 
@@ -67,21 +67,28 @@ class _ScaledMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, salient, mult, layer: ScaledSalientLinear, noise_seed):
         w = layer.effective_weight(noise_seed, salient)
-        y = F.linear(x, w.to(x.dtype))
+        dt = ctx.compute_dtype = compute_dtype(x)  # autocast's (--precision bf16) or x's: layer.compute_dtype
+        ctx.x_dtype = x.dtype
+        xc = x.to(dt)
+        y = F.linear(xc, w.to(dt))
         ctx.layer, ctx.noise_seed = layer, noise_seed
-        ctx.save_for_backward(x, salient)
+        ctx.save_for_backward(xc, salient)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         layer = ctx.layer
         x, salient = ctx.saved_tensors
+        grad_y = grad_y.to(ctx.compute_dtype)
         grad_x = None
         if ctx.needs_input_grad[0]:
             w = layer.effective_weight(ctx.noise_seed, salient)
-            grad_x = grad_y @ w.to(grad_y.dtype)
-        gy = grad_y.reshape(-1, grad_y.shape[-1]).float()
-        g_w = gy.T @ x.reshape(-1, x.shape[-1]).float()  # (out, in)
+            grad_x = (grad_y @ w.to(grad_y.dtype)).to(ctx.x_dtype)
+        gy = grad_y.reshape(-1, grad_y.shape[-1])
+        if ctx.compute_dtype == torch.bfloat16:  # the weight gradient's matmul in bf16 too, as autocast's nn.Linear
+            g_w = (gy.T @ x.reshape(-1, x.shape[-1])).float()
+        else:
+            g_w = gy.float().T @ x.reshape(-1, x.shape[-1]).float()  # (out, in)
         grad_salient = g_w[:, layer.salient_idx].to(salient.dtype)
         g = layer.g_idx
         per_column = g_w.mul_(layer.codes.float() - layer.zeros[:, g])  # salient columns: code == zero -> 0

@@ -18,6 +18,7 @@ from ..data.examples import pack_examples
 from ..data.sources import load_documents, load_records
 from ..data.windows import calibration_documents, random_windows
 from ..util.errors import GiftQuantError
+from ..util.precision import resolve_precision
 from ..util.seeds import derive_seed
 from .loop import train
 from .objective import Teacher
@@ -101,7 +102,12 @@ def training_windows(tokenizer, rcfg: RecoverConfig, n_windows: int, qcfg: Quant
 
 def load_teacher(src: Path | None, rcfg: RecoverConfig, device: torch.device,
                  trust_remote_code: bool = False) -> Teacher | None:
-    """The full-precision source model as a frozen teacher (bf16 on a GPU), or None for ``--loss ce``."""
+    """The full-precision source model as a frozen teacher, or None for ``--loss ce``.
+
+    It holds bf16 weights when training computes in bf16 (``--precision``) and it runs where that autocast
+    reaches (the training device) or where bf16 is native anyway (a ``--teacher-device cpu`` that has it):
+    half the memory, and no cast of its weights at every forward pass. Otherwise float32.
+    """
     if rcfg.loss == "ce":
         return None
     if src is None:
@@ -109,7 +115,9 @@ def load_teacher(src: Path | None, rcfg: RecoverConfig, device: torch.device,
     from ..model.loading import load_model
 
     where = torch.device("cpu") if rcfg.teacher_device == "cpu" else torch.device(device)
-    dtype = torch.bfloat16 if where.type == "cuda" else torch.float32
+    train_bf16 = resolve_precision(rcfg.precision, device).bf16
+    here = where.type == torch.device(device).type
+    dtype = torch.bfloat16 if train_bf16 and (here or resolve_precision("auto", where).bf16) else torch.float32
     return Teacher(load_model(Path(src), dtype, trust_remote_code), where)
 
 

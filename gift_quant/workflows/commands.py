@@ -137,7 +137,8 @@ class _RecoverRun:
                            inputs=run_inputs(self.src, self.qcfg, self.rcfg, self.ecfg))
             self.tokenizer, model, self.windows, self.identity = load_source(self.src, self.qcfg, self.dtype,
                                                                               self.runtime)
-            self.identity.update(recover=self.rcfg.identity(), eval=dataclasses.asdict(self.ecfg))
+            # the precision as resolved here: a run trained in bf16 does not resume where auto means fp32
+            self.identity.update(recover=self.rcfg.identity(self.device), eval=dataclasses.asdict(self.ecfg))
             self.run_dir = claim_run(self.out, self.identity)
             self.stages = Stages(self.run_dir)
             self._check_artifacts()
@@ -275,7 +276,7 @@ class _RecoverRun:
         if rcfg.variant == "post":
             convert_recovered(model)
             save_checkpoint(model, self.run_dir / "recovered", self.src,
-                            {**read_gift_config(qpath), "recover": dataclasses.asdict(rcfg)})
+                            {**read_gift_config(qpath), "recover": self._recover_record()})
         else:
             convert_to_dense(model.cpu())
             with writing(self.run_dir / "trained"):
@@ -288,12 +289,16 @@ class _RecoverRun:
                                      "teacher_mb": summary.get("teacher_mb")})
         return model if rcfg.variant == "pre" else None
 
+    def _recover_record(self) -> dict:
+        """The recovery settings a checkpoint records: as given, with the precision training computed in."""
+        return {**dataclasses.asdict(self.rcfg), "precision": self.identity["recover"]["precision"]}
+
     def _pack(self, final_src: Path) -> None:
         if self.stages.finished("pack"):
             return
         t0 = time.perf_counter()
         doc = read_gift_config(final_src)
-        doc.update({"recover": dataclasses.asdict(self.rcfg), "variant": self.rcfg.variant})
+        doc.update({"recover": self._recover_record(), "variant": self.rcfg.variant})
         doc.pop("format", None)
         doc.pop("format_version", None)
         save_checkpoint(load(final_src), self.out, self.src, doc)

@@ -50,7 +50,7 @@ def run_finetune(model_dir: str | None, out: str | Path, qcfg: QuantizeConfig, r
     in_dtype = source_dtype(src)
     # train in fp32, save in the input's dtype
     tokenizer, model, windows, identity = load_source(src, qcfg, torch.float32, runtime)
-    identity["finetune"] = rcfg.identity()
+    identity["finetune"] = rcfg.identity(resolve_device(runtime.device))  # the precision as resolved here
     run_dir = claim_run(out, identity)
     stages = Stages(run_dir)
     # run/ is a cache (packed/run_folder.py): a finished stage whose artifact fails its sha256 check is recomputed

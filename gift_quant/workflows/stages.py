@@ -138,7 +138,8 @@ def blockwise_reconstructor(rcfg: RecoverConfig, noise: NoiseSpec):
         reconstruct_block, steps=rcfg.blockwise_steps, noise=noise, seed=rcfg.seed,
         train=trainable_sets(rcfg.blockwise_train, BLOCKWISE_TRAINABLE, "--blockwise-train"), lr=rcfg.blockwise_lr,
         scales_lr=rcfg.blockwise_scales_lr, rounding_lr=rcfg.blockwise_rounding_lr,
-        warmup_ratio=rcfg.blockwise_warmup_ratio, holdout=rcfg.blockwise_holdout, max_grad_norm=rcfg.max_grad_norm)
+        warmup_ratio=rcfg.blockwise_warmup_ratio, holdout=rcfg.blockwise_holdout, max_grad_norm=rcfg.max_grad_norm,
+        precision=rcfg.precision)
 
 
 def quantize_stage(model, windows: torch.Tensor, qcfg: QuantizeConfig, src: Path, identity: dict, out: Path,
