@@ -255,3 +255,26 @@ def test_resume_where_the_precision_resolves_differently_is_refused_in_one_line(
     # there, the precision it trained in resumes it (here: finds it finished)
     assert main([*cmd, "--precision", "bf16"]) == 0
     assert "resuming the run" in capsys.readouterr().err
+
+
+def test_a_compare_report_continued_where_auto_means_another_precision_is_refused(tmp_path, monkeypatch):
+    """compare's report folder records the resolved precision, not "auto": continuing it where auto resolves to
+    another precision is refused before any job runs, instead of mixing bf16 and fp32 rows in one table."""
+    from gift_quant.compare import recovery
+    from gift_quant.config.settings import EvalConfig, Runtime
+
+    ran = []
+    monkeypatch.setattr(recovery, "run_cached_job", lambda job, work: ran.append(job["recover"]["precision"]))
+    monkeypatch.setattr(recovery, "write_report", lambda report_dir, command: {})
+
+    def compare_on(resolved: str):
+        monkeypatch.setattr(recovery, "resolve_precision", lambda setting, device: P.Precision(resolved, "test"))
+        recovery.run_compare(None, tmp_path / "report", [3], ["gptq"], QuantizeConfig(bits=3), RecoverConfig(),
+                             EvalConfig(), [], None, Runtime(device="cpu", progress=False))
+
+    compare_on("fp32")
+    compare_on("fp32")  # the same machine: continues
+    assert json.loads((tmp_path / "report" / "settings.json").read_text())["recover"]["precision"] == "fp32"
+    with pytest.raises(GiftQuantError, match="different recover"):
+        compare_on("bf16")
+    assert len(ran) == 2

@@ -25,6 +25,7 @@ import torch
 from ..config.settings import EvalConfig, QuantizeConfig, RecoverConfig, Runtime
 from ..model.loading import resolve_device
 from ..util.files import atomic_write_text
+from ..util.precision import resolve_precision
 from .jobs import run_cached_job
 from .methods import METHODS, REFERENCE, SALIENT_START, Job, run_order
 from .report import claim_settings, package_version, plot_loss_curves
@@ -99,6 +100,9 @@ def run_compare(model_dir: str | None, report_dir: Path, bits_list: list[int], m
     # rest; each job's own job.json carries its complete configs, bits included
     shared = {"model_dir": model_dir, "quantize": {k: v for k, v in dataclasses.asdict(qcfg).items() if k != "bits"},
               "recover": dataclasses.asdict(rcfg), "eval": dataclasses.asdict(ecfg), "tasks": tasks, "limit": limit}
+    # what the precision resolves to here, not "auto": a report continued where auto means another precision
+    # is refused by claim_settings instead of mixing bf16 and fp32 rows in one table
+    shared["recover"]["precision"] = resolve_precision(rcfg.precision, resolve_device(runtime.device)).name
     claim_settings(report_dir / "settings.json", shared, report_dir)
     ordered = run_order(methods)
     jobs = [(b, m) for b in bits_list for m in ordered if METHODS[m].per_bit_width or b == bits_list[0]]
