@@ -481,9 +481,9 @@ def test_real_sigint_at_any_moment_is_one_line_and_130(world, tmp_path):
 def test_a_stop_that_lands_after_the_command_finished_does_not_turn_it_into_a_failure():
     """A Ctrl-C or SIGTERM that arrives once the command has its exit code (while Python shuts down) used to kill
     the process silently with -SIGINT: the command's exit code stands and nothing is printed."""
-    import signal
 
     script = ("import os, signal, sys\n"
+              "sys.argv[0] = os.path.join(os.path.dirname(sys.executable), 'gift-quant')  # as the console script\n"
               "import gift_quant.cli.app as app\n"
               "from gift_quant import cli\n"
               "app.main = lambda argv=None: 0\n"
@@ -493,7 +493,20 @@ def test_a_stop_that_lands_after_the_command_finished_does_not_turn_it_into_a_fa
               "sys.exit(code)\n")
     p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert (p.returncode, p.stderr) == (0, ""), (p.returncode, p.stderr[-2000:])
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the test process itself is untouched
+
+
+def test_the_entry_point_called_from_python_leaves_the_callers_signal_handlers(monkeypatch):
+    """Only the command's own process ignores late stops: a Python caller keeps its Ctrl-C (and its children,
+    which would inherit an ignored SIGINT, keep theirs)."""
+    import signal
+
+    import gift_quant.cli.app as app
+    from gift_quant import cli
+
+    monkeypatch.setattr(app, "main", lambda argv=None: 0)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    assert cli.main([]) == 0
+    assert {s: signal.getsignal(s) for s in before} == before
 
 
 @pytest.mark.parametrize("stop, code, line", [(KeyboardInterrupt, 130, "gift-quant: interrupted; rerun"),

@@ -310,7 +310,17 @@ def test_zero_shot_task_files():
 
 @pytest.fixture(scope="session")
 def instructions() -> dict[str, list[dict]]:
-    return {split: gds.load_named_records(f"natural-instructions:{split}", "train") for split in gds.SPLITS}
+    from gift_quant.data.named.fetch import DatasetUnavailable
+
+    try:
+        return {split: gds.load_named_records(f"natural-instructions:{split}", "train") for split in gds.SPLITS}
+    except DatasetUnavailable as exc:
+        # some registry mirrors do not carry the pinned bigbench==1.0.0 source archive (one offered only 0.0.1 on
+        # 2026-12-07): nothing here can build the dataset then; any other failure to fetch still fails the test
+        if "No matching distribution found for bigbench==" not in str(exc):
+            raise
+        pytest.skip("this machine's package registry does not offer bigbench==1.0.0, the source of "
+                    "'natural-instructions'")
 
 
 @pytest.mark.slow

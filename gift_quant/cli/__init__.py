@@ -32,11 +32,15 @@ def _ignore_stops_while_exiting() -> None:
     """Once the command has its exit code (outputs written, or its one interrupt line printed), a Ctrl-C or
     SIGTERM that lands while the interpreter shuts down would kill the process silently with the signal's
     status (Python restores the default handlers late in its shutdown), turning a finished run into an
-    unexplained failure. From here on the process only exits, so the stop has nothing left to stop."""
+    unexplained failure. From here on the process only exits, so the stop has nothing left to stop.
+    Only in the command's own process: called from Python (tests, notebooks), the caller's handlers stay, and a
+    child process would inherit an ignored SIGINT."""
     import signal
     import threading
 
-    if threading.current_thread() is not threading.main_thread():
+    from ..util.cpu_policy import launched_as_command
+
+    if threading.current_thread() is not threading.main_thread() or not launched_as_command():
         return
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)

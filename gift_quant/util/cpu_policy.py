@@ -35,8 +35,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Decision", "apply_at_launch", "apply_for_training", "decide", "idle_cores", "parse_proc_stat", "scan_argv",
-           "threads_for", "training_plan"]
+__all__ = ["Decision", "apply_at_launch", "apply_for_training", "decide", "idle_cores", "launched_as_command",
+           "parse_proc_stat", "scan_argv", "threads_for", "training_plan"]
 
 _COMPUTE_COMMANDS = frozenset({"quantize", "recover", "finetune", "compare", "eval"})
 _SAMPLE_SECONDS = 0.2
@@ -191,7 +191,7 @@ def apply_for_training(lanes: int) -> tuple[int, str]:
     return workers, line
 
 
-def _launched_as_command() -> bool:
+def launched_as_command() -> bool:
     """True in the ``gift-quant`` console script and in ``python -m gift_quant.cli``."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     if spec is not None and spec.name in ("gift_quant.cli", "gift_quant.cli.__main__", "gift_quant.cli.app"):
@@ -202,7 +202,7 @@ def _launched_as_command() -> bool:
 def apply_at_launch() -> None:
     """Set the thread environment for this command line; a no-op unless this process is the command and
     before torch is imported (OpenMP reads its variables once, when it loads)."""
-    if not _launched_as_command() or "torch" in sys.modules:
+    if not launched_as_command() or "torch" in sys.modules:
         return
     cpus = _allowed_cpus()
     d = decide(sys.argv[1:], os.environ, len(cpus), lambda: _measure_idle(cpus))
