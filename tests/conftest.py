@@ -1,8 +1,14 @@
 """Shared test settings: quiet transformers, never reach the network (explicit env values win)."""
 
 import os
+import signal
 
 import pytest
+
+# A suite started in the background (`pytest &`, nohup, a CI step without job control) inherits SIGINT
+# ignored, and so would every command the tests start: the signal tests need Ctrl-C to be Ctrl-C.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
