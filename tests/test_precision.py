@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from tiny import QUIET_CPU, cli_world, corpus, make_tokenizer
+from tiny import cli_world, rtn_llama_world
 
 from gift_quant.config.settings import NoiseSpec, QuantizeConfig, RecoverConfig, build
 from gift_quant.model.arch import model_linears
@@ -24,7 +24,6 @@ from gift_quant.recover.training import load_teacher
 from gift_quant.util import precision as P
 from gift_quant.util.errors import GiftQuantError
 from gift_quant.util.files import sha256_file
-from gift_quant.workflows.stages import quantize_to_checkpoint
 
 ZEN3 = "fpu sse2 avx avx2 fma f16c bmi2 sha_ni vaes vpclmulqdq"  # AVX2 only: bf16 emulated
 ZEN4 = ZEN3 + " avx512f avx512bw avx512vl avx512_bf16 avx512_vnni"
@@ -157,25 +156,9 @@ STEPS = 6
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    root = tmp_path_factory.mktemp("precision")
-    src = root / "src"
-    src.mkdir()
-    tok = make_tokenizer(src)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=max(320, len(tok)), hidden_size=128, intermediate_size=384, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=128,
-                      tie_word_embeddings=False)
-    LlamaForCausalLM(cfg).save_pretrained(src)
-    calib = root / "calib.txt"
-    calib.write_text(corpus(2000, seed=1))
-    quantize_to_checkpoint(str(src), root / "q", QuantizeConfig(bits=3, salient=16, algorithm="rtn",
-                                                                calib_data=str(calib), calib_samples=4, seq_len=32,
-                                                                salient_dtype="float32"),
-                           runtime=QUIET_CPU)
-    ids = torch.randint(0, 300, (8, 40), generator=torch.Generator().manual_seed(3))
-    return {"root": root, "src": src, "ids": ids}
+    return rtn_llama_world(tmp_path_factory.mktemp("precision"), hidden=128, intermediate=384, heads=4, head_dim=32,
+                           tied=False,
+                           salient=16, ids_len=40)
 
 
 def _train(world, run, precision: str, cache_mb: int | None = 0, stop_at: int | None = None):

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import QUIET_CPU, corpus, make_tokenizer
+from tiny import rtn_llama_world
 
-from gift_quant.config.settings import NoiseSpec, QuantizeConfig, RecoverConfig
+from gift_quant.config.settings import NoiseSpec, RecoverConfig
 from gift_quant.model.loading import load_model
 from gift_quant.packed.checkpoint import load, read_gift_config, save_checkpoint
 from gift_quant.recover import loop
@@ -21,33 +21,15 @@ from gift_quant.recover.layer import SalientLinear
 from gift_quant.recover.model import convert_to_quant, prepare_quantized, salient_layers
 from gift_quant.recover.objective import Teacher
 from gift_quant.util.files import sha256_file
-from gift_quant.workflows.stages import quantize_to_checkpoint
 
 STEPS = 4
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    root = tmp_path_factory.mktemp("caches")
-    src = root / "src"
-    src.mkdir()
-    tok = make_tokenizer(src)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=max(320, len(tok)), hidden_size=384, intermediate_size=1152, num_hidden_layers=2,
-                      num_attention_heads=6, num_key_value_heads=2, head_dim=64, max_position_embeddings=128,
-                      tie_word_embeddings=True)
-    LlamaForCausalLM(cfg).save_pretrained(src)
-    calib = root / "calib.txt"
-    calib.write_text(corpus(2000, seed=1))
-    quantize_to_checkpoint(str(src), root / "q", QuantizeConfig(bits=3, salient=64, algorithm="rtn",
-                                                                calib_data=str(calib), calib_samples=4, seq_len=32,
-                                                                salient_dtype="float32"),
-                           runtime=QUIET_CPU)
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(0, 300, (8, 48), generator=g)
-    return {"root": root, "src": src, "ids": ids}
+    return rtn_llama_world(tmp_path_factory.mktemp("caches"), hidden=384, intermediate=1152, heads=6, head_dim=64,
+                           tied=True,
+                           salient=64, ids_len=48)
 
 
 def _train(world, run, *, cache_mb, threads=1, seed=0, stop_at=None, lanes=2) -> str | None:

@@ -162,3 +162,30 @@ def cli_world(root: Path, n_train: int = 40) -> dict:
                                               "response": " ".join(rng.choices(WORDS, k=14))}) + "\n"
                                   for _ in range(n_train)), encoding="utf-8")
     return w
+
+
+def rtn_llama_world(root: Path, *, hidden: int, intermediate: int, heads: int, head_dim: int, tied: bool,
+                    salient: int, ids_len: int) -> dict:
+    """A 2-layer Llama in ``root/src`` quantized (3-bit RTN, float32 salient columns) to ``root/q``, and 8 fixed
+    id sequences of ``ids_len``: the start of the tiny training tests that compare runs bit for bit."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gift_quant.config.settings import QuantizeConfig
+    from gift_quant.workflows.stages import quantize_to_checkpoint
+
+    src = root / "src"
+    src.mkdir()
+    tok = make_tokenizer(src)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=max(320, len(tok)), hidden_size=hidden, intermediate_size=intermediate,
+                      num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=2, head_dim=head_dim,
+                      max_position_embeddings=128, tie_word_embeddings=tied)
+    LlamaForCausalLM(cfg).save_pretrained(src)
+    calib = root / "calib.txt"
+    calib.write_text(corpus(2000, seed=1))
+    quantize_to_checkpoint(str(src), root / "q", QuantizeConfig(bits=3, salient=salient, algorithm="rtn",
+                                                                calib_data=str(calib), calib_samples=4, seq_len=32,
+                                                                salient_dtype="float32"),
+                           runtime=QUIET_CPU)
+    ids = torch.randint(0, 300, (8, ids_len), generator=torch.Generator().manual_seed(3))
+    return {"root": root, "src": src, "ids": ids}
